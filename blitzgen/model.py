@@ -1,0 +1,189 @@
+"""The transformer: Llama, Mistral, Qwen2 and Qwen3 dense models, one module read top to bottom.
+
+Follows Hugging Face transformers' modeling_llama / modeling_qwen3 (rotate-half RoPE, RMSNorm
+in float32, SiLU-gated FFN), which the tests compare against. Architectures differ only by
+ModelConfig flags. q/k/v and gate/up are stored fused (`wqkv`, `w13`) so a decode step reads
+each layer with three matrix products; checkpoint.py fuses them after loading.
+
+Shape legend: B batch (cache slots in this call), T tokens this step, S cache length,
+H / Hkv query / key-value heads, G = H // Hkv, D head dim, C model width, I FFN width,
+V vocabulary.
+
+Attention reads the static cache (cache.py). A query at position p sees cache positions
+<= p (and > p - sliding_window), which is all the causal mask needs: no separate length
+argument, and stale cache entries past p are never read.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from blitzgen.cache import KVCache
+from blitzgen.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale after casting back, as the reference implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (B, T, D) for integer positions (B, T), in rotate-half layout."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, h, D); cos, sin (B, T, D). Rotates pairs (i, i + D/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, T, kv_len): query at position p may see keys at positions in (p - window, p]."""
+    kv_pos = torch.arange(kv_len, device=positions.device)
+    q_pos = positions[:, None, :, None]  # (B, 1, T, 1)
+    mask = kv_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (kv_pos > q_pos - sliding_window)
+    return mask
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence against the cache, in plain PyTorch.
+
+    q (B, H, D); k, v (B, S, Hkv, D); mask (B, S) bool -> (B, H, D).
+    Query heads are grouped under their KV head instead of repeating K/V G times.
+    """
+    B, H, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
+    scores = torch.einsum("bhgd,bshd->bhgs", qg.float(), k.float()) * D**-0.5  # (B, Hkv, G, S)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhgs,bshd->bhgd", probs, v.float())  # (B, Hkv, G, D)
+    return out.reshape(B, H, D).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.sliding_window = config.sliding_window
+        qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_out, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        cos: torch.Tensor,  # (B, T, D)
+        sin: torch.Tensor,  # (B, T, D)
+        positions: torch.Tensor,  # (B, T)
+        k_cache: torch.Tensor,  # (B, S, Hkv, D), this layer's cache rows for these sequences
+        v_cache: torch.Tensor,  # (B, S, Hkv, D)
+        mask: torch.Tensor | None,  # (B, 1, T, kv_len) or None for plain causal from position 0
+        kv_len: int,  # how many cache positions to attend over (a host-side bound)
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, Hkv, D)
+        v = v.view(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+        k_cache.index_put_((rows, positions), k)  # k_cache[b, positions[b, t]] = k[b, t]
+        v_cache.index_put_((rows, positions), v)
+
+        keys, values = k_cache[:, :kv_len], v_cache[:, :kv_len]  # (B, kv_len, Hkv, D)
+        if T == 1:
+            out = decode_attention_ref(q[:, 0], keys, values, mask[:, 0, 0])  # (B, H, D)
+            out = out.view(B, 1, H * D)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),  # (B, H, T, D)
+                keys.transpose(1, 2),  # (B, Hkv, kv_len, D)
+                values.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=H != Hkv,
+            )  # (B, H, T, D)
+            out = out.transpose(1, 2).reshape(B, T, H * D)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)  # (B, T, I) each
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, k_cache, v_cache, mask, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # (D/2,)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) int64
+        positions: torch.Tensor,  # (B, T) int64, each row's cache positions for these tokens
+        cache: KVCache,
+        slots: slice = slice(None),  # which cache rows these B sequences occupy
+        kv_len: int | None = None,  # attend over cache[:kv_len]; a bound on positions + 1. None: whole cache
+        causal_from_zero: bool = False,  # every row starts at position 0 with no window: use plain causal SDPA
+        last_only: bool = False,  # logits of the last token only (prefill), saves a (T, V) product
+    ) -> torch.Tensor:
+        kv_len = cache.max_seq_len if kv_len is None else kv_len
+        mask = None if causal_from_zero else attention_mask(positions, kv_len, self.config.sliding_window)
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, positions, cache.k[i, slots], cache.v[i, slots], mask, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))  # (B, T or 1, V)
