@@ -1,0 +1,434 @@
+"""Generator: the one engine behind every front end.
+
+It owns the KV cache, compilation and CUDA-graph capture, prefill, the decode loop,
+sampling and stopping. Front ends (CLI, chat, server, bench) only parse, call and format.
+
+Prefill runs one prompt at a time into its cache slot (chunked, so a long prompt never
+builds a full T x T mask). A slot remembers which tokens its cache holds, and a new
+prompt for that slot only prefills what differs from them: a chat turn re-reads none of
+the history.
+
+Decode runs all slots together. On CUDA the step (model + sampler) is compiled with
+torch.compile and captured once as a CUDA graph per batch shape; the graph feeds its own
+output back as its next input, so the host only launches replays. The host reads step i's
+tokens (for streaming and stop checks) after it has launched step i + 1, so the GPU never
+waits for Python.
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blitzgen.cache import KVCache
+from blitzgen.checkpoint import load_model
+from blitzgen.errors import BlitzgenError
+from blitzgen.model import Transformer
+from blitzgen.sampling import SamplingParams, params_to_tensors, sample
+from blitzgen.tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds the (T, S) mask and activations
+
+
+@dataclass
+class TokenEvent:
+    index: int  # which prompt of the batch
+    token_id: int
+    text: str  # text that became final with this token ("" while bytes or a possible stop string wait)
+    finish_reason: str | None = None  # "stop" (eos or stop string) or "length", on a sequence's last event
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated ids, the eos id included when that ended the sequence
+    text: str  # generated text, without eos and without the stop string
+    finish_reason: str
+
+
+@dataclass
+class GenerationStats:
+    batch_size: int = 1
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens actually run; fewer when a slot's cache already held a prefix
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds from the call to the first token on the host
+    total_time: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first ones, over the time after the first token (all sequences together)."""
+        decode_time = self.total_time - self.time_to_first_token
+        return 0.0 if decode_time <= 0 else max(self.new_tokens - self.batch_size, 0) / decode_time
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BlitzgenError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise BlitzgenError(f"--device {device!r}: expected cuda, cuda:N or cpu") from None
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    compile: bool | None = None,
+    max_seq_len: int | None = None,
+) -> "Generator":
+    """Load a Hugging Face checkpoint directory (default: the model shipped in the package).
+
+    dtype: "bf16" | "fp16" | "fp32"; default bf16 on CUDA and fp32 on CPU, where most
+    processors emulate bf16 matrix products and run them slower than fp32.
+    compile: torch.compile + CUDA graph for decode; default on for CUDA, off for CPU.
+    """
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise BlitzgenError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    path = Path(path) if path is not None else DEFAULT_MODEL
+    model = load_model(path, device=dev, dtype=DTYPES[dtype])
+    tokenizer = Tokenizer.from_dir(path)
+    return Generator(model, tokenizer, compile=compile, max_seq_len=max_seq_len)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Sequence:
+    """Host-side state of one prompt being generated: tokens, text, stop checks."""
+
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer):
+        self.index, self.prompt, self.params = index, prompt, params
+        self.eos_ids = frozenset() if params.ignore_eos else tokenizer.eos_ids
+        self.decoder = StreamDecoder(tokenizer)
+        self.tokens: list[int] = []
+        self.text = ""  # decoded so far, cut at a stop string once one is found
+        self.emitted = 0  # characters of self.text already handed out
+        self.finish_reason: str | None = None
+        self.longest_stop = max((len(s) for s in params.stop), default=0)
+
+    def add(self, token: int) -> TokenEvent:
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            self.text += self.decoder.flush()
+            self.finish_reason = "stop"
+        else:
+            self.text += self.decoder.push(token)
+            if self.params.stop and self._cut_at_stop():
+                self.finish_reason = "stop"
+            elif len(self.tokens) >= self.params.max_new_tokens:
+                self.text += self.decoder.flush()
+                self._cut_at_stop()
+                self.finish_reason = "length"
+        final = self.finish_reason is not None
+        safe = len(self.text) if final else len(self.text) - self._held_back()
+        delta, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        return TokenEvent(self.index, token, delta, self.finish_reason)
+
+    def _cut_at_stop(self) -> bool:
+        start = max(0, self.emitted - self.longest_stop)
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+        return bool(hits)
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string."""
+        held = 0
+        for s in self.params.stop:
+            for n in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:n]):
+                    held = n
+                    break
+        return held
+
+
+class _GraphedStep:
+    """A decode step captured once as a CUDA graph that feeds its own output back as input."""
+
+    def __init__(self, step, cache: KVCache, sampling: dict[str, torch.Tensor]):
+        B = cache.batch_size
+        self.tokens = torch.zeros(B, dtype=torch.int64, device=cache.lengths.device)
+        self.sampling = {name: t.clone() for name, t in sampling.items()}
+        saved_lengths = cache.lengths.clone()
+        # Warm-up runs (compilation, autotuning, cuBLAS workspaces) on a side stream, as capture requires.
+        # They write K/V at each slot's current length, a position that is not live yet and is
+        # rewritten by the first real step; the lengths they advance are restored below.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step(self.tokens, **self.sampling)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step(self.tokens, **self.sampling)
+            self.tokens.copy_(self.out)
+        cache.lengths.copy_(saved_lengths)
+
+    def __call__(self, tokens: torch.Tensor | None, sampling: dict[str, torch.Tensor]) -> torch.Tensor:
+        if tokens is not None:  # first step of a generation; later steps read their own output
+            self.tokens.copy_(tokens)
+            for name, t in sampling.items():
+                self.sampling[name].copy_(t)
+        self.graph.replay()
+        return self.out
+
+
+class Generator:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        compile: bool | None = None,
+        max_seq_len: int | None = None,
+    ):
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.device = model.output.weight.device
+        self.dtype = model.output.weight.dtype
+        self.compile = self.device.type == "cuda" if compile is None else compile
+        # The longest sequence (prompt + generated) this generator accepts.
+        self.context = min(self.config.max_seq_len, max_seq_len or self.config.max_seq_len)
+        self.cache: KVCache | None = None
+        self.slot_tokens: list[list[int]] = []  # tokens whose K/V each cache slot holds, from position 0
+        self._compiled_step = None
+        self._graphs: dict[bool, _GraphedStep] = {}
+        self.last_stats = GenerationStats()
+
+    # ---- cache -------------------------------------------------------------------------
+    def _ensure_cache(self, batch_size: int, seq_len: int):
+        """Grow the cache to hold `batch_size` slots of `seq_len` tokens, keeping what it holds."""
+        old = self.cache
+        if old is not None and old.batch_size >= batch_size and old.max_seq_len >= seq_len:
+            return
+        # Capacity grows by doubling so a chat that grows turn by turn recompiles O(log n) times.
+        capacity = 256
+        while capacity < seq_len:
+            capacity *= 2
+        capacity = min(capacity, self.context)
+        if old is not None:
+            capacity = max(capacity, old.max_seq_len)
+            batch_size = max(batch_size, old.batch_size)
+        new = KVCache(self.config, batch_size, capacity, self.dtype, self.device)
+        if old is not None:
+            b, s = old.batch_size, old.max_seq_len
+            new.k[:, :b, :s].copy_(old.k)
+            new.v[:, :b, :s].copy_(old.v)
+            new.lengths[:b].copy_(old.lengths)
+        self.cache = new
+        self.slot_tokens += [[] for _ in range(batch_size - len(self.slot_tokens))]
+        self._graphs.clear()  # captured against the old buffers
+
+    def reset(self):
+        """Forget what the cache holds (the next prompt prefills from scratch)."""
+        self.slot_tokens = [[] for _ in self.slot_tokens]
+
+    # ---- prefill -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Put `tokens` in cache slot `slot`, reusing the prefix it already holds. Returns (V,) logits
+        of the last token, float32."""
+        cache = self.cache
+        # Re-run at least the last token: its logits are what we need.
+        start = min(_common_prefix(self.slot_tokens[slot], tokens), len(tokens) - 1)
+        window = self.config.sliding_window
+        logits = None
+        for begin in range(start, len(tokens), PREFILL_CHUNK):
+            end = min(begin + PREFILL_CHUNK, len(tokens))
+            chunk = torch.tensor([tokens[begin:end]], dtype=torch.int64, device=self.device)  # (1, T)
+            positions = torch.arange(begin, end, device=self.device)[None]  # (1, T)
+            logits = self.model(
+                chunk,
+                positions,
+                cache,
+                slots=slice(slot, slot + 1),
+                kv_len=end,
+                causal_from_zero=begin == 0 and (window is None or end <= window),
+                last_only=True,
+            )
+        cache.lengths[slot] = len(tokens)
+        self.slot_tokens[slot] = list(tokens)
+        self.last_stats.prefilled_tokens += len(tokens) - start
+        return logits[0, -1].float()
+
+    # ---- decode ------------------------------------------------------------------------
+    def _decode_step(self, tokens, temperature, top_k, top_p, min_p, kv_len=None, greedy=False):
+        """One token for every slot: (B,) in, (B,) out. Compiled and graph-captured on CUDA."""
+        cache = self.cache
+        positions = cache.lengths[:, None]  # (B, 1)
+        logits = self.model(tokens[:, None], positions, cache, kv_len=kv_len)[:, 0].float()  # (B, V)
+        cache.lengths.add_(1)
+        if greedy:
+            return logits.argmax(dim=-1)
+        return sample(logits, temperature, top_k, top_p, min_p)
+
+    def _step_fn(self, greedy: bool, sampling: dict[str, torch.Tensor], host_len: int):
+        """Returns step(tokens or None) -> (B,) next tokens, the fastest way this device allows."""
+        if not self.compile:
+            # Eager: attend only over the live prefix, a bound the host knows without asking the device.
+            state = {"tokens": None, "kv_len": host_len}
+
+            def eager(tokens):
+                tokens = state["tokens"] if tokens is None else tokens
+                state["kv_len"] += 1
+                out = self._decode_step(tokens, **sampling, kv_len=state["kv_len"], greedy=greedy)
+                state["tokens"] = out
+                return out
+
+            return eager
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
+        if self.device.type != "cuda":
+            compiled, state = self._compiled_step, {"tokens": None}
+
+            def step(tokens):
+                tokens = state["tokens"] if tokens is None else tokens
+                state["tokens"] = compiled(tokens, **sampling, greedy=greedy)
+                return state["tokens"]
+
+            return step
+        if greedy not in self._graphs:
+
+            def captured(tokens, temperature, top_k, top_p, min_p):
+                return self._compiled_step(tokens, temperature, top_k, top_p, min_p, greedy=greedy)
+
+            self._graphs[greedy] = _GraphedStep(captured, self.cache, sampling)
+        graph = self._graphs[greedy]
+        return lambda tokens: graph(tokens, sampling)
+
+    # ---- the public calls ----------------------------------------------------------------
+    def _check_prompts(self, prompts: list[list[int]], params: list[SamplingParams], truncate: bool):
+        checked = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if len(prompt) == 0:
+                raise BlitzgenError(f"prompt {i} is empty (no tokens); give at least one token")
+            if any(not 0 <= t < self.config.vocab_size for t in prompt):
+                raise BlitzgenError(f"prompt {i} has token ids outside [0, {self.config.vocab_size})")
+            room = self.context - p.max_new_tokens
+            if len(prompt) > room:
+                if not truncate or room < 1:
+                    raise BlitzgenError(
+                        f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={p.max_new_tokens} that exceeds "
+                        f"the context of {self.context} tokens (shorten the prompt, lower max_new_tokens"
+                        + (", or truncate)" if room >= 1 else ")")
+                    )
+                prompt = prompt[-room:]  # keep the end of the prompt, nearest to what comes next
+            checked.append(list(prompt))
+        return checked
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompts: list[list[int]] | list[str],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        truncate: bool = False,
+    ):
+        """Generate for a batch of prompts (token ids or strings); yields TokenEvents as tokens arrive.
+
+        Prompt i occupies cache slot i. Stats of the call are in `self.last_stats` once it ends.
+        """
+        t0 = time.perf_counter()
+        if not prompts:
+            raise BlitzgenError("no prompts given")
+        params = params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise BlitzgenError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        for p in params:
+            p.validate()
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        prompts = self._check_prompts(prompts, params, truncate)
+        B = len(prompts)
+        longest = max(len(p) + q.max_new_tokens for p, q in zip(prompts, params))
+        self._ensure_cache(B, longest)
+        self.last_stats = stats = GenerationStats(prompt_tokens=sum(map(len, prompts)), batch_size=B)
+        seeds = [p.seed for p in params if p.seed is not None]
+        if seeds:
+            torch.manual_seed(seeds[0])  # one RNG stream for the batch: the first seed given wins
+
+        sampling = params_to_tensors(params, self.device)
+        if self.cache.batch_size > B:  # unused slots decode along (a fixed batch shape); their output is ignored
+            pad = self.cache.batch_size - B
+            sampling = {k: torch.cat([v, v[-1:].expand(pad)]) for k, v in sampling.items()}
+        greedy = all(p.greedy for p in params)
+        seqs = [_Sequence(i, prompt, p, self.tokenizer) for i, (prompt, p) in enumerate(zip(prompts, params))]
+
+        first = torch.zeros(self.cache.batch_size, dtype=torch.int64, device=self.device)
+        for i, prompt in enumerate(prompts):
+            logits = self.prefill(i, prompt)[None]  # (1, V)
+            row = {k: v[i : i + 1] for k, v in sampling.items()}
+            first[i] = logits.argmax(-1)[0] if params[i].greedy else sample(logits, **row)[0]
+        for i in range(B, self.cache.batch_size):
+            self.cache.lengths[i] = 0  # idle slots restart at 0 so they never run past the cache
+            self.slot_tokens[i] = []
+        first_host = first.tolist()
+        stats.time_to_first_token = time.perf_counter() - t0
+        for seq in seqs:
+            yield seq.add(first_host[seq.index])
+
+        steps_left = max(p.max_new_tokens for p in params) - 1
+        if any(s.finish_reason is None for s in seqs) and steps_left > 0:
+            step = self._step_fn(greedy, sampling, max(len(p) for p in prompts))
+            in_flight = deque()  # (host tensor, event) of steps launched but not read yet
+            tokens = first
+            while steps_left > 0 or in_flight:
+                if steps_left > 0:
+                    out = step(tokens)
+                    tokens = None
+                    steps_left -= 1
+                    event = None
+                    if self.device.type == "cuda":
+                        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                        host.copy_(out, non_blocking=True)  # queued before the next replay overwrites `out`
+                        event = torch.cuda.Event()
+                        event.record()
+                    else:
+                        host = out
+                    in_flight.append((host, event))
+                    if len(in_flight) < 2 and steps_left > 0:
+                        continue  # read step i only once step i + 1 is queued behind it
+                host, event = in_flight.popleft()
+                if event is not None:
+                    event.synchronize()
+                for seq, token in zip(seqs, host.tolist()):
+                    if seq.finish_reason is None:
+                        yield seq.add(token)
+                if all(s.finish_reason is not None for s in seqs):
+                    break
+        # What each slot's cache now holds for certain: the prompt and every generated token that
+        # was fed back as input (all but the last). Later steps' writes may be garbage, so stop there.
+        for seq in seqs:
+            self.slot_tokens[seq.index] = seq.prompt + seq.tokens[:-1]
+        self.cache.lengths[:B] = torch.tensor([len(t) for t in self.slot_tokens[:B]], device=self.device)
+        stats.new_tokens = sum(len(s.tokens) for s in seqs)
+        stats.total_time = time.perf_counter() - t0
+
+    def generate(self, prompts, params=None, *, truncate: bool = False) -> list[Completion]:
+        """Generate to completion; one Completion per prompt, in order."""
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        done = [Completion(p, [], "", "") for p in prompts]
+        for event in self.stream(prompts, params, truncate=truncate):
+            c = done[event.index]
+            c.token_ids.append(event.token_id)
+            c.text += event.text
+            c.finish_reason = event.finish_reason or ""
+        return done

@@ -1,0 +1,93 @@
+"""Sampling parameters and the sampler that runs inside the compiled decode step.
+
+`sample` takes one row of parameters per sequence as device tensors, so one captured
+graph serves any mix of greedy and sampled sequences and nothing is read back to the host.
+Filters apply in the order Hugging Face's generate() applies them: temperature, top-k,
+top-p, min-p, each renormalising what the previous one kept. The draw itself is the
+exponential race (argmax of p_i / E_i with E_i ~ Exp(1) picks i with probability p_i),
+which needs no torch.multinomial and so no host synchronisation.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from blitzgen.errors import BlitzgenError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    seed: int | None = None  # same seed, same prompt => same text (resets torch's RNG)
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def bad(name, value, expected):
+            raise BlitzgenError(f"invalid {name}={value!r}: expected {expected}")
+
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "a number in (0, 1]")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            bad("min_p", self.min_p, "a number in [0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            bad("seed", self.seed, "a non-negative integer")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            bad("max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", self.stop, "a list of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(
+    logits: torch.Tensor,  # (B, V) float32
+    temperature: torch.Tensor,  # (B,) float32, 0 = greedy
+    top_k: torch.Tensor,  # (B,) int64, 0 = off
+    top_p: torch.Tensor,  # (B,) float32, 1 = off
+    min_p: torch.Tensor,  # (B,) float32, 0 = off
+) -> torch.Tensor:
+    """Next token per row (B,) int64."""
+    B, V = logits.shape
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    values, order = scaled.sort(dim=-1, descending=True)  # (B, V), best first
+    rank = torch.arange(V, device=logits.device)
+    k = torch.where(top_k > 0, top_k, V)
+    values = values.masked_fill(rank >= k[:, None], float("-inf"))
+    probs = values.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    before = probs.cumsum(dim=-1) - probs
+    values = values.masked_fill(before >= top_p[:, None], float("-inf"))
+    probs = values.softmax(dim=-1)
+    values = values.masked_fill(probs < min_p[:, None] * probs[:, :1], float("-inf"))
+    probs = values.softmax(dim=-1)
+    race = probs / torch.empty_like(probs).exponential_(1)
+    sampled = order.gather(1, race.argmax(dim=-1, keepdim=True))[:, 0]
+    return torch.where(temperature == 0, greedy, sampled)
+
+
+def params_to_tensors(params: list[SamplingParams], device) -> dict[str, torch.Tensor]:
+    """Per-row parameter tensors for `sample`, one row per sequence."""
+    return {
+        "temperature": torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+        "top_k": torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+        "top_p": torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        "min_p": torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+    }
