@@ -179,7 +179,9 @@ class Transformer(nn.Module):
         last_only: bool = False,  # logits of the last token only (prefill), saves a (T, V) product
     ) -> torch.Tensor:
         kv_len = cache.max_seq_len if kv_len is None else kv_len
-        mask = None if causal_from_zero else attention_mask(positions, kv_len, self.config.sliding_window)
+        T = tokens.shape[1]
+        plain_causal = causal_from_zero and T > 1  # the one-token path always takes an explicit mask
+        mask = None if plain_causal else attention_mask(positions, kv_len, self.config.sliding_window)
         x = self.tok_embeddings(tokens)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for i, layer in enumerate(self.layers):

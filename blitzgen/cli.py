@@ -1,0 +1,175 @@
+"""The `blitzgen` command: parse, validate, call the Generator, format. Nothing else lives here.
+
+User mistakes (bad paths, values, configs) print one line `blitzgen: error: ...` and exit 2,
+never a traceback.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from blitzgen.errors import BlitzgenError
+from blitzgen.sampling import SamplingParams
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", help="Hugging Face checkpoint directory (default: the small model shipped inside blitzgen)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step, CUDA-graphed on GPU (default: on for cuda, off for cpu)")
+    p.add_argument("--max-seq-len", type=int, help="cap on prompt + generated tokens (default: the model's context)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--seed", type=int, help="same seed, same text")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def _sampling_params(args) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _load(args):
+    from blitzgen.generate import load
+
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise BlitzgenError(f"--max-seq-len {args.max_seq_len}: expected at least 2")
+    t0 = time.perf_counter()
+    print(f"Loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
+    generator = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
+                     max_seq_len=args.max_seq_len)
+    c = generator.config
+    print(f"Loaded {c.model_type} ({c.n_layers} layers, width {c.dim}, context {generator.context}) on "
+          f"{generator.device} in {str(generator.dtype).removeprefix('torch.')} in {time.perf_counter() - t0:.2f} s"
+          + (" ; the first decode step compiles" if generator.compile else ""), file=sys.stderr, flush=True)
+    return generator
+
+
+def _print_stats(stats):
+    print(
+        f"[prompt tokens {stats.prompt_tokens}, new tokens {stats.new_tokens}, "
+        f"time to first token {stats.time_to_first_token * 1000:.0f} ms, "
+        f"{stats.decode_tokens_per_second:.1f} tokens/s]",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def cmd_generate(args):
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise BlitzgenError(f"--prompt-file {path}: no such file")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise BlitzgenError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    params = _sampling_params(args)
+    generator = _load(args)
+    if len(prompts) == 1:
+        # One prompt streams as it is generated, after the prompt itself.
+        sys.stdout.write(prompts[0])
+        for event in generator.stream(prompts, params, truncate=args.truncate):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        # A batch generates together; each completion prints once finished, in prompt order.
+        for i, c in enumerate(generator.generate(prompts, params, truncate=args.truncate)):
+            print(f"--- [{i}] finish: {c.finish_reason}\n{prompts[i]}{c.text}")
+    _print_stats(generator.last_stats)
+
+
+def cmd_chat(args):
+    from blitzgen.chat import ChatSession
+
+    params = _sampling_params(args)
+    session = ChatSession(_load(args), params, system=args.system)
+    mode = "chat template" if session.templated else "no chat template: raw text continuation"
+    print(f"Chat ({mode}). /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        try:
+            for piece in session.send(line):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except BlitzgenError as e:
+            print(f"\nblitzgen: error: {e}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        if args.stats:
+            _print_stats(session.generator.last_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blitzgen", description="Fast LLM text generation in plain PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from one or more prompts")
+    g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt-file", help="file with one prompt per line (generated together as a batch)")
+    g.add_argument("--truncate", action="store_true",
+                   help="drop the start of prompts that do not fit the context instead of failing")
+    _add_model_args(g)
+    _add_sampling_args(g, max_new_tokens=200)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat with the checkpoint's chat template")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--stats", action="store_true", help="print speed after each reply")
+    _add_model_args(c)
+    _add_sampling_args(c, max_new_tokens=512)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except BlitzgenError as e:
+        print(f"blitzgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `blitzgen generate ... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
