@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from blitzgen.config import ModelConfig, rope_inv_freq
 from blitzgen.errors import BlitzgenError
@@ -107,6 +108,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     table = _hf_to_ours(config)
 
     weights: dict[str, torch.Tensor] = {}
+    # A progress bar on a terminal only (disable=None): a 7B model reads for tens of seconds.
+    progress = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+                    desc="loading weights", disable=None, leave=False)
     for file in files:
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
@@ -127,6 +131,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
                         f"{file}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {expected[ours]}"
                     )
                 weights[ours] = tensor.to(device=device, dtype=dtype)
+                progress.update(tensor.nbytes)
+    progress.close()
     missing = [name for name in expected if name not in weights]
     if missing:
         hf_names = {v: k for k, v in table.items()}
