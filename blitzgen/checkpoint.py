@@ -118,13 +118,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
             raise BlitzgenError(f"{file}: not a readable safetensors file ({e})") from None
         with handle:
             for hf_name in handle.keys():
+                if hf_name == "lm_head.weight" and config.tie_embeddings:
+                    continue  # some tied checkpoints still store a copy
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue  # older checkpoints saved this buffer; we compute it
                 ours = table.get(hf_name)
-                if ours is None:
-                    if hf_name == "lm_head.weight" and config.tie_embeddings:
-                        continue  # some tied checkpoints still store a copy
-                    if hf_name.endswith("rotary_emb.inv_freq"):
-                        continue  # older checkpoints saved this buffer; we compute it
-                    raise BlitzgenError(f"{file}: unexpected tensor {hf_name!r} for {config.model_type} config")
+                if ours not in expected:  # unknown, or a feature this config lacks (a bias, a q/k norm)
+                    raise BlitzgenError(f"{file}: unexpected tensor {hf_name!r} for this {config.model_type} config")
                 tensor = handle.get_tensor(hf_name)
                 if tuple(tensor.shape) != expected[ours]:
                     raise BlitzgenError(

@@ -212,6 +212,7 @@ class Generator:
         self._compiled_step = None
         self._graphs: dict[bool, _GraphedStep] = {}
         self.last_stats = GenerationStats()
+        self.last_prompts: list[list[int]] = []
 
     # ---- cache -------------------------------------------------------------------------
     def _ensure_cache(self, batch_size: int, seq_len: int):
@@ -275,7 +276,9 @@ class Generator:
         cache = self.cache
         positions = cache.lengths[:, None]  # (B, 1)
         logits = self.model(tokens[:, None], positions, cache, kv_len=kv_len)[:, 0].float()  # (B, V)
-        cache.lengths.add_(1)
+        # A slot whose own budget ended may run on while others finish; keep its writes inside the
+        # cache (its output is ignored and its cache past the finish is never reused).
+        cache.lengths.add_(1).clamp_(max=cache.max_seq_len - 1)
         if greedy:
             return logits.argmax(dim=-1)
         return sample(logits, temperature, top_k, top_p, min_p)
@@ -288,7 +291,7 @@ class Generator:
 
             def eager(tokens):
                 tokens = state["tokens"] if tokens is None else tokens
-                state["kv_len"] += 1
+                state["kv_len"] = min(state["kv_len"] + 1, self.cache.max_seq_len)
                 out = self._decode_step(tokens, **sampling, kv_len=state["kv_len"], greedy=greedy)
                 state["tokens"] = out
                 return out
@@ -357,6 +360,7 @@ class Generator:
             p.validate()
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
         prompts = self._check_prompts(prompts, params, truncate)
+        self.last_prompts = prompts  # the ids this call runs, after any truncation
         B = len(prompts)
         longest = max(len(p) + q.max_new_tokens for p, q in zip(prompts, params))
         self._ensure_cache(B, longest)
@@ -424,11 +428,12 @@ class Generator:
 
     def generate(self, prompts, params=None, *, truncate: bool = False) -> list[Completion]:
         """Generate to completion; one Completion per prompt, in order."""
-        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        done = [Completion(p, [], "", "") for p in prompts]
+        done = [Completion([], [], "", "") for _ in prompts]
         for event in self.stream(prompts, params, truncate=truncate):
             c = done[event.index]
             c.token_ids.append(event.token_id)
             c.text += event.text
             c.finish_reason = event.finish_reason or ""
+        for c, prompt in zip(done, self.last_prompts):
+            c.prompt_token_ids = prompt
         return done
