@@ -365,33 +365,33 @@ class Generator:
         longest = max(len(p) + q.max_new_tokens for p, q in zip(prompts, params))
         self._ensure_cache(B, longest)
         self.last_stats = stats = GenerationStats(prompt_tokens=sum(map(len, prompts)), batch_size=B)
-        seeds = [p.seed for p in params if p.seed is not None]
-        if seeds:
-            torch.manual_seed(seeds[0])  # one RNG stream for the batch: the first seed given wins
-
         sampling = params_to_tensors(params, self.device)
         if self.cache.batch_size > B:  # unused slots decode along (a fixed batch shape); their output is ignored
             pad = self.cache.batch_size - B
             sampling = {k: torch.cat([v, v[-1:].expand(pad)]) for k, v in sampling.items()}
         greedy = all(p.greedy for p in params)
         seqs = [_Sequence(i, prompt, p, self.tokenizer) for i, (prompt, p) in enumerate(zip(prompts, params))]
+        for i in range(B, self.cache.batch_size):
+            self.cache.lengths[i] = 0  # idle slots restart at 0 so they never run past the cache
+            self.slot_tokens[i] = []
+        steps_left = max(p.max_new_tokens for p in params) - 1
+        # Build (compile, capture) the decode step before seeding: its warm-up runs draw random numbers.
+        step = self._step_fn(greedy, sampling, max(len(p) for p in prompts)) if steps_left > 0 else None
+        seeds = [p.seed for p in params if p.seed is not None]
+        if seeds:
+            torch.manual_seed(seeds[0])  # one RNG stream for the batch: the first seed given wins
 
         first = torch.zeros(self.cache.batch_size, dtype=torch.int64, device=self.device)
         for i, prompt in enumerate(prompts):
             logits = self.prefill(i, prompt)[None]  # (1, V)
             row = {k: v[i : i + 1] for k, v in sampling.items()}
             first[i] = logits.argmax(-1)[0] if params[i].greedy else sample(logits, **row)[0]
-        for i in range(B, self.cache.batch_size):
-            self.cache.lengths[i] = 0  # idle slots restart at 0 so they never run past the cache
-            self.slot_tokens[i] = []
         first_host = first.tolist()
         stats.time_to_first_token = time.perf_counter() - t0
         for seq in seqs:
             yield seq.add(first_host[seq.index])
 
-        steps_left = max(p.max_new_tokens for p in params) - 1
         if any(s.finish_reason is None for s in seqs) and steps_left > 0:
-            step = self._step_fn(greedy, sampling, max(len(p) for p in prompts))
             in_flight = deque()  # (host tensor, event) of steps launched but not read yet
             tokens = first
             while steps_left > 0 or in_flight:
