@@ -160,36 +160,56 @@ class _Sequence:
         return held
 
 
-class _GraphedStep:
-    """A decode step captured once as a CUDA graph that feeds its own output back as input."""
+class _DecodeStep:
+    """One decode step for every slot, with its inputs in fixed buffers: the next input token and
+    the sampling parameters of each slot. Each run writes its output tokens back into `tokens`, so
+    consecutive runs need nothing from the host; a new sequence only overwrites its own rows.
 
-    def __init__(self, step, cache: KVCache, sampling: dict[str, torch.Tensor]):
+    On CUDA with compilation the step is captured once as a CUDA graph and replayed.
+    """
+
+    def __init__(self, generator: "Generator", greedy: bool):
+        cache = generator.cache
         B = cache.batch_size
-        self.tokens = torch.zeros(B, dtype=torch.int64, device=cache.lengths.device)
-        self.sampling = {name: t.clone() for name, t in sampling.items()}
-        saved_lengths = cache.lengths.clone()
-        # Warm-up runs (compilation, autotuning, cuBLAS workspaces) on a side stream, as capture requires.
-        # They write K/V at each slot's current length, a position that is not live yet and is
-        # rewritten by the first real step; the lengths they advance are restored below.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step(self.tokens, **self.sampling)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = step(self.tokens, **self.sampling)
-            self.tokens.copy_(self.out)
-        cache.lengths.copy_(saved_lengths)
+        self.tokens = torch.zeros(B, dtype=torch.int64, device=generator.device)
+        self.sampling = params_to_tensors([SamplingParams(temperature=0, seed=0)] * B, generator.device)
+        self.graph = None
+        fn = generator._decode_step
+        if generator.compile:
+            fn = generator._compiled_decode_step()
+        # Compiled code gets no kv_len: one static shape, no recompilation as sequences grow.
+        compiled = generator.compile
+        self._run = lambda kv_len: fn(self.tokens, **self.sampling, kv_len=None if compiled else kv_len, greedy=greedy)
+        if generator.compile and generator.device.type == "cuda":
+            saved_lengths = cache.lengths.clone()
+            # Warm-up runs (compilation, autotuning, cuBLAS workspaces) on a side stream, as capture
+            # requires. They write K/V at each slot's current length, a position not live yet and
+            # rewritten by the first real step; the lengths they advance are restored below.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._run(None)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.tokens.copy_(self._run(None))
+            cache.lengths.copy_(saved_lengths)
 
-    def __call__(self, tokens: torch.Tensor | None, sampling: dict[str, torch.Tensor]) -> torch.Tensor:
-        if tokens is not None:  # first step of a generation; later steps read their own output
-            self.tokens.copy_(tokens)
-            for name, t in sampling.items():
-                self.sampling[name].copy_(t)
-        self.graph.replay()
-        return self.out
+    def set_row(self, slot: int, token: int | torch.Tensor, row: dict[str, torch.Tensor]):
+        """Make `token` the next input of `slot`, sampled with the parameters in `row` (1-element tensors)."""
+        self.tokens[slot] = token
+        for name, t in row.items():
+            self.sampling[name][slot] = t[0]
+
+    def run(self, kv_len: int | None = None) -> torch.Tensor:
+        """Advance every slot by one token; returns the (B,) new tokens (valid until the next run).
+        kv_len: a host-known bound on every slot's length after the step (eager only; saves work)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.tokens.copy_(self._run(kv_len))
+        return self.tokens
 
 
 class Generator:
@@ -209,8 +229,8 @@ class Generator:
         self.context = min(self.config.max_seq_len, max_seq_len or self.config.max_seq_len)
         self.cache: KVCache | None = None
         self.slot_tokens: list[list[int]] = []  # tokens whose K/V each cache slot holds, from position 0
-        self._compiled_step = None
-        self._graphs: dict[bool, _GraphedStep] = {}
+        self._compiled = None
+        self._steps: dict[bool, _DecodeStep] = {}  # greedy-only and sampling variants, built on first use
         self.last_stats = GenerationStats()
         self.last_prompts: list[list[int]] = []
 
@@ -236,7 +256,7 @@ class Generator:
             new.lengths[:b].copy_(old.lengths)
         self.cache = new
         self.slot_tokens += [[] for _ in range(batch_size - len(self.slot_tokens))]
-        self._graphs.clear()  # captured against the old buffers
+        self._steps.clear()  # built (and captured) against the old buffers
 
     def reset(self):
         """Forget what the cache holds (the next prompt prefills from scratch)."""
@@ -271,51 +291,26 @@ class Generator:
         return logits[0, -1].float()
 
     # ---- decode ------------------------------------------------------------------------
-    def _decode_step(self, tokens, temperature, top_k, top_p, min_p, kv_len=None, greedy=False):
+    def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False):
         """One token for every slot: (B,) in, (B,) out. Compiled and graph-captured on CUDA."""
         cache = self.cache
-        positions = cache.lengths[:, None]  # (B, 1)
-        logits = self.model(tokens[:, None], positions, cache, kv_len=kv_len)[:, 0].float()  # (B, V)
+        positions = cache.lengths  # (B,) where each slot's input token goes
+        logits = self.model(tokens[:, None], positions[:, None], cache, kv_len=kv_len)[:, 0].float()  # (B, V)
+        out = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seed, positions)
         # A slot whose own budget ended may run on while others finish; keep its writes inside the
         # cache (its output is ignored and its cache past the finish is never reused).
         cache.lengths.add_(1).clamp_(max=cache.max_seq_len - 1)
-        if greedy:
-            return logits.argmax(dim=-1)
-        return sample(logits, temperature, top_k, top_p, min_p)
+        return out
 
-    def _step_fn(self, greedy: bool, sampling: dict[str, torch.Tensor], host_len: int):
-        """Returns step(tokens or None) -> (B,) next tokens, the fastest way this device allows."""
-        if not self.compile:
-            # Eager: attend only over the live prefix, a bound the host knows without asking the device.
-            state = {"tokens": None, "kv_len": host_len}
+    def _compiled_decode_step(self):
+        if self._compiled is None:
+            self._compiled = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
+        return self._compiled
 
-            def eager(tokens):
-                tokens = state["tokens"] if tokens is None else tokens
-                state["kv_len"] = min(state["kv_len"] + 1, self.cache.max_seq_len)
-                out = self._decode_step(tokens, **sampling, kv_len=state["kv_len"], greedy=greedy)
-                state["tokens"] = out
-                return out
-
-            return eager
-        if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
-        if self.device.type != "cuda":
-            compiled, state = self._compiled_step, {"tokens": None}
-
-            def step(tokens):
-                tokens = state["tokens"] if tokens is None else tokens
-                state["tokens"] = compiled(tokens, **sampling, greedy=greedy)
-                return state["tokens"]
-
-            return step
-        if greedy not in self._graphs:
-
-            def captured(tokens, temperature, top_k, top_p, min_p):
-                return self._compiled_step(tokens, temperature, top_k, top_p, min_p, greedy=greedy)
-
-            self._graphs[greedy] = _GraphedStep(captured, self.cache, sampling)
-        graph = self._graphs[greedy]
-        return lambda tokens: graph(tokens, sampling)
+    def _step(self, greedy: bool) -> _DecodeStep:
+        if greedy not in self._steps:
+            self._steps[greedy] = _DecodeStep(self, greedy)
+        return self._steps[greedy]
 
     # ---- the public calls ----------------------------------------------------------------
     def _check_prompts(self, prompts: list[list[int]], params: list[SamplingParams], truncate: bool):
@@ -366,58 +361,52 @@ class Generator:
         self._ensure_cache(B, longest)
         self.last_stats = stats = GenerationStats(prompt_tokens=sum(map(len, prompts)), batch_size=B)
         sampling = params_to_tensors(params, self.device)
-        if self.cache.batch_size > B:  # unused slots decode along (a fixed batch shape); their output is ignored
-            pad = self.cache.batch_size - B
-            sampling = {k: torch.cat([v, v[-1:].expand(pad)]) for k, v in sampling.items()}
         greedy = all(p.greedy for p in params)
         seqs = [_Sequence(i, prompt, p, self.tokenizer) for i, (prompt, p) in enumerate(zip(prompts, params))]
         for i in range(B, self.cache.batch_size):
             self.cache.lengths[i] = 0  # idle slots restart at 0 so they never run past the cache
             self.slot_tokens[i] = []
         steps_left = max(p.max_new_tokens for p in params) - 1
-        # Build (compile, capture) the decode step before seeding: its warm-up runs draw random numbers.
-        step = self._step_fn(greedy, sampling, max(len(p) for p in prompts)) if steps_left > 0 else None
-        seeds = [p.seed for p in params if p.seed is not None]
-        if seeds:
-            torch.manual_seed(seeds[0])  # one RNG stream for the batch: the first seed given wins
+        step = self._step(greedy) if steps_left > 0 else None
 
-        first = torch.zeros(self.cache.batch_size, dtype=torch.int64, device=self.device)
+        firsts = []
         for i, prompt in enumerate(prompts):
             logits = self.prefill(i, prompt)[None]  # (1, V)
             row = {k: v[i : i + 1] for k, v in sampling.items()}
-            first[i] = logits.argmax(-1)[0] if params[i].greedy else sample(logits, **row)[0]
-        first_host = first.tolist()
+            position = torch.tensor([len(prompt) - 1], device=self.device)
+            first = logits.argmax(-1) if params[i].greedy else sample(logits, **row, position=position)
+            if step is not None:
+                step.set_row(i, first[0], row)
+            firsts.append(first)
+        first_host = torch.cat(firsts).tolist()
         stats.time_to_first_token = time.perf_counter() - t0
         for seq in seqs:
             yield seq.add(first_host[seq.index])
 
-        if any(s.finish_reason is None for s in seqs) and steps_left > 0:
-            in_flight = deque()  # (host tensor, event) of steps launched but not read yet
-            tokens = first
-            while steps_left > 0 or in_flight:
-                if steps_left > 0:
-                    out = step(tokens)
-                    tokens = None
-                    steps_left -= 1
-                    event = None
-                    if self.device.type == "cuda":
-                        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                        host.copy_(out, non_blocking=True)  # queued before the next replay overwrites `out`
-                        event = torch.cuda.Event()
-                        event.record()
-                    else:
-                        host = out
-                    in_flight.append((host, event))
-                    if len(in_flight) < 2 and steps_left > 0:
-                        continue  # read step i only once step i + 1 is queued behind it
-                host, event = in_flight.popleft()
-                if event is not None:
-                    event.synchronize()
-                for seq, token in zip(seqs, host.tolist()):
-                    if seq.finish_reason is None:
-                        yield seq.add(token)
-                if all(s.finish_reason is not None for s in seqs):
-                    break
+        in_flight = deque()  # (host tensor, event) of steps launched but not read yet
+        kv_len = max(len(p) for p in prompts)  # host-side bound on every slot's length, for eager steps
+        while any(s.finish_reason is None for s in seqs) and (steps_left > 0 or in_flight):
+            if steps_left > 0:
+                kv_len = min(kv_len + 1, self.cache.max_seq_len)
+                out = step.run(kv_len)
+                steps_left -= 1
+                event = None
+                if self.device.type == "cuda":
+                    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    host.copy_(out, non_blocking=True)  # queued before the next run overwrites `out`
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    host = out.clone()
+                in_flight.append((host, event))
+                if len(in_flight) < 2 and steps_left > 0:
+                    continue  # read step i only once step i + 1 is queued behind it
+            host, event = in_flight.popleft()
+            if event is not None:
+                event.synchronize()
+            for seq, token in zip(seqs, host.tolist()):
+                if seq.finish_reason is None:
+                    yield seq.add(token)
         # What each slot's cache now holds for certain: the prompt and every generated token that
         # was fed back as input (all but the last). Later steps' writes may be garbage, so stop there.
         for seq in seqs:
@@ -425,6 +414,40 @@ class Generator:
         self.cache.lengths[:B] = torch.tensor([len(t) for t in self.slot_tokens[:B]], device=self.device)
         stats.new_tokens = sum(len(s.tokens) for s in seqs)
         stats.total_time = time.perf_counter() - t0
+
+    # ---- slot-level calls, for a scheduler that batches requests continuously ---------------
+    # A fixed batch of slots decodes together; a sequence joins a free slot between steps (prefill
+    # + first token) and leaves by being ignored until its slot is reused. Do not mix with stream().
+    def open_slots(self, batch_size: int, max_seq_len: int | None = None):
+        """Allocate `batch_size` slots of up to `max_seq_len` tokens (default: the context) and build
+        the decode step (compiled and CUDA-graph captured on GPU) once, for every later step()."""
+        self._ensure_cache(batch_size, max_seq_len or self.context)
+        self.cache.lengths.zero_()
+        self.slot_tokens = [[] for _ in range(self.cache.batch_size)]
+        self._slot_lengths = [0] * self.cache.batch_size  # host copy of cache.lengths, for eager kv_len
+        self._slot_step = self._step(greedy=False)  # rows with temperature 0 still take the argmax
+
+    def add_sequence(self, slot: int, prompt: list[int], params: SamplingParams) -> int:
+        """Prefill `prompt` into `slot` (reusing what the slot already holds) and return its first
+        token, which is also the slot's next input."""
+        params.validate()
+        (prompt,) = self._check_prompts([prompt], [params], truncate=False)
+        if len(prompt) + params.max_new_tokens > self.cache.max_seq_len:
+            raise BlitzgenError(f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} "
+                                f"exceeds the {self.cache.max_seq_len} tokens of a slot")
+        self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+        logits = self.prefill(slot, prompt)[None]  # (1, V)
+        row = params_to_tensors([params], self.device)
+        position = torch.tensor([len(prompt) - 1], device=self.device)
+        first = logits.argmax(-1) if params.greedy else sample(logits, **row, position=position)
+        self._slot_step.set_row(slot, first[0], row)
+        self._slot_lengths[slot] = len(prompt)
+        return int(first[0])
+
+    def step(self) -> list[int]:
+        """One decode step for every slot; the next token of each (free slots' values are noise)."""
+        self._slot_lengths = [min(n + 1, self.cache.max_seq_len - 1) for n in self._slot_lengths]
+        return self._slot_step.run(kv_len=max(self._slot_lengths) + 1).tolist()
 
     def generate(self, prompts, params=None, *, truncate: bool = False) -> list[Completion]:
         """Generate to completion; one Completion per prompt, in order."""

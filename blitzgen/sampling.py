@@ -6,9 +6,14 @@ Filters apply in the order Hugging Face's generate() applies them: temperature, 
 top-p, min-p, each renormalising what the previous one kept. The draw itself is the
 exponential race (argmax of p_i / E_i with E_i ~ Exp(1) picks i with probability p_i),
 which needs no torch.multinomial and so no host synchronisation.
+
+The exponential noise is not drawn from torch's RNG but hashed from (the sequence's seed, the
+position being sampled, the token id), so a seed gives the same text whatever else is in the
+batch, on the first call and later ones, eagerly, compiled or replayed in a CUDA graph.
 """
 
 import math
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +27,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
-    seed: int | None = None  # same seed, same prompt => same text (resets torch's RNG)
+    seed: int | None = None  # same seed, same prompt => same text; None: a fresh random seed
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
     ignore_eos: bool = False
@@ -56,12 +61,31 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer hash (splitmix64's finaliser, with arithmetic shifts masked to logical ones).
+    int64 products wrap modulo 2**64 alike in eager PyTorch, Inductor's C++ and Triton code."""
+    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
+    x = x * 0x3F58476D1CE4E5B9
+    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
+    x = x * 0x14D049BB133111EB
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+def hashed_uniform(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) float32 uniform in (0, 1), a pure function of (seed[b], position[b], token id)."""
+    token = torch.arange(vocab_size, device=seed.device)
+    x = _mix(_mix(seed * 0x2545F4914F6CDD1D + position)[:, None] + token)  # (B, V) int64
+    return (((x >> 40) & 0xFFFFFF).float() + 0.5) * 2.0**-24
+
+
 def sample(
     logits: torch.Tensor,  # (B, V) float32
     temperature: torch.Tensor,  # (B,) float32, 0 = greedy
     top_k: torch.Tensor,  # (B,) int64, 0 = off
     top_p: torch.Tensor,  # (B,) float32, 1 = off
     min_p: torch.Tensor,  # (B,) float32, 0 = off
+    seed: torch.Tensor,  # (B,) int64
+    position: torch.Tensor,  # (B,) int64, position of the token whose logits these are
 ) -> torch.Tensor:
     """Next token per row (B,) int64."""
     B, V = logits.shape
@@ -78,7 +102,9 @@ def sample(
     probs = values.softmax(dim=-1)
     values = values.masked_fill(probs < min_p[:, None] * probs[:, :1], float("-inf"))
     probs = values.softmax(dim=-1)
-    race = probs / torch.empty_like(probs).exponential_(1)
+    # Noise per token id (not per sorted rank), so filters never change which draw a token gets.
+    exponential = -hashed_uniform(seed, position, V).log()  # (B, V) ~ Exp(1)
+    race = probs / exponential.gather(1, order)
     sampled = order.gather(1, race.argmax(dim=-1, keepdim=True))[:, 0]
     return torch.where(temperature == 0, greedy, sampled)
 
@@ -90,4 +116,5 @@ def params_to_tensors(params: list[SamplingParams], device) -> dict[str, torch.T
         "top_k": torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
         "top_p": torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
         "min_p": torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+        "seed": torch.tensor([random.getrandbits(62) if p.seed is None else p.seed for p in params], device=device),
     }

@@ -252,6 +252,10 @@ def test_seed_reproduces_sampling(tiny_models):
     assert tokens(1234, generator_for(path)) == first  # a fresh generator
     # 3 x 32 draws over 300 tokens: a different seed repeating all of them is practically impossible.
     assert tokens(4321) != first
+    # A seeded request draws the same tokens alone as in a batch, and compiled as eager.
+    params = SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=1234, ignore_eos=True)
+    assert generator.generate(prompts[1:2], params)[0].token_ids == first[1]
+    assert generator_for(path, compile=True).generate(prompts, params)[1].token_ids == first[1]
 
 
 # ---- prefix reuse --------------------------------------------------------------------------------

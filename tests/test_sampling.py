@@ -22,10 +22,17 @@ from blitzgen.sampling import SamplingParams, params_to_tensors, sample
 DRAWS = 20000
 
 
+def rows_for(params: list[SamplingParams], seed: int = 0) -> dict[str, torch.Tensor]:
+    """sample()'s per-row tensors, every row its own seed (seed, seed + 1, ...), all at position 3."""
+    rows = params_to_tensors(params, "cpu")
+    rows["seed"] = torch.arange(len(params)) + seed * len(params)
+    rows["position"] = torch.full((len(params),), 3)
+    return rows
+
+
 def draw(logits: torch.Tensor, n: int = DRAWS, seed: int = 0, **params) -> torch.Tensor:
     """n tokens from one row of logits (V,), all rows with the same SamplingParams."""
-    torch.manual_seed(seed)
-    rows = params_to_tensors([SamplingParams(**params)] * n, "cpu")
+    rows = rows_for([SamplingParams(**params)] * n, seed)
     return sample(logits.float().expand(n, -1).contiguous(), **rows)
 
 
@@ -89,14 +96,14 @@ def test_temperature_zero_is_argmax_whatever_the_filters():
     logits = torch.randn(64, 50)
     params = [SamplingParams(temperature=0, top_k=k, top_p=p, min_p=m)
               for k in (0, 1, 5) for p in (1.0, 0.3) for m in (0.0, 0.5)] * 6
-    rows = params_to_tensors(params[:64], "cpu")
+    rows = rows_for(params[:64])
     assert torch.equal(sample(logits, **rows), logits.argmax(dim=-1))
 
 
 def test_top_k_one_is_argmax():
     torch.manual_seed(0)
     logits = torch.randn(1000, 50)
-    rows = params_to_tensors([SamplingParams(temperature=1.5, top_k=1)] * 1000, "cpu")
+    rows = rows_for([SamplingParams(temperature=1.5, top_k=1)] * 1000)
     assert torch.equal(sample(logits, **rows), logits.argmax(dim=-1))
 
 
@@ -105,7 +112,7 @@ def test_mixed_greedy_and_sampled_rows():
     logits = torch.randn(10, 30).repeat(200, 1)  # (2000, 30): 10 distinct rows, 200 times each
     params = [SamplingParams(temperature=0) if i % 2 == 0 else SamplingParams(temperature=1.0)
               for i in range(len(logits))]
-    tokens = sample(logits, **params_to_tensors(params, "cpu"))
+    tokens = sample(logits, **rows_for(params))
     greedy = torch.arange(len(logits)) % 2 == 0
     assert torch.equal(tokens[greedy], logits[greedy].argmax(dim=-1))
     # Near-uniform logits at temperature 1: each sampled row of 200 draws takes many values.
@@ -126,7 +133,7 @@ def test_frequencies_follow_softmax_of_scaled_logits(temperature):
 def test_top_k_only_returns_the_k_best():
     torch.manual_seed(0)
     logits = torch.randn(DRAWS, 50)
-    rows = params_to_tensors([SamplingParams(temperature=2.0, top_k=5)] * DRAWS, "cpu")
+    rows = rows_for([SamplingParams(temperature=2.0, top_k=5)] * DRAWS)
     tokens = sample(logits, **rows)
     best = logits.topk(5, dim=-1).indices
     assert (best == tokens[:, None]).any(dim=-1).all()
@@ -217,3 +224,29 @@ def test_low_temperature_concentrates_on_the_best():
     # 10 or more happens with probability below 1e-8. The third token, exp(-100), never.
     assert (tokens == 2).sum() == 0
     assert (tokens == 1).sum() < 10
+
+
+def test_a_draw_depends_only_on_seed_position_and_logits():
+    """The noise is keyed by (seed, position, token id): batch neighbours and row order change nothing."""
+    logits = torch.randn(6, 40)
+    rows = rows_for([SamplingParams(temperature=1.0)] * 6)
+    alone = torch.cat([sample(logits[i : i + 1], **{k: v[i : i + 1] for k, v in rows.items()}) for i in range(6)])
+    assert torch.equal(sample(logits, **rows), alone)
+    flipped = {k: v.flip(0) for k, v in rows.items()}
+    assert torch.equal(sample(logits.flip(0), **flipped), alone.flip(0))
+    moved = dict(rows, position=rows["position"] + 1)
+    assert not torch.equal(sample(logits, **moved), alone)  # 6 draws from 40 tokens: equal w.p. ~1e-7
+
+
+def test_hashed_uniform_is_uniform_and_compiles_identically():
+    from blitzgen.sampling import hashed_uniform
+
+    u = hashed_uniform(torch.tensor([0, 1, 2**61]), torch.tensor([0, 5, 9]), 100_000)  # (3, 100000)
+    # 300000 draws: the mean has standard error 0.29 / sqrt(3e5) = 5.3e-4; allow 5 of them.
+    assert abs(u.mean().item() - 0.5) < 2.7e-3 and abs(u.std().item() - 12**-0.5) < 2.7e-3
+    assert 0 < u.min() and u.max() < 1
+    # Ten equal-width bins, 30000 expected each (standard deviation 164): within 5 standard deviations.
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    assert (counts - 30000).abs().max() < 820
+    compiled = torch.compile(hashed_uniform)(torch.tensor([0, 1, 2**61]), torch.tensor([0, 5, 9]), 100_000)
+    assert torch.equal(u, compiled)  # same integer arithmetic in Inductor's generated code
