@@ -358,3 +358,31 @@ def test_compiled_decode_matches_eager(tiny_models):
     # A second call reuses the compiled step (and its cache) and must still agree.
     again = compiled_generator.generate(prompts[::-1], greedy())
     assert [c.token_ids for c in again] == [c.token_ids for c in eager[::-1]]
+
+
+# ---- slot-level API (continuous batching) --------------------------------------------------------
+
+
+def test_sequences_joining_a_running_batch_match_generating_alone(tiny_models, hf_greedy):
+    """Sequences added to slots while others decode produce exactly transformers' greedy tokens."""
+    hf_model, path = tiny_models("llama_gqa2")
+    prompts = make_prompts()
+    generator = generator_for(path)
+    generator.open_slots(4, 128)
+    params = greedy()
+    got = {0: [generator.add_sequence(0, prompts[0], params)]}
+    for _ in range(5):  # slot 0 runs ahead alone
+        got[0].append(generator.step()[0])
+    got[3] = [generator.add_sequence(3, prompts[1], params)]
+    got[1] = [generator.add_sequence(1, prompts[2], params)]
+    for _ in range(NEW_TOKENS):
+        tokens = generator.step()
+        for slot in got:
+            got[slot].append(tokens[slot])
+    for slot, prompt in [(0, prompts[0]), (3, prompts[1]), (1, prompts[2])]:
+        assert got[slot][:NEW_TOKENS] == hf_greedy(hf_model, prompt, NEW_TOKENS)
+    # A finished slot is reused for a new sequence while the others keep going.
+    got[0] = [generator.add_sequence(0, prompts[2], params)]
+    for _ in range(NEW_TOKENS - 1):
+        got[0].append(generator.step()[0])
+    assert got[0] == hf_greedy(hf_model, prompts[2], NEW_TOKENS)
