@@ -133,6 +133,21 @@ def cmd_chat(args):
             _print_stats(session.generator.last_stats)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench(args):
+    from blitzgen import bench
+
+    if args.ceiling_gib is None:
+        args.ceiling_gib = 0.25 if args.device == "cpu" or not __import__("torch").cuda.is_available() else 4.0
+    bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blitzgen", description="Fast LLM text generation in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c, max_new_tokens=512)
     c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="measure load, compile, time to first token and decode speed vs the bandwidth")
+    b.add_argument("--model", help="checkpoint directory (default: the built-in model unless --arch is given)")
+    b.add_argument("--arch", help="random weights of a real architecture, built on the device: "
+                                  "llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b")
+    b.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    b.add_argument("--batch-size", type=int, action="append", help="decode batch size (repeatable; default 1)")
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt length before the timed decode (default 128)")
+    b.add_argument("--prompt-lengths", type=_int_list, default=[128, 1024, 4096],
+                   help="prompt lengths for time to first token (default 128,1024,4096)")
+    b.add_argument("--new-tokens", type=int, default=200, help="decode steps timed per run (default 200)")
+    b.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
+    b.add_argument("--compare-eager", action="store_true", help="also time the uncompiled decode step")
+    b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")
+    b.add_argument("--ceiling-gib", type=float, help="buffer size for the bandwidth ceilings (default 4 on cuda)")
+    b.add_argument("--max-context", type=int, default=1 << 30, help="skip prompt lengths beyond this")
+    b.add_argument("--json", help="also write the results to this JSON file")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

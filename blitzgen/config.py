@@ -150,3 +150,26 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     blended = (1 - smooth) * inv / factor + smooth * inv
     scaled = torch.where(wavelen > orig / low, inv / factor, blended)
     return torch.where(wavelen < orig / high, inv, scaled)
+
+
+# Real architectures for random-weight benchmarks (`blitzgen bench --arch NAME`), copied field by
+# field from each model's published config.json; nothing here is guessed from a name.
+PRESETS = {
+    "llama-2-7b": ModelConfig(
+        model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+        intermediate_size=11008, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0,
+    ),
+    "llama-3.1-8b": ModelConfig(
+        model_type="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        intermediate_size=14336, max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0,
+        rope_llama3=(8.0, 1.0, 4.0, 8192),
+    ),
+    "mistral-7b": ModelConfig(  # v0.3
+        model_type="mistral", vocab_size=32768, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        intermediate_size=14336, max_seq_len=32768, norm_eps=1e-5, rope_theta=1000000.0,
+    ),
+    "qwen2.5-7b": ModelConfig(
+        model_type="qwen2", vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+        intermediate_size=18944, max_seq_len=32768, norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
+    ),
+}

@@ -15,7 +15,9 @@ tokens (for streaming and stop checks) after it has launched step i + 1, so the 
 waits for Python.
 """
 
+import functools
 import time
+import types
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +162,17 @@ class _Sequence:
         return held
 
 
+def _call_block(block, *args):
+    return block(*args)
+
+
+def _fresh_block_caller():
+    """A copy of _call_block with its own code object. Dynamo keeps compiled graphs per code object
+    and allows 8 per object: a private copy per Generator keeps one Generator's shapes (and models)
+    from using up another's budget."""
+    return types.FunctionType(_call_block.__code__.replace(), globals(), "_call_block")
+
+
 class _DecodeStep:
     """One decode step for every slot, with its inputs in fixed buffers: the next input token and
     the sampling parameters of each slot. Each run writes its output tokens back into `tokens`, so
@@ -230,6 +243,8 @@ class Generator:
         self.cache: KVCache | None = None
         self.slot_tokens: list[list[int]] = []  # tokens whose K/V each cache slot holds, from position 0
         self._compiled = None
+        self.compile_scope = "block"  # or "step"; see _compiled_decode_step
+        self.coordinate_descent_tuning = self.device.type == "cuda"  # Inductor tunes its GEMV reductions
         self._steps: dict[bool, _DecodeStep] = {}  # greedy-only and sampling variants, built on first use
         self.last_stats = GenerationStats()
         self.last_prompts: list[list[int]] = []
@@ -291,11 +306,12 @@ class Generator:
         return logits[0, -1].float()
 
     # ---- decode ------------------------------------------------------------------------
-    def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False):
+    def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None):
         """One token for every slot: (B,) in, (B,) out. Compiled and graph-captured on CUDA."""
         cache = self.cache
         positions = cache.lengths  # (B,) where each slot's input token goes
-        logits = self.model(tokens[:, None], positions[:, None], cache, kv_len=kv_len)[:, 0].float()  # (B, V)
+        logits = self.model(tokens[:, None], positions[:, None], cache, kv_len=kv_len, run_block=run_block)
+        logits = logits[:, 0].float()  # (B, V)
         out = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seed, positions)
         # A slot whose own budget ended may run on while others finish; keep its writes inside the
         # cache (its output is ignored and its cache past the finish is never reused).
@@ -303,8 +319,22 @@ class Generator:
         return out
 
     def _compiled_decode_step(self):
+        """The decode step with compiled code in it, built once per Generator.
+
+        compile_scope "block" (default) compiles one transformer block and calls that compiled code
+        for every layer (the layers are the same code with other weights): compilation time does not
+        grow with depth. The embedding, the output projection and the sampler stay eager (the CUDA
+        graph removes their launch cost). "step" compiles the whole step as one graph, which lets
+        Inductor fuse across layer boundaries at the price of a compile time proportional to depth.
+        The figures behind the default are in benchmarks/BENCHMARKS.md.
+        """
         if self._compiled is None:
-            self._compiled = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
+            options = {"coordinate_descent_tuning": self.coordinate_descent_tuning}
+            if self.compile_scope == "step":
+                self._compiled = torch.compile(self._decode_step, fullgraph=True, dynamic=False, options=options)
+            else:
+                block = torch.compile(_fresh_block_caller(), fullgraph=True, dynamic=False, options=options)
+                self._compiled = functools.partial(self._decode_step, run_block=block)
         return self._compiled
 
     def _step(self, greedy: bool) -> _DecodeStep:

@@ -177,6 +177,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,  # attend over cache[:kv_len]; a bound on positions + 1. None: whole cache
         causal_from_zero: bool = False,  # every row starts at position 0 with no window: use plain causal SDPA
         last_only: bool = False,  # logits of the last token only (prefill), saves a (T, V) product
+        run_block=None,  # calls a Block; the Generator passes one compiled call that every layer shares
     ) -> torch.Tensor:
         kv_len = cache.max_seq_len if kv_len is None else kv_len
         T = tokens.shape[1]
@@ -184,8 +185,9 @@ class Transformer(nn.Module):
         mask = None if plain_causal else attention_mask(positions, kv_len, self.config.sliding_window)
         x = self.tok_embeddings(tokens)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        run_block = run_block or Block.__call__
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, positions, cache.k[i, slots], cache.v[i, slots], mask, kv_len)
+            x = run_block(layer, x, cos, sin, positions, cache.k[i, slots], cache.v[i, slots], mask, kv_len)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))  # (B, T or 1, V)

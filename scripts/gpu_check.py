@@ -15,24 +15,11 @@ import time
 import torch
 
 from blitzgen.config import ModelConfig
+from blitzgen.bench import NullTokenizer
 from blitzgen.checkpoint import load_model
 from blitzgen.generate import Generator
 from blitzgen.model import Transformer
 from blitzgen.sampling import SamplingParams
-
-
-class NullTokenizer:
-    """Enough of a tokenizer to drive the Generator with token ids only."""
-
-    eos_ids = frozenset()
-    vocab_size = 0
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=True):
-        raise NotImplementedError
-
-    def decode(self, ids, skip_special_tokens=False):
-        return ""
 
 
 def check_correctness():

@@ -1,0 +1,318 @@
+"""The benchmark behind `blitzgen bench`: the figures that matter, measured in one run.
+
+Decode at batch 1 reads every weight once per token, so the figure of merit is achieved bytes
+per second against what the device can read: every run measures its own ceilings (a streaming
+read and a device-to-device copy) and reports decode as tokens/s, GB/s and % of the read ceiling.
+Bytes per token = every weight the step reads (all linears, norms; the embedding only if tied to
+the output projection) + the K/V bytes of the live prefix.
+
+Phases: ceilings; build (random weights of a named real architecture, made on the device) or load
+(a checkpoint); cold start = build/load + compile + CUDA-graph capture + first token; time to first
+token at several prompt lengths; decode (CUDA events around N graph replays, prefill excluded;
+median of runs) per batch size, and the same through the streaming API; the "GEMV roof": the
+step's weight matmuls alone as cuBLAS calls replayed in one CUDA graph, i.e. what plain matrix
+products of these shapes allow before attention, norms and sampling; optionally the same decode
+uncompiled (--compare-eager).
+"""
+
+import json
+import statistics
+import time
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from blitzgen.checkpoint import load_model
+from blitzgen.config import PRESETS, ModelConfig
+from blitzgen.errors import BlitzgenError
+from blitzgen.generate import DEFAULT_MODEL, DTYPES, Generator, resolve_device
+from blitzgen.model import Transformer
+from blitzgen.sampling import SamplingParams
+
+
+class NullTokenizer:
+    """Enough of a tokenizer to drive the Generator with token ids only (random-weight models)."""
+
+    eos_ids = frozenset()
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=True):
+        raise BlitzgenError("this benchmark model has no tokenizer; pass token ids")
+
+    def decode(self, ids, skip_special_tokens=False):
+        return ""
+
+
+class Timer:
+    """Elapsed seconds between start() and stop(): CUDA events on a GPU, the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000
+        return time.perf_counter() - self.t0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ceilings(device: torch.device, gib: float) -> dict[str, float]:
+    """Streaming-read and copy bandwidth in TB/s, best of several timed passes."""
+    n = int(gib * 2**30) // 2
+    x = torch.ones(n, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    timer, out = Timer(device), {}
+    for name, fn, moved in [("read", lambda: x.sum(), x.nbytes), ("copy", lambda: y.copy_(x), 2 * x.nbytes)]:
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            timer.start()
+            fn()
+            best = min(best, timer.stop())
+        out[f"{name}_tbps"] = moved / best / 1e12
+    del x, y
+    return out
+
+
+def build_random(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A Transformer of `config` with random weights made directly on `device` (no host copy)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def bytes_per_token(model: Transformer, live_kv_tokens: float, batch_size: int) -> float:
+    """Bytes one decode step reads: weights once (shared by the batch) + each sequence's live K/V."""
+    c = model.config
+    weights = sum(p.nbytes for name, p in model.named_parameters() if name != "tok_embeddings.weight")
+    if c.tie_embeddings:
+        weights += model.tok_embeddings.weight.nbytes  # read whole by the output projection
+    element = model.output.weight.element_size()
+    kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * element * live_kv_tokens * batch_size
+    return weights + kv
+
+
+def gemv_roof(model: Transformer, batch_size: int, device: torch.device, iters: int) -> float:
+    """Seconds for the step's weight matmuls alone (fused qkv, o, gate/up, down per layer, output)."""
+    weights = [w for layer in model.layers for w in (layer.attention.wqkv.weight, layer.attention.wo.weight,
+                                                     layer.feed_forward.w13.weight, layer.feed_forward.w2.weight)]
+    weights.append(model.output.weight)
+    inputs = [torch.randn(batch_size, w.shape[1], dtype=w.dtype, device=device) for w in weights]
+
+    def run():
+        for x, w in zip(inputs, weights):
+            F.linear(x, w)
+
+    timer = Timer(device)
+    if device.type == "cuda":
+        run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        run = graph.replay
+    run()
+    timer.start()
+    for _ in range(iters):
+        run()
+    return timer.stop() / iters
+
+
+def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, steps: int, runs: int) -> float:
+    """Median over runs of the time per decode step, prefill excluded, host streaming excluded."""
+    vocab = gen.config.vocab_size
+    prompts = [torch.randint(1, vocab, (prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(batch_size)]
+    gen._ensure_cache(batch_size, prompt_len + steps + 8)
+    for i, prompt in enumerate(prompts):
+        gen.prefill(i, prompt)
+    step = gen._step(greedy=True)
+    timer, times = Timer(gen.device), []
+    for _ in range(runs):
+        gen.cache.lengths[:batch_size] = prompt_len
+        kv_len = prompt_len
+        step.run(kv_len + 1)  # not timed: first replay after a reset
+        timer.start()
+        for _ in range(steps):
+            kv_len += 1
+            step.run(kv_len + 1)
+        times.append(timer.stop() / steps)
+    gen.reset()
+    return statistics.median(times)
+
+
+def run(args) -> dict:
+    """Measure everything `args` asks for; returns the results as a JSON-ready dict."""
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if dtype_name not in DTYPES:
+        raise BlitzgenError(f"--dtype {dtype_name!r}: expected one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+    if args.arch and args.model:
+        raise BlitzgenError("give --model or --arch, not both")
+    if args.arch and args.arch not in PRESETS:
+        raise BlitzgenError(f"--arch {args.arch!r}: expected one of {', '.join(PRESETS)}")
+    batch_sizes = sorted(set(args.batch_size or [1]))
+    if any(b < 1 for b in batch_sizes) or args.new_tokens < 2 or args.runs < 1:
+        raise BlitzgenError("--batch-size, --runs must be >= 1 and --new-tokens >= 2")
+    phases = 4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths)
+    progress = tqdm(total=phases, desc="bench", unit="phase")
+
+    def phase(name):
+        progress.set_postfix_str(name)
+
+    res = {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": dtype_name,
+        "model": args.arch or str(args.model or DEFAULT_MODEL),
+    }
+    phase("ceilings")
+    res.update(ceilings(device, args.ceiling_gib))
+    read_bps = res["read_tbps"] * 1e12
+    progress.update()
+
+    phase("build" if args.arch else "load")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    if args.arch:
+        model = build_random(PRESETS[args.arch], device, dtype)
+    else:
+        model = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
+    sync(device)
+    res["load_s"] = time.perf_counter() - t0
+    config = model.config
+    res["weights_gb"] = bytes_per_token(model, 0, 1) / 1e9
+    progress.update()
+
+    def generator(compile=True):
+        gen = Generator(model, NullTokenizer(), compile=compile)
+        if args.compile_scope:
+            gen.compile_scope = args.compile_scope
+        return gen
+
+    phase("cold start: compile + capture")
+    gen = generator()
+    prompt = list(range(1, args.prompt_len + 1))
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    t1 = time.perf_counter()
+    events = gen.stream([prompt], params)
+    next(events)  # first token: compile + capture happen before it
+    res["compile_s"] = time.perf_counter() - t1
+    res["cold_start_s"] = res["load_s"] + res["compile_s"]
+    for _ in events:
+        pass
+    progress.update()
+
+    phase("time to first token")
+    res["ttft_ms"] = {}
+    for length in args.prompt_lengths:
+        if length + 1 > min(config.max_seq_len, args.max_context):
+            res["ttft_ms"][str(length)] = None
+        else:
+            ttft = generator(compile=False)  # prefill is never compiled; a small cache of its own
+            ids = torch.randint(1, config.vocab_size, (length,)).tolist()
+            one = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+            times = []
+            for _ in range(args.runs + 1):
+                ttft.reset()
+                ttft.generate([ids], one)
+                times.append(ttft.last_stats.time_to_first_token)
+            res["ttft_ms"][str(length)] = 1000 * statistics.median(times[1:])
+            del ttft
+        progress.update()
+
+    res["decode"], res["eager"] = [], []
+    for b in batch_sizes:
+        phase(f"decode batch {b}")
+        gen = generator()
+        seconds = decode_seconds_per_step(gen, b, args.prompt_len, args.new_tokens, args.runs)
+        live = args.prompt_len + args.new_tokens / 2
+        moved = bytes_per_token(model, live, b)
+        row = {"batch": b, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds, "total_tokens_per_s": b / seconds,
+               "gbps": moved / seconds / 1e9, "pct_of_read": 100 * moved / seconds / read_bps}
+        progress.update()
+        phase(f"end-to-end batch {b}")
+        prompts = [list(range(1 + i, args.prompt_len + 1 + i)) for i in range(b)]
+        e2e = []
+        for _ in range(args.runs):
+            gen.reset()
+            gen.generate(prompts, params)
+            e2e.append(gen.last_stats.decode_tokens_per_second / b)
+        row["stream_tokens_per_s"] = statistics.median(e2e)
+        roof = gemv_roof(model, b, device, iters=max(3, args.new_tokens // 4))
+        weights_only = bytes_per_token(model, 0, b)
+        row["roof_tokens_per_s"] = 1 / roof
+        row["roof_pct_of_read"] = 100 * weights_only / roof / read_bps
+        res["decode"].append(row)
+        del gen
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        progress.update()
+        if args.compare_eager:
+            phase(f"eager batch {b}")
+            seconds = decode_seconds_per_step(generator(compile=False), b, args.prompt_len,
+                                              max(2, args.new_tokens // 4), args.runs)
+            res["eager"].append({"batch": b, "tokens_per_s": 1 / seconds,
+                                 "pct_of_read": 100 * moved / seconds / read_bps})
+            progress.update()
+    res["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    progress.close()
+    return res
+
+
+def format_table(res: dict) -> str:
+    lines = [
+        f"{res['model']} ({res['weights_gb']:.2f} GB of weights, {res['dtype']}) on {res['device']}, "
+        f"torch {res['torch']}, {res['date']}",
+        f"ceilings: streaming read {res['read_tbps']:.2f} TB/s, copy {res['copy_tbps']:.2f} TB/s",
+        f"load {res['load_s']:.1f} s; compile + capture + first token {res['compile_s']:.1f} s; "
+        f"cold start {res['cold_start_s']:.1f} s"
+        + (f"; peak memory {res['peak_memory_gb']:.1f} GB" if res["peak_memory_gb"] else ""),
+        "time to first token: "
+        + ", ".join(f"{k} tokens {v:.1f} ms" if v is not None else f"{k} tokens: beyond the context"
+                    for k, v in res["ttft_ms"].items()),
+        "",
+        "| batch | step ms | tokens/s per seq | total tokens/s | GB/s | % of read | streamed tokens/s per seq "
+        "| GEMV roof tokens/s | roof % of read |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["decode"]:
+        lines.append(
+            f"| {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | {r['total_tokens_per_s']:.0f} | "
+            f"{r['gbps']:.0f} | {r['pct_of_read']:.0f}% | {r['stream_tokens_per_s']:.1f} | "
+            f"{r['roof_tokens_per_s']:.1f} | {r['roof_pct_of_read']:.0f}% |"
+        )
+    for r in res["eager"]:
+        lines.append(f"eager (uncompiled, no CUDA graph), batch {r['batch']}: {r['tokens_per_s']:.1f} tokens/s "
+                     f"per sequence, {r['pct_of_read']:.0f}% of read")
+    return "\n".join(lines)
+
+
+def main(args):
+    res = run(args)
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)

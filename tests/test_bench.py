@@ -1,0 +1,32 @@
+"""`blitzgen bench` on the CPU with the built-in model: every phase runs and the figures are
+consistent with each other (the GPU figures themselves live in benchmarks/BENCHMARKS.md)."""
+
+import json
+
+from blitzgen.cli import main
+
+
+def test_bench_reports_every_phase(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--device", "cpu", "--batch-size", "1", "--batch-size", "2", "--prompt-len", "8",
+                 "--prompt-lengths", "8,600", "--new-tokens", "4", "--runs", "1", "--ceiling-gib", "0.01",
+                 "--compare-eager", "--json", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert res["read_tbps"] > 0 and res["copy_tbps"] > 0
+    assert res["cold_start_s"] >= res["compile_s"] > 0
+    assert res["ttft_ms"]["8"] > 0 and res["ttft_ms"]["600"] is None  # 600 > the built-in model's 512 context
+    assert [r["batch"] for r in res["decode"]] == [1, 2] and [r["batch"] for r in res["eager"]] == [1, 2]
+    for r in res["decode"]:
+        assert abs(r["total_tokens_per_s"] - r["batch"] * r["tokens_per_s"]) < 1e-6 * r["total_tokens_per_s"]
+        assert abs(r["step_ms"] * r["tokens_per_s"] - 1000) < 1e-6
+        assert r["pct_of_read"] > 0 and r["roof_tokens_per_s"] > 0
+    table = capsys.readouterr().out
+    assert "| 1 |" in table and "| 2 |" in table and "streaming read" in table
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "--device", "cpu", "--arch", "gpt-5"]) == 2
+    assert "--arch 'gpt-5': expected one of llama-2-7b" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--arch", "llama-2-7b", "--model", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
