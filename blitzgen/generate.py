@@ -53,6 +53,28 @@ class Completion:
 
 
 @dataclass
+class TokenLogprobs:
+    logprob: float  # log-probability of the chosen token under the model (log-softmax of the raw logits)
+    top: list[tuple[int, float]]  # the most likely token ids and their log-probabilities, best first
+
+    @classmethod
+    def from_row(cls, row: list[float]) -> "TokenLogprobs":
+        """One row of token_logprobs(): [log p(token), k best log-probs, their ids]."""
+        k = (len(row) - 1) // 2
+        return cls(row[0], [(int(t), lp) for t, lp in zip(row[1 + k :], row[1 : 1 + k])])
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, 1 + 2k) float64 rows [log p(token), k best log-probs, their ids] of the model's distribution
+    (raw logits: before temperature and filters, as OpenAI reports them), packed for one host copy.
+    logits (B, V) float32, tokens (B,) int64."""
+    logprobs = logits.log_softmax(dim=-1)  # (B, V)
+    top = logprobs.topk(k, dim=-1)  # (B, k)
+    chosen = logprobs.gather(1, tokens[:, None])  # (B, 1)
+    return torch.cat([chosen.double(), top.values.double(), top.indices.double()], dim=1)
+
+
+@dataclass
 class GenerationStats:
     batch_size: int = 1
     prompt_tokens: int = 0
@@ -113,7 +135,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class _Sequence:
+class Sequence:
     """Host-side state of one prompt being generated: tokens, text, stop checks."""
 
     def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer):
@@ -179,20 +201,25 @@ class _DecodeStep:
     consecutive runs need nothing from the host; a new sequence only overwrites its own rows.
 
     On CUDA with compilation the step is captured once as a CUDA graph and replayed.
+    With top_logprobs=k the step also writes token_logprobs() of every row into `logprobs`.
     """
 
-    def __init__(self, generator: "Generator", greedy: bool):
+    def __init__(self, generator: "Generator", greedy: bool, top_logprobs: int | None = None):
         cache = generator.cache
         B = cache.batch_size
         self.tokens = torch.zeros(B, dtype=torch.int64, device=generator.device)
         self.sampling = params_to_tensors([SamplingParams(temperature=0, seed=0)] * B, generator.device)
         self.graph = None
+        self.logprobs = None
+        if top_logprobs is not None:
+            self.logprobs = torch.zeros(B, 1 + 2 * top_logprobs, dtype=torch.float64, device=generator.device)
         fn = generator._decode_step
         if generator.compile:
             fn = generator._compiled_decode_step()
         # Compiled code gets no kv_len: one static shape, no recompilation as sequences grow.
         compiled = generator.compile
-        self._run = lambda kv_len: fn(self.tokens, **self.sampling, kv_len=None if compiled else kv_len, greedy=greedy)
+        self._run = lambda kv_len: fn(self.tokens, **self.sampling, kv_len=None if compiled else kv_len, greedy=greedy,
+                                      top_logprobs=top_logprobs)
         if generator.compile and generator.device.type == "cuda":
             saved_lengths = cache.lengths.clone()
             # Warm-up runs (compilation, autotuning, cuBLAS workspaces) on a side stream, as capture
@@ -206,7 +233,7 @@ class _DecodeStep:
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.tokens.copy_(self._run(None))
+                self._store(self._run(None))
             cache.lengths.copy_(saved_lengths)
 
     def set_row(self, slot: int, token: int | torch.Tensor, row: dict[str, torch.Tensor]):
@@ -215,13 +242,19 @@ class _DecodeStep:
         for name, t in row.items():
             self.sampling[name][slot] = t[0]
 
+    def _store(self, out):
+        if self.logprobs is not None:
+            out, logprobs = out
+            self.logprobs.copy_(logprobs)
+        self.tokens.copy_(out)
+
     def run(self, kv_len: int | None = None) -> torch.Tensor:
         """Advance every slot by one token; returns the (B,) new tokens (valid until the next run).
         kv_len: a host-known bound on every slot's length after the step (eager only; saves work)."""
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.tokens.copy_(self._run(kv_len))
+            self._store(self._run(kv_len))
         return self.tokens
 
 
@@ -245,7 +278,8 @@ class Generator:
         self._compiled = None
         self.compile_scope = "block"  # or "step"; see _compiled_decode_step
         self.coordinate_descent_tuning = self.device.type == "cuda"  # Inductor tunes its GEMV reductions
-        self._steps: dict[bool, _DecodeStep] = {}  # greedy-only and sampling variants, built on first use
+        # (greedy-only or sampling, top_logprobs) variants, built on first use
+        self._steps: dict[tuple[bool, int | None], _DecodeStep] = {}
         self.last_stats = GenerationStats()
         self.last_prompts: list[list[int]] = []
 
@@ -306,8 +340,10 @@ class Generator:
         return logits[0, -1].float()
 
     # ---- decode ------------------------------------------------------------------------
-    def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None):
-        """One token for every slot: (B,) in, (B,) out. Compiled and graph-captured on CUDA."""
+    def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None,
+                     top_logprobs=None):
+        """One token for every slot: (B,) in, (B,) out, and with top_logprobs=k also the (B, 1 + 2k)
+        token_logprobs() of those tokens. Compiled and graph-captured on CUDA."""
         cache = self.cache
         positions = cache.lengths  # (B,) where each slot's input token goes
         logits = self.model(tokens[:, None], positions[:, None], cache, kv_len=kv_len, run_block=run_block)
@@ -316,6 +352,8 @@ class Generator:
         # A slot whose own budget ended may run on while others finish; keep its writes inside the
         # cache (its output is ignored and its cache past the finish is never reused).
         cache.lengths.add_(1).clamp_(max=cache.max_seq_len - 1)
+        if top_logprobs is not None:
+            return out, token_logprobs(logits, out, top_logprobs)
         return out
 
     def _compiled_decode_step(self):
@@ -337,10 +375,11 @@ class Generator:
                 self._compiled = functools.partial(self._decode_step, run_block=block)
         return self._compiled
 
-    def _step(self, greedy: bool) -> _DecodeStep:
-        if greedy not in self._steps:
-            self._steps[greedy] = _DecodeStep(self, greedy)
-        return self._steps[greedy]
+    def _step(self, greedy: bool, top_logprobs: int | None = None) -> _DecodeStep:
+        key = (greedy, top_logprobs)
+        if key not in self._steps:
+            self._steps[key] = _DecodeStep(self, greedy, top_logprobs)
+        return self._steps[key]
 
     # ---- the public calls ----------------------------------------------------------------
     def _check_prompts(self, prompts: list[list[int]], params: list[SamplingParams], truncate: bool):
@@ -392,7 +431,7 @@ class Generator:
         self.last_stats = stats = GenerationStats(prompt_tokens=sum(map(len, prompts)), batch_size=B)
         sampling = params_to_tensors(params, self.device)
         greedy = all(p.greedy for p in params)
-        seqs = [_Sequence(i, prompt, p, self.tokenizer) for i, (prompt, p) in enumerate(zip(prompts, params))]
+        seqs = [Sequence(i, prompt, p, self.tokenizer) for i, (prompt, p) in enumerate(zip(prompts, params))]
         for i in range(B, self.cache.batch_size):
             self.cache.lengths[i] = 0  # idle slots restart at 0 so they never run past the cache
             self.slot_tokens[i] = []
@@ -448,14 +487,17 @@ class Generator:
     # ---- slot-level calls, for a scheduler that batches requests continuously ---------------
     # A fixed batch of slots decodes together; a sequence joins a free slot between steps (prefill
     # + first token) and leaves by being ignored until its slot is reused. Do not mix with stream().
-    def open_slots(self, batch_size: int, max_seq_len: int | None = None):
+    def open_slots(self, batch_size: int, max_seq_len: int | None = None, top_logprobs: int | None = None):
         """Allocate `batch_size` slots of up to `max_seq_len` tokens (default: the context) and build
-        the decode step (compiled and CUDA-graph captured on GPU) once, for every later step()."""
+        the decode step (compiled and CUDA-graph captured on GPU) once, for every later step().
+        top_logprobs=k: add_sequence() and step() also compute, inside the step, the log-probability of
+        each slot's token and its k most likely alternatives; read them with slot_logprobs()."""
         self._ensure_cache(batch_size, max_seq_len or self.context)
         self.cache.lengths.zero_()
         self.slot_tokens = [[] for _ in range(self.cache.batch_size)]
         self._slot_lengths = [0] * self.cache.batch_size  # host copy of cache.lengths, for eager kv_len
-        self._slot_step = self._step(greedy=False)  # rows with temperature 0 still take the argmax
+        self._slot_step = self._step(greedy=False, top_logprobs=top_logprobs)  # temperature-0 rows take the argmax
+        self._slot_logprob_rows: list[list[float]] = [[0.0] * (1 + 2 * (top_logprobs or 0))] * self.cache.batch_size
 
     def add_sequence(self, slot: int, prompt: list[int], params: SamplingParams) -> int:
         """Prefill `prompt` into `slot` (reusing what the slot already holds) and return its first
@@ -472,12 +514,24 @@ class Generator:
         first = logits.argmax(-1) if params.greedy else sample(logits, **row, position=position)
         self._slot_step.set_row(slot, first[0], row)
         self._slot_lengths[slot] = len(prompt)
+        if self._slot_step.logprobs is not None:
+            k = (self._slot_step.logprobs.shape[1] - 1) // 2
+            self._slot_logprob_rows[slot] = token_logprobs(logits, first, k)[0].tolist()
         return int(first[0])
 
     def step(self) -> list[int]:
         """One decode step for every slot; the next token of each (free slots' values are noise)."""
         self._slot_lengths = [min(n + 1, self.cache.max_seq_len - 1) for n in self._slot_lengths]
-        return self._slot_step.run(kv_len=max(self._slot_lengths) + 1).tolist()
+        tokens = self._slot_step.run(kv_len=max(self._slot_lengths) + 1).tolist()
+        if self._slot_step.logprobs is not None:  # computed by the same step: this copy waits for nothing
+            self._slot_logprob_rows = self._slot_step.logprobs.tolist()
+        return tokens
+
+    def slot_logprobs(self, slot: int) -> TokenLogprobs:
+        """Log-probabilities of the token that add_sequence() or step() last gave `slot`
+        (needs open_slots(top_logprobs=k))."""
+        assert self._slot_step.logprobs is not None, "open_slots(top_logprobs=k) computes log-probabilities"
+        return TokenLogprobs.from_row(self._slot_logprob_rows[slot])
 
     def generate(self, prompts, params=None, *, truncate: bool = False) -> list[Completion]:
         """Generate to completion; one Completion per prompt, in order."""
