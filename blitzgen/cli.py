@@ -148,6 +148,39 @@ def cmd_bench(args):
     bench.main(args)
 
 
+def cmd_serve(args):
+    import os
+
+    for name, low in (("max_batch_size", 1), ("max_queue", 0), ("max_prefill_tokens", 1), ("max_body_bytes", 1024),
+                      ("max_logprobs", 0)):
+        if getattr(args, name) < low:
+            raise BlitzgenError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected at least {low}")
+    if not 0 <= args.port < 65536:
+        raise BlitzgenError(f"--port {args.port}: expected 0 to 65535")
+    api_key = args.api_key or os.environ.get("BLITZGEN_API_KEY") or None
+    try:
+        import uvicorn
+
+        from blitzgen.server import create_app
+    except ImportError as e:
+        raise BlitzgenError(f"serve needs {e.name}: pip install 'blitzgen[serve]'") from None
+    generator = _load(args)
+    name = args.served_model_name or (Path(args.model).resolve().name if args.model else "blitzgen-default")
+    try:
+        app = create_app(generator, model_name=name, api_key=api_key, max_batch_size=args.max_batch_size,
+                         max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
+                         max_body_bytes=args.max_body_bytes, max_logprobs=args.max_logprobs)
+    except __import__("torch").OutOfMemoryError:
+        raise BlitzgenError(f"a KV cache of {args.max_batch_size} slots x {generator.context} tokens does not fit "
+                            "in memory; lower --max-batch-size or --max-seq-len") from None
+    print(f"Serving '{name}' at http://{args.host}:{args.port}/v1 with {args.max_batch_size} slots of "
+          f"{generator.context} tokens" + (", API key required" if api_key else ""), file=sys.stderr, flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: listening on {args.host} without an API key (--api-key or BLITZGEN_API_KEY)",
+              file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blitzgen", description="Fast LLM text generation in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-context", type=int, default=1 << 30, help="skip prompt lengths beyond this")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="default 8000")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $BLITZGEN_API_KEY)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    s.add_argument("--max-batch-size", type=int, default=32, help="KV-cache slots decoding together (default 32)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a slot; more get 429 with Retry-After (default 256)")
+    s.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="prompt tokens prefilled between two decode steps (default 4096; one prompt always fits)")
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413 (default 4 MiB)")
+    s.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / top_logprobs a request may ask for; 0 turns them off (default 20)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_model_args(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
