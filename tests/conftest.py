@@ -14,10 +14,16 @@ drawn around 1, and every bias is drawn non-zero.
 The vocabulary is 300 rather than ~128 because a byte-level BPE needs its 256 byte tokens.
 """
 
+import os
 import zlib
 
 import pytest
 import torch
+
+# On machines without CUDA, Triton kernels run under Triton's interpreter. The variable must be
+# set before anything imports triton (transformers' modeling code does), so here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import transformers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
