@@ -1,0 +1,442 @@
+"""Decode attention: one new query token per sequence against the static KV cache.
+
+The math. Sequence b has `length_b` live keys (cache positions 0 .. length_b - 1; with a
+sliding window W only positions >= length_b - W). Query head j reads kv head h = j // G,
+G = H / Hkv (grouped-query attention, the head order of Hugging Face's repeat_kv):
+
+    s_n = q_j . k_{b,n,h} / sqrt(D)                      for each live position n
+    out_j = sum_n softmax(s)_n v_{b,n,h}
+
+Split-KV ("flash-decoding": Tri Dao, Daniel Haziza, Francisco Massa, Grigory Sizov,
+"Flash-Decoding for long-context inference", 2023; FlashDecoding++, Hong et al. 2023).
+At decode time there is one query row per head, so FlashAttention's parallelism over
+(batch, head, query block) is B * Hkv programs: 8 for Llama-3-8B at batch 1, on an H100 with
+132 SMs. So the live keys are also cut into consecutive splits, one program per
+(split, kv head, sequence). Split s computes, over its own keys,
+
+    m_s = max_n s_n,   l_s = sum_n exp(s_n - m_s),   o_s = sum_n exp(s_n - m_s) v_n / l_s,
+    lse_s = m_s + log(l_s),
+
+and a second small kernel merges the splits exactly (log-sum-exp is associative):
+
+    M = max_s lse_s,   out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M).
+
+Inside a split the keys are read in tiles of BLOCK_N with the same online-softmax update. The
+kernels work in base 2 (scores times log2(e) / sqrt(D), exp2, log2), which is the same math.
+
+A static grid that follows live lengths on the device. The host fixes NUM_SPLITS from static
+facts only (batch, kv heads, capacity S, SM count) so the launch can be captured in a CUDA
+graph once. Each program reads its sequence's length from the device and takes
+
+    split_len = max(split_min, round_up(ceil(live / NUM_SPLITS), BLOCK_N))
+
+so whatever live length a replay meets is shared out evenly over the fixed programs; a split
+that starts at or past the live end returns at once. Work is proportional to live keys, not to
+the capacity, and nothing is read on the host (no .item()).
+
+GQA. A program covers all G query heads of its kv head, so each K/V tile is read once:
+scores = tl.dot(q [G_PAD, D], k^T [D, BLOCK_N]) and acc += tl.dot(p [G_PAD, BLOCK_N],
+v [BLOCK_N, D]), with G padded to G_PAD >= 16 (the smallest tl.dot tile; padded rows load
+zeros and are never stored). Why a padded tensor-core product rather than a broadcast
+multiply-and-sum: the product [G, BLOCK_N, D] = 4 x 64 x 128 floats is 256 registers per thread
+at 4 warps, which spills or forces tiles too small to keep enough bytes in flight, while
+tl.dot streams K/V through shared memory (software-pipelined async copies) and keeps only
+[G_PAD, D] in registers. The 16 / G padding waste is free: decode does ~16 flops per byte read,
+far below an H100's ~300 flops per byte of bandwidth.
+
+H100 tuning (from the sm_90 build; speeds to be confirmed by benchmarks/attention_bench.py --sweep):
+- BLOCK_N keys per tile such that a K (or V) tile is TILE_BYTES = 16 KiB: 64 keys at D = 128
+  in bf16, 128 at D = 64, 32 at D = 256 or in float32. With num_stages = 3 Triton streams the
+  tiles through shared memory with 16-byte cp.async copies, two K + V tile pairs in flight
+  (~70 KiB of shared memory, 80 registers per thread at num_warps = 4: three programs fit on an
+  SM, none spilling). float32 uses num_warps = 8: its exact "ieee" products run on FMAs and need
+  255+ registers per thread at 4 warps.
+- NUM_SPLITS = ceil(PROGRAMS_PER_SM * SMs / (B * Hkv)), at most ceil(S / split_min) and
+  MAX_SPLITS: 33 at batch 1 and 5 at batch 8 for Llama-3-8B (8 kv heads) on 132 SMs, about two
+  programs per SM. Memory-bound work needs bytes in flight on every SM rather than exact waves,
+  and each split costs a 2 KiB partial written and read back.
+- split_min = 2 tiles (128 keys, 64 KiB of K + V at D = 128 in bf16), so the fixed cost of a
+  split (loading q, writing its partial, the merge reading it) stays at a few percent.
+- Loads are vectorised along D: the last dim must be contiguous and its stride is not passed;
+  row strides that are multiples of 16 elements let Triton prove 16-byte alignment.
+- One split (large batches): the first kernel writes the output itself; no merge launch.
+The merge kernel (grid (H, B)) loads all of a head's splits at once, [BLOCK_SPLITS, D], hence
+the MAX_SPLITS cap. Fusing it into the first kernel (the last split of a head to finish merges,
+found with an atomic counter) would save a launch, ~2-3 us; not done until a measurement asks.
+
+Contract:
+    q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
+    k_cache    (B, S, Hkv, D)   q's dtype; any strides with the last dim contiguous (e.g. a
+    v_cache    (B, S, Hkv, D)   layer's rows of the (L, B, S, Hkv, D) cache in cache.py)
+    lengths    (B,)             int64 or int32 on q's device: live keys, 1 <= length <= S
+                                (clamped to S in the kernel; a length of 0 gives zeros there,
+                                NaN in the reference)
+    sliding_window              None or W >= 1
+    returns    (B, H, D)        q's dtype, contiguous
+H % Hkv == 0; D a multiple of 8 up to 256 (powers of two and 80, 96, ... all work). Scores,
+softmax and accumulation are float32; with 16-bit inputs the probabilities are rounded to the
+input dtype before the P.V product, as FlashAttention does.
+
+Registered as torch.ops.blitzgen.decode_attention, a torch.library.triton_op: torch.compile
+(fullgraph=True) traces it into its two kernels, which write only their own outputs, so Inductor
+never copies the cache. `decode_attention()` calls it on CUDA tensors, and on CPU tensors when
+TRITON_INTERPRET=1 (the tests; interpreted kernels cannot be traced, so there the op is an opaque
+custom_op); otherwise, or without Triton, it returns `decode_attention_ref`.
+"""
+
+import math
+import os
+from functools import lru_cache
+
+import torch
+
+from blitzgen.errors import BlitzgenError
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import wrap_triton
+except ImportError:  # a CPU-only install without Triton, or torch < 2.6: the reference is the only path
+    triton = None
+
+# Triton decides at decoration time whether kernels are compiled or interpreted on the CPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+TILE_BYTES = 16 * 1024  # one K (or V) tile: BLOCK_N = 64 keys at D = 128 in bf16; see the module docstring
+SPLIT_MIN_TILES = 2  # fewest tiles per split
+PROGRAMS_PER_SM = 2  # target programs per SM when choosing NUM_SPLITS
+MAX_SPLITS = 128  # the merge kernel holds all splits of a head in registers
+NUM_STAGES = 3
+_INTERPRETER_SMS = 4  # the "SM count" used on the CPU interpreter: a few splits at test sizes
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def decode_attention_ref(
+    q: torch.Tensor,  # (B, H, D)
+    k_cache: torch.Tensor,  # (B, S, Hkv, D)
+    v_cache: torch.Tensor,  # (B, S, Hkv, D)
+    lengths: torch.Tensor,  # (B,) live keys per sequence
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch decode attention over the whole cache under a length mask, in float32.
+    (B, H, D) in q's dtype. The CPU path and the oracle of the kernel's tests."""
+    B, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    positions = torch.arange(S, device=q.device)
+    ends = lengths.to(q.device)[:, None]  # (B, 1)
+    live = positions < ends  # (B, S)
+    if sliding_window is not None:
+        live = live & (positions >= ends - sliding_window)
+    qg = q.float().view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
+    scores = torch.einsum("bhgd,bshd->bhgs", qg, k_cache.float()) * D**-0.5  # (B, Hkv, G, S)
+    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    # Stale entries past a length may hold anything (NaN included); 0 * NaN would leak into the sum.
+    values = v_cache.float().masked_fill(~live[:, :, None, None], 0.0)  # (B, S, Hkv, D)
+    out = torch.einsum("bhgs,bshd->bhgd", probs, values)  # (B, Hkv, G, D)
+    return out.reshape(B, H, D).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr,  # (B, H, D) this step's queries
+        k_ptr,  # (B, S, Hkv, D) key cache, last dim contiguous
+        v_ptr,  # (B, S, Hkv, D) value cache, last dim contiguous
+        lengths_ptr,  # (B,) int64 or int32: live keys per sequence, read on the device
+        out_ptr,  # (B, H, D) output in q's dtype; written here only when NUM_SPLITS == 1
+        part_out_ptr,  # (B, H, NUM_SPLITS, D) float32: each split's softmax-normalised output o_s
+        part_lse_ptr,  # (B, H, NUM_SPLITS) float32: each split's lse_s, in base 2
+        stride_qb,  # q stride between sequences, in elements
+        stride_qh,  # q stride between heads
+        stride_kb,  # k_cache stride between sequences
+        stride_kn,  # k_cache stride between positions
+        stride_kh,  # k_cache stride between kv heads
+        stride_vb,  # v_cache stride between sequences
+        stride_vn,  # v_cache stride between positions
+        stride_vh,  # v_cache stride between kv heads
+        stride_ob,  # out stride between sequences
+        stride_oh,  # out stride between heads
+        capacity,  # S: lengths are clamped to it, so a bad length never reads past the cache
+        window,  # keys at positions >= length - window are live (S when there is no window)
+        split_min,  # fewest keys per split, a multiple of BLOCK_N
+        qk_scale,  # log2(e) / sqrt(D): scores in base 2, so exp2 stands for exp
+        H: tl.constexpr,  # query heads
+        G: tl.constexpr,  # query heads per kv head
+        G_PAD: tl.constexpr,  # G rounded up to a power of two >= 16, the smallest tl.dot tile
+        D: tl.constexpr,  # head dim
+        BLOCK_D: tl.constexpr,  # D rounded up to a power of two
+        BLOCK_N: tl.constexpr,  # keys per tile
+        NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head), fixed on the host
+        DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit ignore it
+        DOT_IN_FP32: tl.constexpr,  # the CPU interpreter only: it multiplies bf16 bit patterns as integers
+    ):
+        split = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride_kb can pass 2**31 for large caches
+
+        # This split's keys [start, end): the live range [first, length) cut into NUM_SPLITS
+        # pieces of split_len keys (the merge kernel recomputes the same numbers).
+        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
+        first = tl.maximum(length - window, 0)
+        split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
+        start = first + split * split_len
+        end = tl.minimum(start + split_len, length)
+        if NUM_SPLITS > 1:
+            if start >= end:  # past the live keys: no work, and the merge will not read this split
+                return
+
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        heads = kv_head * G + offs_g  # the query heads of this kv head; rows >= G are padding
+        g_mask = offs_g < G
+        d_mask = offs_d < D
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [G_PAD, BLOCK_D]
+        if DOT_IN_FP32:  # exact: bf16 values are float32 values; the products are then done in float32
+            q = q.to(tl.float32)
+        k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max of the base-2 scores
+        l_i = tl.zeros([G_PAD], tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) * v
+        for tile in range(start, end, BLOCK_N):
+            n = tile + offs_n  # [BLOCK_N] cache positions
+            n_mask = n < end
+            kv_mask = n_mask[:, None] & d_mask[None, :]  # masked loads never touch stale entries
+            k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if DOT_IN_FP32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G_PAD, BLOCK_N]
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            # Every tile holds a live key (start < end), so m_new is finite and alpha is 0 on the first.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            p = p.to(v_ptr.dtype.element_ty)  # rounded to the input dtype, as FlashAttention does
+            if DOT_IN_FP32:
+                v, p = v.to(tl.float32), p.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no live key (length 0): zeros
+            out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            row = (b * H + heads) * NUM_SPLITS + split  # [G_PAD] rows of the (B, H, NUM_SPLITS) partials
+            tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=out_mask)
+            tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
+
+    @triton.jit
+    def _decode_attention_merge_kernel(
+        part_out_ptr,  # (B, H, NUM_SPLITS, D) float32 from _decode_attention_kernel
+        part_lse_ptr,  # (B, H, NUM_SPLITS) float32 from _decode_attention_kernel
+        lengths_ptr,  # (B,) int64 or int32: live keys per sequence, to know which splits were written
+        out_ptr,  # (B, H, D) output in q's dtype
+        stride_ob,  # out stride between sequences
+        stride_oh,  # out stride between heads
+        capacity,  # S, as in _decode_attention_kernel
+        window,  # as in _decode_attention_kernel
+        split_min,  # as in _decode_attention_kernel
+        H: tl.constexpr,  # query heads
+        D: tl.constexpr,  # head dim
+        BLOCK_D: tl.constexpr,  # D rounded up to a power of two
+        BLOCK_N: tl.constexpr,  # as in _decode_attention_kernel
+        NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
+        BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    ):
+        head = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+
+        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
+        first = tl.maximum(length - window, 0)
+        split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
+        num_live = tl.cdiv(length - first, split_len)  # splits the first kernel wrote (<= NUM_SPLITS)
+
+        offs_s = tl.arange(0, BLOCK_SPLITS)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < num_live
+        row = (b * H + head) * NUM_SPLITS + offs_s  # [BLOCK_SPLITS]
+        lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
+        o = tl.load(
+            part_out_ptr + row[:, None] * D + offs_d[None, :],
+            mask=s_mask[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )  # [BLOCK_SPLITS, BLOCK_D]
+        w = tl.where(s_mask, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)  # where(): no NaN when no split is live
+        total = tl.sum(w, axis=0)
+        out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
+        tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def _check_inputs(q, k_cache, v_cache, lengths, sliding_window):
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise BlitzgenError(
+            f"decode_attention: expected q (B, H, D) and k_cache, v_cache (B, S, Hkv, D) of one shape; "
+            f"got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    B, H, D = q.shape
+    Bk, S, Hkv, Dk = k_cache.shape
+    if Bk != B or Dk != D or H % Hkv != 0 or tuple(lengths.shape) != (B,):
+        raise BlitzgenError(
+            f"decode_attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, lengths {tuple(lengths.shape)} "
+            "do not fit: need the same B and D, H a multiple of Hkv, and lengths of shape (B,)"
+        )
+    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise BlitzgenError(
+            f"decode_attention: dtypes q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}; "
+            "expected one of bf16, fp16, fp32 for all three"
+        )
+    if lengths.dtype not in (torch.int64, torch.int32):
+        raise BlitzgenError(f"decode_attention: lengths must be int64 or int32, got {lengths.dtype}")
+    if len({q.device, k_cache.device, v_cache.device, lengths.device}) != 1:
+        raise BlitzgenError(
+            f"decode_attention: tensors on different devices: q {q.device}, k_cache {k_cache.device}, "
+            f"v_cache {v_cache.device}, lengths {lengths.device}"
+        )
+    if sliding_window is not None and sliding_window < 1:
+        raise BlitzgenError(f"decode_attention: sliding_window={sliding_window}; expected None or >= 1")
+
+
+def _check_kernel_inputs(q, k_cache, v_cache, lengths):
+    D = q.shape[-1]
+    if D % 8 != 0 or not 8 <= D <= 256:
+        raise BlitzgenError(f"decode_attention: head dim {D} is not supported by the kernel (a multiple of 8 up to 256)")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise BlitzgenError(
+            f"decode_attention: the last dim must be contiguous; strides q {q.stride()}, "
+            f"k_cache {k_cache.stride()}, v_cache {v_cache.stride()}"
+        )
+    if lengths.stride(0) != 1 and lengths.shape[0] > 1:
+        raise BlitzgenError(f"decode_attention: lengths must be contiguous, got stride {lengths.stride()}")
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def plan_splits(batch: int, kv_heads: int, capacity: int, sm_count: int, split_min: int,
+                programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """NUM_SPLITS from static facts only (never the live lengths), so the grid is graph-safe."""
+    splits = -(-programs_per_sm * sm_count // (batch * kv_heads))
+    return max(1, min(splits, -(-capacity // split_min), MAX_SPLITS))
+
+
+def _decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    sliding_window: int | None,
+    *,
+    num_splits: int | None = None,  # tuning overrides for tests and benchmarks; None: the defaults above
+    block_n: int | None = None,
+    split_min: int | None = None,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+    num_warps: int | None = None,
+    num_stages: int = NUM_STAGES,
+) -> torch.Tensor:
+    """Launch the kernels (the body of the registered op). Validates, allocates, picks the grid."""
+    _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
+    _check_kernel_inputs(q, k_cache, v_cache, lengths)
+    B, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    block_d = max(16, triton.next_power_of_2(D))
+    block_n = block_n or min(128, max(16, TILE_BYTES // (block_d * q.element_size())))
+    split_min = split_min or SPLIT_MIN_TILES * block_n
+    # float32 products run on FMAs ("ieee"): 4 warps would need 255+ registers; 8 need ~52.
+    num_warps = num_warps or (8 if q.dtype == torch.float32 else 4)
+    assert block_n >= 16 and split_min % block_n == 0, (block_n, split_min)
+    if num_splits is None:
+        num_splits = plan_splits(B, Hkv, S, _sm_count(q.device), split_min, programs_per_sm)
+    assert 1 <= num_splits <= MAX_SPLITS, num_splits
+    window = S if sliding_window is None else min(sliding_window, S)
+    # Triton 3.9's interpreter runs tl.dot on bf16 as a product of the raw 16-bit integers.
+    dot_in_fp32 = _INTERPRET and q.dtype == torch.bfloat16
+
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if num_splits > 1:
+        part_out = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    else:  # the kernel writes `out` directly and never touches these
+        part_out = part_lse = out
+    wrap_triton(_decode_attention_kernel)[(num_splits, Hkv, B)](
+        q, k_cache, v_cache, lengths, out, part_out, part_lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        S, window, split_min, math.log2(math.e) / math.sqrt(D),
+        H=H,
+        G=H // Hkv,
+        G_PAD=max(16, triton.next_power_of_2(H // Hkv)),
+        D=D,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32",
+        DOT_IN_FP32=dot_in_fp32,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        block_splits = triton.next_power_of_2(num_splits)
+        wrap_triton(_decode_attention_merge_kernel)[(H, B)](
+            part_out, part_lse, lengths, out,
+            out.stride(0), out.stride(1),
+            S, window, split_min,
+            H=H,
+            D=D,
+            BLOCK_D=block_d,
+            BLOCK_N=block_n,
+            NUM_SPLITS=num_splits,
+            BLOCK_SPLITS=block_splits,
+            num_warps=min(16, max(4, block_splits * block_d // 2048)),  # <= 64 float32 per thread
+            num_stages=1,
+        )  # fmt: skip
+    return out
+
+
+def _decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window)
+
+
+if triton is not None:
+    if _INTERPRET:
+        # Interpreted kernels run eagerly on CPU tensors and cannot be traced through, so the
+        # op is opaque here (torch.compile still traces a call to it, using the fake below).
+        torch.library.custom_op("blitzgen::decode_attention", _decode_attention_op, mutates_args=())
+        torch.library.register_fake("blitzgen::decode_attention")(lambda q, *_: q.new_empty(q.shape))
+    else:
+        torch.library.triton_op("blitzgen::decode_attention", _decode_attention_op, mutates_args=())
+
+
+def decode_attention(
+    q: torch.Tensor,  # (B, H, D)
+    k_cache: torch.Tensor,  # (B, S, Hkv, D)
+    v_cache: torch.Tensor,  # (B, S, Hkv, D)
+    lengths: torch.Tensor,  # (B,) live keys per sequence, on the device
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Decode attention (see the module docstring) -> (B, H, D) in q's dtype. The Triton kernels
+    on CUDA (graph-capturable: the live lengths are only read on the device), and on CPU under
+    TRITON_INTERPRET=1; the plain-PyTorch reference otherwise."""
+    _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
+    if triton is not None and (q.is_cuda or _INTERPRET):
+        return torch.ops.blitzgen.decode_attention(q, k_cache, v_cache, lengths, sliding_window)
+    return decode_attention_ref(q, k_cache, v_cache, lengths, sliding_window)
