@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.generate import Generator, TokenLogprobs
+from blitzgen.generate import Generator
 from blitzgen.server.engine import Delta, Engine, EngineError, QueueFull
 from blitzgen.server.engine import Request as EngineRequest
 from blitzgen.server.metrics import Metrics
@@ -178,13 +178,13 @@ def create_app(
         """Lists of Delta as the engine produces them, until every choice has finished. An engine error
         raises ApiError; a client that goes away, or a consumer that stops early, cancels the request."""
         gone = asyncio.ensure_future(_client_gone(http_request))
+        getter = None
         unfinished = len(request.choices)
         try:
             while unfinished:
                 getter = asyncio.ensure_future(request.queue.get())
                 await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
-                    getter.cancel()
                     return
                 item = getter.result()
                 if isinstance(item, EngineError):
@@ -193,6 +193,8 @@ def create_app(
                 yield item
         finally:
             gone.cancel()
+            if getter is not None:
+                getter.cancel()
             if not request.done:
                 engine.cancel(request)
 
@@ -204,7 +206,7 @@ def create_app(
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def event_stream(chunks, request: EngineRequest):
+    async def event_stream(chunks):
         """Server-sent events of `chunks` (dicts), then [DONE]; an error mid-stream is one error event."""
         try:
             async for chunk in chunks:
@@ -301,7 +303,7 @@ def create_app(
                 if include_usage:
                     yield chunk([], usage=usage(prompts, generated))
 
-            return StreamingResponse(event_stream(chunks(), request), media_type="text/event-stream")
+            return StreamingResponse(event_stream(chunks()), media_type="text/event-stream")
 
         per_choice: list[list[Delta]] = [[] for _ in request.choices]
         async for step in deltas(http_request, request):
@@ -369,7 +371,7 @@ def create_app(
                 if include_usage:
                     yield chunk([], usage=usage([ids], generated))
 
-            return StreamingResponse(event_stream(chunks(), request), media_type="text/event-stream")
+            return StreamingResponse(event_stream(chunks()), media_type="text/event-stream")
 
         per_choice: list[list[Delta]] = [[] for _ in request.choices]
         async for step in deltas(http_request, request):

@@ -23,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from blitzgen.generate import Generator, Sequence, TokenLogprobs
 from blitzgen.sampling import SamplingParams
 from blitzgen.server.metrics import Metrics
@@ -145,6 +147,10 @@ class Engine:
 
     # ---- the engine thread ----------------------------------------------------------------------
     def _run(self):
+        with torch.no_grad():  # grad mode is per thread, and this thread only ever runs inference
+            self._loop()
+
+    def _loop(self):
         while True:
             with self._cond:
                 while not self._stopping and not self.scheduler.has_work():
@@ -176,6 +182,7 @@ class Engine:
             except Exception as exc:
                 log.exception("request failed in prefill")
                 self._fail(choice.request, exc)
+        self._flush()  # first tokens go out now, not after the step
         running = [(slot, c) for slot, c in plan.decode if not c.done]
         if not running:
             return
@@ -219,7 +226,8 @@ class Engine:
         self.cancel(request)
         if not isinstance(exc, EngineError):
             # One line, naming nothing but the failure itself (never another request's text).
-            exc = EngineError(f"internal error while generating: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            first_line = (str(exc).splitlines() or [""])[0]
+            exc = EngineError(f"internal error while generating: {type(exc).__name__}: {first_line}")
         self._outbox[request] = [exc]  # deltas not yet delivered are dropped with the request
 
     def _flush(self):
