@@ -15,6 +15,7 @@ products of these shapes allow before attention, norms and sampling; optionally 
 uncompiled (--compare-eager).
 """
 
+import gc
 import json
 import statistics
 import time
@@ -98,7 +99,7 @@ def build_random(config: ModelConfig, device: torch.device, dtype: torch.dtype) 
             model = Transformer(config)
     finally:
         torch.set_default_dtype(default)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def bytes_per_token(model: Transformer, live_kv_tokens: float, batch_size: int) -> float:
@@ -178,6 +179,12 @@ def run(args) -> dict:
     progress = tqdm(total=phases, desc="bench", unit="phase")
 
     def phase(name):
+        # Generators hold reference cycles (a captured step refers back to its generator): collect
+        # them so each phase starts with only the model in device memory.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            name += f" ({torch.cuda.memory_allocated(device) / 1e9:.1f} GB in use)"
         progress.set_postfix_str(name)
 
     res = {
@@ -267,8 +274,6 @@ def run(args) -> dict:
         row["roof_pct_of_read"] = 100 * weights_only / roof / read_bps
         res["decode"].append(row)
         del gen
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         progress.update()
         if args.compare_eager:
             phase(f"eager batch {b}")

@@ -4,13 +4,18 @@ Weights are read straight from safetensors (memory-mapped; one file, or shards l
 model.safetensors.index.json), renamed through one table, checked for shape, cast, and moved
 to the device tensor by tensor, so peak host memory stays near one tensor. q/k/v and gate/up
 are fused after loading, keeping the checkpoint's own layout (rotate-half RoPE, (out, in)).
+
+Quantized checkpoints (written by `blitzgen quantize`, see save_quantized) are recognised by the
+"quantization" section of their config.json and loaded without being told the mode.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from blitzgen.config import ModelConfig, rope_inv_freq
@@ -95,6 +100,65 @@ def safetensors_files(path: Path) -> list[Path]:
     raise BlitzgenError(f"{path}: no model.safetensors or model.safetensors.index.json found")
 
 
+# ---- quantized checkpoints -------------------------------------------------------------------
+# blitzgen's own format: config.json is the source checkpoint's plus a "quantization" section
+# (quantize.quantization_metadata: the format of the block linears, the group size, the output
+# projection's format, and how the weights were made). Tensors are saved under our module names,
+# fused q/k/v and gate/up included, since that is what was quantized.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def save_quantized(model: Transformer, source: str | Path, out: str | Path, section: dict):
+    """Write a quantized `model` to directory `out`: model.safetensors, config.json (the one of the
+    checkpoint `source` plus the "quantization" `section`) and source's tokenizer and generation files."""
+    source, out = Path(source), Path(out)
+    hf = json.loads((source / "config.json").read_text())
+    hf["quantization"] = section
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+
+
+def load_quantized(path: Path, config: ModelConfig, section: dict, files: list[Path],
+                   device: torch.device | str, dtype: torch.dtype) -> Transformer:
+    """Load a checkpoint written by save_quantized: float tensors (norms, embedding, biases) cast to
+    `dtype`, codes, scales and zero points kept as stored."""
+    from blitzgen.quantize import build_quantized_shells  # imports Triton: only when a checkpoint needs it
+
+    if not isinstance(section, dict):
+        raise BlitzgenError(f"{path}/config.json: 'quantization' must be an object, got {section!r}")
+    with torch.device("meta"):
+        model = Transformer(config)
+    build_quantized_shells(model, section)
+    expected = model.state_dict()  # meta tensors: the shape and dtype of every tensor to read
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                if name not in expected:
+                    raise BlitzgenError(f"{file}: unexpected tensor {name!r} for this quantized {config.model_type}")
+                tensor, want = handle.get_tensor(name), expected[name]
+                if tensor.shape != want.shape:
+                    raise BlitzgenError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                        f"expected {tuple(want.shape)}")
+                keep = name.endswith((".scales", ".zeros")) or not want.dtype.is_floating_point
+                if keep and tensor.dtype != want.dtype:
+                    raise BlitzgenError(f"{file}: tensor {name!r} is {tensor.dtype}, expected {want.dtype}")
+                weights[name] = tensor.to(device=device, dtype=None if keep else dtype)
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        raise BlitzgenError(f"{path}: quantized checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    model.load_state_dict(weights, assign=True, strict=True)
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model.eval().requires_grad_(False)
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
     """Build the Transformer for the checkpoint directory `path`, weights on `device` in `dtype`."""
     path = Path(path)
@@ -102,6 +166,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         raise BlitzgenError(f"{path}: not a directory; expected a Hugging Face checkpoint directory")
     config = ModelConfig.from_hf(path)
     files = safetensors_files(path)
+    hf = json.loads((path / "config.json").read_text())
+    if "quantization" in hf:  # written by `blitzgen quantize`
+        return load_quantized(path, config, hf["quantization"], files, device, dtype)
+    if "quantization_config" in hf:
+        raise BlitzgenError(f"{path}: pre-quantized Hugging Face checkpoints "
+                            f"({hf['quantization_config'].get('quant_method', '?')}) are not supported; "
+                            f"quantize the original weights with `blitzgen quantize`")
     with torch.device("meta"):
         model = Transformer(config)
     expected = _expected_shapes(model)
@@ -151,4 +222,4 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True replaced the tied parameter
     model.inv_freq = rope_inv_freq(config).to(device)  # buffers are not in the state dict
-    return model.eval()
+    return model.eval().requires_grad_(False)

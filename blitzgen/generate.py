@@ -108,12 +108,15 @@ def load(
     dtype: str | None = None,
     compile: bool | None = None,
     max_seq_len: int | None = None,
+    quantize: str | None = None,
 ) -> "Generator":
     """Load a Hugging Face checkpoint directory (default: the model shipped in the package).
 
     dtype: "bf16" | "fp16" | "fp32"; default bf16 on CUDA and fp32 on CPU, where most
     processors emulate bf16 matrix products and run them slower than fp32.
     compile: torch.compile + CUDA graph for decode; default on for CUDA, off for CPU.
+    quantize: "int8" | "int4" (group size 128): quantize the weights at load (quantize.py). A
+    checkpoint written by `blitzgen quantize` is recognised and loaded quantized without it.
     """
     dev = resolve_device(device)
     if dtype is None:
@@ -122,6 +125,13 @@ def load(
         raise BlitzgenError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     path = Path(path) if path is not None else DEFAULT_MODEL
     model = load_model(path, device=dev, dtype=DTYPES[dtype])
+    if quantize is not None:
+        if quantize not in ("int8", "int4"):
+            raise BlitzgenError(f"--quantize {quantize!r}: expected int8 or int4 (for GPTQ, write a checkpoint "
+                                f"with `blitzgen quantize --mode int4-gptq`)")
+        from blitzgen.quantize import quantize_model  # imports Triton: only when asked
+
+        quantize_model(model, quantize)
     tokenizer = Tokenizer.from_dir(path)
     return Generator(model, tokenizer, compile=compile, max_seq_len=max_seq_len)
 
@@ -267,9 +277,13 @@ class Generator:
         compile: bool | None = None,
         max_seq_len: int | None = None,
     ):
+        # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
+        # inference_mode below: cache tensors made in inference mode could not be updated in place
+        # by a caller, e.g. a server thread, outside it.)
+        model.requires_grad_(False)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        self.device = model.output.weight.device
-        self.dtype = model.output.weight.dtype
+        self.device = model.tok_embeddings.weight.device  # the embedding is never quantized
+        self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.
         self.context = min(self.config.max_seq_len, max_seq_len or self.config.max_seq_len)
@@ -312,15 +326,15 @@ class Generator:
         self.slot_tokens = [[] for _ in self.slot_tokens]
 
     # ---- prefill -----------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+    @torch.no_grad()
+    def prefill(self, slot: int, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
         """Put `tokens` in cache slot `slot`, reusing the prefix it already holds. Returns (V,) logits
         of the last token, float32."""
         cache = self.cache
         # Re-run at least the last token: its logits are what we need.
         start = min(_common_prefix(self.slot_tokens[slot], tokens), len(tokens) - 1)
         window = self.config.sliding_window
-        logits = None
+        logits, pieces = None, []
         for begin in range(start, len(tokens), PREFILL_CHUNK):
             end = min(begin + PREFILL_CHUNK, len(tokens))
             chunk = torch.tensor([tokens[begin:end]], dtype=torch.int64, device=self.device)  # (1, T)
@@ -332,12 +346,21 @@ class Generator:
                 slots=slice(slot, slot + 1),
                 kv_len=end,
                 causal_from_zero=begin == 0 and (window is None or end <= window),
-                last_only=True,
+                last_only=not all_logits,
             )
+            if all_logits:
+                pieces.append(logits[0].float())  # (T, V)
         cache.lengths[slot] = len(tokens)
         self.slot_tokens[slot] = list(tokens)
         self.last_stats.prefilled_tokens += len(tokens) - start
-        return logits[0, -1].float()
+        return torch.cat(pieces) if all_logits else logits[0, -1].float()
+
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """(T, V) float32 logits of every position of `tokens`, run from position 0 in cache slot 0
+        (whatever the slot held is dropped). For scoring text (evaluate.py)."""
+        self._ensure_cache(1, len(tokens))
+        self.slot_tokens[0] = []  # no prefix reuse: every position's logits are needed
+        return self.prefill(0, tokens, all_logits=True)
 
     # ---- decode ------------------------------------------------------------------------
     def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None,
@@ -401,7 +424,7 @@ class Generator:
             checked.append(list(prompt))
         return checked
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def stream(
         self,
         prompts: list[list[int]] | list[str],
@@ -487,6 +510,7 @@ class Generator:
     # ---- slot-level calls, for a scheduler that batches requests continuously ---------------
     # A fixed batch of slots decodes together; a sequence joins a free slot between steps (prefill
     # + first token) and leaves by being ignored until its slot is reused. Do not mix with stream().
+    @torch.no_grad()
     def open_slots(self, batch_size: int, max_seq_len: int | None = None, top_logprobs: int | None = None):
         """Allocate `batch_size` slots of up to `max_seq_len` tokens (default: the context) and build
         the decode step (compiled and CUDA-graph captured on GPU) once, for every later step().
@@ -499,6 +523,7 @@ class Generator:
         self._slot_step = self._step(greedy=False, top_logprobs=top_logprobs)  # temperature-0 rows take the argmax
         self._slot_logprob_rows: list[list[float]] = [[0.0] * (1 + 2 * (top_logprobs or 0))] * self.cache.batch_size
 
+    @torch.no_grad()
     def add_sequence(self, slot: int, prompt: list[int], params: SamplingParams) -> int:
         """Prefill `prompt` into `slot` (reusing what the slot already holds) and return its first
         token, which is also the slot's next input."""
@@ -519,6 +544,7 @@ class Generator:
             self._slot_logprob_rows[slot] = token_logprobs(logits, first, k)[0].tolist()
         return int(first[0])
 
+    @torch.no_grad()
     def step(self) -> list[int]:
         """One decode step for every slot; the next token of each (free slots' values are noise)."""
         self._slot_lengths = [min(n + 1, self.cache.max_seq_len - 1) for n in self._slot_lengths]
