@@ -198,11 +198,14 @@ def make_varlen(s):
     return fn
 
 
+SELECTED = None  # --backends: names to run (None: all)
+
+
 def backends():
     from torch.nn.attention import SDPBackend
 
     # name -> (make, which bytes one call reads: "live" prefix or the whole "capacity")
-    return {
+    every = {
         "ours": (make_ours, "live"),
         "SDPA flash": (make_sdpa(SDPBackend.FLASH_ATTENTION), "live"),
         "SDPA cuDNN": (make_sdpa(SDPBackend.CUDNN_ATTENTION), "live"),
@@ -211,6 +214,7 @@ def backends():
         "masked (gpt-fast)": (make_masked, "capacity"),
         "aten varlen": (make_varlen, "live"),
     }
+    return {name: entry for name, entry in every.items() if SELECTED is None or name in SELECTED}
 
 
 # ---- timing ---------------------------------------------------------------------------------------
@@ -444,25 +448,24 @@ def run_sweep(device, ceiling):
     }
     sizes = [(1, 8 * K), (1, 32 * K), (1, 128 * K), (8, 8 * K), (8, 32 * K)]
     capacity = 128 * K
-    print("\nSweep of our kernel (capacity 128k; us and % of the ceiling):\n")
-    print("| variant | " + " | ".join(f"b{b} {n // K}k" for b, n in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
-    setups = {}
-    for name, launch in variants.items():
-        cells = []
-        for batch, live in sizes:
-            if (batch, live) not in setups:
-                setups.clear()
-                torch.cuda.empty_cache()
-                copies = copies_needed(2 * batch * live * HKV * D * DTYPE.itemsize, 64)
-                setups[(batch, live)] = Setup(batch, live, capacity, device, copies=copies)
-            s = setups[(batch, live)]
+    cells = {name: {} for name in variants}
+    for batch, live in sizes:
+        copies = copies_needed(2 * batch * live * HKV * D * DTYPE.itemsize, 64)
+        s = Setup(batch, live, capacity, device, copies=copies)
+        for name, launch in variants.items():
             try:
-                seconds = time_in_graph(make_ours(s, **launch) if launch else make_ours(s), s.copies)
-                cells.append(f"{seconds * 1e6:.1f} ({100 * s.live_bytes() / seconds / ceiling:.0f}%)")
+                seconds = time_in_graph(make_ours(s, **launch), s.copies)
+                cells[name][batch, live] = f"{seconds * 1e6:.1f} ({100 * s.live_bytes() / seconds / ceiling:.0f}%)"
             except Exception as error:  # noqa: BLE001
-                cells.append(f"n/a ({short(error)})")
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+                cells[name][batch, live] = f"n/a ({short(error, 60)})"
+            print(f"  batch {batch} live {tokens(live)}: {name}: {cells[name][batch, live]}", file=sys.stderr)
+        del s
+        torch.cuda.empty_cache()
+    print("\nSweep of our kernel (capacity 128k; us and % of the ceiling):\n")
+    print("| variant | " + " | ".join(f"b{b} {tokens(n)}" for b, n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name in variants:
+        print(f"| {name} | " + " | ".join(cells[name][size] for size in sizes) + " |")
 
 
 def main():
@@ -471,9 +474,14 @@ def main():
                         help="cache capacity: 128k for every live length (default) or = the live length")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--lives", default="1024,8192,32768,131072", help="live lengths, tokens")
+    parser.add_argument("--backends", help="comma-separated subset of: ours, SDPA flash, SDPA cuDNN, SDPA mem-eff, "
+                        "flex, masked (gpt-fast), aten varlen")
     parser.add_argument("--sweep", action="store_true", help="time launch-parameter variants of our kernel")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU allowed (kernels interpreted)")
     args = parser.parse_args()
+    global SELECTED
+    if args.backends:
+        SELECTED = {name.strip() for name in args.backends.split(",")}
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for name in ("recompile_limit", "cache_size_limit"):  # flex and the masked step compile once per shape

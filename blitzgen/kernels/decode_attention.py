@@ -169,7 +169,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr,  # D rounded up to a power of two
         BLOCK_N: tl.constexpr,  # keys per tile
         NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head), fixed on the host
-        DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32 rounding); 16-bit ignore it
+        EXACT_DOT: tl.constexpr,  # float32 products in full precision ("ieee"), not TF32; for float32 inputs
         DOT_IN_FP32: tl.constexpr,  # the CPU interpreter only: it multiplies bf16 bit patterns as integers
     ):
         split = tl.program_id(0)
@@ -213,7 +213,7 @@ if triton is not None:
             k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G_PAD, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision="ieee" if EXACT_DOT else "tf32") * qk_scale  # [G_PAD, BLOCK_N]
             s = tl.where(n_mask[None, :], s, float("-inf"))
             # Every tile holds a live key (start < end), so m_new is finite and alpha is 0 on the first.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -224,7 +224,7 @@ if triton is not None:
             p = p.to(v_ptr.dtype.element_ty)  # rounded to the input dtype, as FlashAttention does
             if DOT_IN_FP32:
                 v, p = v.to(tl.float32), p.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee" if EXACT_DOT else "tf32")
             m_i = m_new
 
         out_mask = g_mask[:, None] & d_mask[None, :]
@@ -387,7 +387,7 @@ def _decode_attention_triton(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or dot_in_fp32 else "tf32",
+        EXACT_DOT=q.dtype == torch.float32 or dot_in_fp32,
         DOT_IN_FP32=dot_in_fp32,
         num_warps=num_warps,
         num_stages=num_stages,

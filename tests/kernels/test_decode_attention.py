@@ -88,6 +88,9 @@ def test_one_grid_follows_growing_lengths():
         lengths = torch.tensor([n, 49 - n], device=DEVICE)
         out = da._decode_attention_triton(q, k, v, lengths, None, num_splits=3, **SMALL)
         check(out, q, k, v, lengths)
+    # A length past the capacity is clamped to it (never a read past the cache), as the reference reads it.
+    lengths = torch.tensor([48 + 7, 3], device=DEVICE)
+    check(da._decode_attention_triton(q, k, v, lengths, None, num_splits=3, **SMALL), q, k, v, lengths)
 
 
 def test_stale_cache_entries_never_leak():
