@@ -210,41 +210,60 @@ class _DecodeStep:
     the sampling parameters of each slot. Each run writes its output tokens back into `tokens`, so
     consecutive runs need nothing from the host; a new sequence only overwrites its own rows.
 
-    On CUDA with compilation the step is captured once as a CUDA graph and replayed.
+    A run can advance only the first `rows` slots (the others keep their state and cost nothing):
+    a server whose busy slots are 0..r-1 runs r rows. Each row count is its own static shape: on CUDA
+    with compilation, one more captured CUDA graph (made by prepare(), or on first use), replayed.
     With top_logprobs=k the step also writes token_logprobs() of every row into `logprobs`.
     """
 
     def __init__(self, generator: "Generator", greedy: bool, top_logprobs: int | None = None):
-        cache = generator.cache
+        self.cache = cache = generator.cache
         B = cache.batch_size
         self.tokens = torch.zeros(B, dtype=torch.int64, device=generator.device)
         self.sampling = params_to_tensors([SamplingParams(temperature=0, seed=0)] * B, generator.device)
-        self.graph = None
         self.logprobs = None
         if top_logprobs is not None:
             self.logprobs = torch.zeros(B, 1 + 2 * top_logprobs, dtype=torch.float64, device=generator.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # rows -> captured step
         fn = generator._decode_step
         if generator.compile:
             fn = generator._compiled_decode_step()
         # Compiled code gets no kv_len: one static shape, no recompilation as sequences grow.
         compiled = generator.compile
-        self._run = lambda kv_len: fn(self.tokens, **self.sampling, kv_len=None if compiled else kv_len, greedy=greedy,
-                                      top_logprobs=top_logprobs)
-        if generator.compile and generator.device.type == "cuda":
-            saved_lengths = cache.lengths.clone()
-            # Warm-up runs (compilation, autotuning, cuBLAS workspaces) on a side stream, as capture
-            # requires. They write K/V at each slot's current length, a position not live yet and
-            # rewritten by the first real step; the lengths they advance are restored below.
+        self.compiled, self.capture = compiled, compiled and generator.device.type == "cuda"
+
+        def run(rows: int, kv_len: int | None):
+            return fn(self.tokens[:rows], **{name: t[:rows] for name, t in self.sampling.items()},
+                      kv_len=None if compiled else kv_len, greedy=greedy, top_logprobs=top_logprobs,
+                      rows=None if rows == B else rows)
+
+        self._run = run
+        if self.capture:
+            self.prepare(B)
+
+    def prepare(self, rows: int):
+        """Compile (and on CUDA capture) the step for `rows` rows now rather than on first use."""
+        if not self.compiled or rows in self.graphs:
+            return
+        cache = self.cache
+        saved_lengths = cache.lengths.clone()
+        # Warm-up runs (compilation, autotuning, cuBLAS workspaces) on a side stream, as capture
+        # requires. They write K/V at each slot's current length, a position not live yet and
+        # rewritten by the first real step; the lengths they advance are restored below.
+        if self.capture:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._run(None)
+                    self._run(rows, None)
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._store(self._run(None))
-            cache.lengths.copy_(saved_lengths)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._store(self._run(rows, None), rows)
+            self.graphs[rows] = graph
+        else:
+            self._run(rows, None)
+        cache.lengths.copy_(saved_lengths)
 
     def set_row(self, slot: int, token: int | torch.Tensor, row: dict[str, torch.Tensor]):
         """Make `token` the next input of `slot`, sampled with the parameters in `row` (1-element tensors)."""
@@ -252,19 +271,23 @@ class _DecodeStep:
         for name, t in row.items():
             self.sampling[name][slot] = t[0]
 
-    def _store(self, out):
+    def _store(self, out, rows: int):
         if self.logprobs is not None:
             out, logprobs = out
-            self.logprobs.copy_(logprobs)
-        self.tokens.copy_(out)
+            self.logprobs[:rows].copy_(logprobs)
+        self.tokens[:rows].copy_(out)
 
-    def run(self, kv_len: int | None = None) -> torch.Tensor:
-        """Advance every slot by one token; returns the (B,) new tokens (valid until the next run).
-        kv_len: a host-known bound on every slot's length after the step (eager only; saves work)."""
-        if self.graph is not None:
-            self.graph.replay()
+    def run(self, kv_len: int | None = None, rows: int | None = None) -> torch.Tensor:
+        """Advance the first `rows` slots (default all) by one token; returns the (B,) next tokens
+        (valid until the next run; rows past `rows` unchanged). kv_len: a host-known bound on those
+        slots' lengths after the step (eager only; saves work)."""
+        rows = rows or self.tokens.shape[0]
+        if self.capture:
+            if rows not in self.graphs:
+                self.prepare(rows)
+            self.graphs[rows].replay()
         else:
-            self._store(self._run(kv_len))
+            self._store(self._run(rows, kv_len), rows)
         return self.tokens
 
 
@@ -364,17 +387,20 @@ class Generator:
 
     # ---- decode ------------------------------------------------------------------------
     def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None,
-                     top_logprobs=None):
+                     top_logprobs=None, rows=None):
         """One token for every slot: (B,) in, (B,) out, and with top_logprobs=k also the (B, 1 + 2k)
-        token_logprobs() of those tokens. Compiled and graph-captured on CUDA."""
+        token_logprobs() of those tokens. Compiled and graph-captured on CUDA. rows=r: the inputs are
+        those of the first r cache slots, and only those advance."""
         cache = self.cache
-        positions = cache.lengths  # (B,) where each slot's input token goes
-        logits = self.model(tokens[:, None], positions[:, None], cache, kv_len=kv_len, run_block=run_block)
+        slots = slice(0, rows)
+        positions = cache.lengths[slots]  # (B,) where each slot's input token goes
+        logits = self.model(tokens[:, None], positions[:, None], cache, slots=slots, kv_len=kv_len,
+                            run_block=run_block)
         logits = logits[:, 0].float()  # (B, V)
         out = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seed, positions)
         # A slot whose own budget ended may run on while others finish; keep its writes inside the
         # cache (its output is ignored and its cache past the finish is never reused).
-        cache.lengths.add_(1).clamp_(max=cache.max_seq_len - 1)
+        positions.add_(1).clamp_(max=cache.max_seq_len - 1)  # a view: advances cache.lengths[slots]
         if top_logprobs is not None:
             return out, token_logprobs(logits, out, top_logprobs)
         return out
@@ -521,6 +547,8 @@ class Generator:
         self.slot_tokens = [[] for _ in range(self.cache.batch_size)]
         self._slot_lengths = [0] * self.cache.batch_size  # host copy of cache.lengths, for eager kv_len
         self._slot_step = self._step(greedy=False, top_logprobs=top_logprobs)  # temperature-0 rows take the argmax
+        for rows in sorted({self._step_rows(r) for r in range(1, self.cache.batch_size + 1)}):
+            self._slot_step.prepare(rows)  # compile / capture every row count now, not while serving
         self._slot_logprob_rows: list[list[float]] = [[0.0] * (1 + 2 * (top_logprobs or 0))] * self.cache.batch_size
 
     @torch.no_grad()
@@ -545,10 +573,20 @@ class Generator:
         return int(first[0])
 
     @torch.no_grad()
-    def step(self) -> list[int]:
-        """One decode step for every slot; the next token of each (free slots' values are noise)."""
-        self._slot_lengths = [min(n + 1, self.cache.max_seq_len - 1) for n in self._slot_lengths]
-        tokens = self._slot_step.run(kv_len=max(self._slot_lengths) + 1).tolist()
+    def _step_rows(self, rows: int) -> int:
+        """Rows a step over slots 0..rows-1 runs: compiled, a power of two (few shapes to compile and
+        capture); eager, exactly `rows`."""
+        B = self.cache.batch_size
+        return min(B, 1 << (rows - 1).bit_length()) if self.compile else rows
+
+    def step(self, rows: int | None = None) -> list[int]:
+        """One decode step; the next token of each slot (free slots' values are noise). rows=r: only
+        slots 0..r-1 need to advance (the caller keeps its sequences there); the step may run a few
+        more, and leaves the others as they are."""
+        rows = self._step_rows(rows or self.cache.batch_size)
+        lengths = self._slot_lengths
+        lengths[:rows] = [min(n + 1, self.cache.max_seq_len - 1) for n in lengths[:rows]]
+        tokens = self._slot_step.run(kv_len=max(lengths[:rows]) + 1, rows=rows).tolist()
         if self._slot_step.logprobs is not None:  # computed by the same step: this copy waits for nothing
             self._slot_logprob_rows = self._slot_step.logprobs.tolist()
         return tokens
