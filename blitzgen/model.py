@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from blitzgen.cache import KVCache
 from blitzgen.config import ModelConfig, rope_inv_freq
+from blitzgen.kernels.decode_attention import decode_attention
 
 
 class RMSNorm(nn.Module):
@@ -115,17 +116,28 @@ class Attention(nn.Module):
         v_cache.index_put_((rows, positions), v)
 
         keys, values = k_cache[:, :kv_len], v_cache[:, :kv_len]  # (B, kv_len, Hkv, D)
-        if T == 1:
+        if T == 1 and x.is_cuda:
+            # Split-KV kernel: reads only each sequence's live keys (positions <= p), found on the
+            # device, so one captured graph serves every length.
+            out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1, self.sliding_window)
+            out = out.view(B, 1, H * D)
+        elif T == 1:
             out = decode_attention_ref(q[:, 0], keys, values, mask[:, 0, 0])  # (B, H, D)
             out = out.view(B, 1, H * D)
         else:
+            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, Hkv, kv_len, D)
+            if mask is not None and H != Hkv:
+                # A masked chunk (prefill after a cached prefix) runs in the memory-efficient
+                # kernel, which takes a mask but not grouped heads: give it H heads of K/V.
+                keys = keys.repeat_interleave(H // Hkv, dim=1)  # (B, H, kv_len, D)
+                values = values.repeat_interleave(H // Hkv, dim=1)
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2),  # (B, H, T, D)
-                keys.transpose(1, 2),  # (B, Hkv, kv_len, D)
-                values.transpose(1, 2),
+                keys,
+                values,
                 attn_mask=mask,
                 is_causal=mask is None,
-                enable_gqa=H != Hkv,
+                enable_gqa=keys.shape[1] != H,
             )  # (B, H, T, D)
             out = out.transpose(1, 2).reshape(B, T, H * D)
         return self.wo(out)
