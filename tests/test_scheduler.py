@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from blitzgen.server.scheduler import QueueFull, Scheduler, common_prefix
+from blitzgen.server.scheduler import MIN_PREFIX_REUSE, QueueFull, Scheduler, common_prefix
 
 
 @dataclass(eq=False)
@@ -32,7 +32,7 @@ def test_admits_first_come_first_served_into_the_lowest_free_slots():
     s.submit([d])
     plan = s.plan()
     assert plan.prefill == [(0, a), (1, b), (2, c)]
-    assert plan.decode == [(0, a), (1, b), (2, c)]
+    assert plan.decode == [(0, a), (1, b), (2, c)] and plan.rows == 3
     assert plan.num_tokens == {0: 6, 1: 7, 2: 8}  # prompt + the decode step
     assert plan.prefill_tokens == 18
     assert s.num_waiting == 1 and s.waiting_requests == 1
@@ -48,6 +48,13 @@ def test_admits_first_come_first_served_into_the_lowest_free_slots():
     assert plan.decode == [(0, a), (1, d), (2, c)]
     assert s.num_waiting == 0 and s.waiting_requests == 0
 
+    s.finish(c)  # the step runs up to the highest busy slot
+    assert s.plan().rows == 2
+    s.finish(a)
+    assert s.plan().rows == 2
+    s.finish(d)
+    assert s.plan().rows == 0
+
 
 def test_prefill_budget_spreads_long_prompts_over_steps_but_always_admits_one():
     s = Scheduler(num_slots=4, max_queue=10, max_prefill_tokens=10)
@@ -60,10 +67,10 @@ def test_prefill_budget_spreads_long_prompts_over_steps_but_always_admits_one():
     assert s.plan().prefill == [(2, c)]
 
 
-def test_free_slot_with_the_longest_shared_prefix_is_chosen():
+def test_a_free_slot_holding_a_long_prefix_is_chosen_over_the_lowest():
     s = Scheduler(num_slots=3, max_queue=10, max_prefill_tokens=1000)
-    system = [7, 7, 7, 7]
-    first = [Seq(system + [1]), Seq([5, 5, 5]), Seq([9])]
+    system = [7] * MIN_PREFIX_REUSE
+    first = [Seq([5, 5, 5]), Seq([9]), Seq(system + [1])]
     s.submit(first)
     s.plan()
     for seq in first:
@@ -71,22 +78,23 @@ def test_free_slot_with_the_longest_shared_prefix_is_chosen():
     again = Seq(system + [2, 3])
     s.submit([again])
     plan = s.plan()
-    assert plan.prefill == [(0, again)]
-    assert plan.num_tokens[0] == 2 + 1  # the shared 4 tokens are not prefilled again
-    other = Seq([5, 5, 6])
+    assert plan.prefill == [(2, again)]
+    assert plan.num_tokens[2] == 2 + 1  # the shared system prompt is not prefilled again
+    # A short shared prefix is not worth a higher slot: the lowest free one is taken.
+    other = Seq([9, 9, 9])
     s.submit([other])
-    assert s.plan().prefill == [(1, other)]
+    assert s.plan().prefill == [(0, other)]
     # A prompt the cache holds entirely still runs its last token.
-    s.finish(other)
-    same = Seq([5, 5, 6])
+    s.finish(again)
+    same = Seq(system + [2, 3])
     s.submit([same])
     plan = s.plan()
-    assert plan.prefill == [(1, same)] and plan.num_tokens[1] == 1 + 1
+    assert plan.prefill == [(2, same)] and plan.num_tokens[2] == 1 + 1
     s.forget_cached()
     s.finish(same)
-    s.submit([Seq([5, 5, 6])])
+    s.submit([Seq(system + [2, 3])])
     plan = s.plan()
-    assert plan.prefill[0][0] == 1 and plan.num_tokens[1] == 3 + 1  # lowest free slot, nothing reused
+    assert plan.prefill[0][0] == 1 and plan.num_tokens[1] == MIN_PREFIX_REUSE + 2 + 1  # nothing reused
 
 
 def test_queue_limit_counts_waiting_requests():

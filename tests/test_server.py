@@ -264,11 +264,11 @@ class StepGate:
     def __init__(self, step):
         self.step, self.permits, self.cond = step, math.inf, threading.Condition()
 
-    def __call__(self):
+    def __call__(self, rows=None):
         with self.cond:
             self.cond.wait_for(lambda: self.permits > 0)
             self.permits -= 1
-        return self.step()
+        return self.step(rows)
 
     def allow(self, steps: float):
         with self.cond:
@@ -478,7 +478,7 @@ def test_the_engine_survives_a_failing_request(served, http):
     finally:
         del generator.add_sequence
 
-    def failing_step():
+    def failing_step(rows=None):
         del generator.step  # fail once
         raise RuntimeError("injected step failure")
 

@@ -187,7 +187,7 @@ class Engine:
         if not running:
             return
         try:
-            tokens = generator.step()
+            tokens = generator.step(plan.rows)  # slots past the highest busy one stay still
         except Exception as exc:
             log.exception("decode step failed; rebuilding the slots")
             for request in {c.request for _, c in running}:

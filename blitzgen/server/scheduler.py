@@ -10,16 +10,21 @@ when a slot is free, however long its prompt): prefill stalls every running sequ
 long prompts is spread over several steps. Every occupied slot, new ones included, then takes one
 decode step together.
 
-A slot keeps the K/V of the last prompt it held, and the Generator prefills only what a new prompt
-does not share with it. So a sequence goes to the free slot whose last prompt shares the longest
-prefix with its own (a common system prompt is read once per slot, not once per request), and
-otherwise to the lowest free slot.
+The decode step runs slots 0..rows-1 only (`StepPlan.rows`, the highest busy slot + 1), so a
+sequence goes to the lowest free slot, keeping the busy ones packed at the bottom. One exception: a
+slot keeps the K/V of the last prompt it held and the Generator prefills only what a new prompt does
+not share with it, so a free slot holding a long prefix of the prompt (a shared system prompt) is
+taken instead when that saves at least MIN_PREFIX_REUSE tokens of prefill.
 
 Sequences are any objects with a `prompt` (list of token ids); they are compared by identity.
 """
 
 from collections import deque
 from dataclasses import dataclass, field
+
+# Prefill tokens a slot other than the lowest free one must save to be chosen: fewer cost less to
+# recompute than one more row costs in every decode step while the sequence runs.
+MIN_PREFIX_REUSE = 32
 
 
 class QueueFull(Exception):
@@ -31,6 +36,11 @@ class StepPlan:
     prefill: list[tuple[int, object]] = field(default_factory=list)  # (slot, sequence) to prefill, in order
     decode: list[tuple[int, object]] = field(default_factory=list)  # (slot, sequence) of every occupied slot
     num_tokens: dict[int, int] = field(default_factory=dict)  # slot -> tokens it runs: uncached prompt + 1
+
+    @property
+    def rows(self) -> int:
+        """The decode step must run slots 0..rows-1: every busy slot is among them."""
+        return max((slot for slot, _ in self.decode), default=-1) + 1
 
     @property
     def prefill_tokens(self) -> int:
@@ -111,10 +121,11 @@ class Scheduler:
             if not free:
                 break
             request, sequence = self.waiting[0]
-            # max() keeps the first (lowest) slot among equally long shared prefixes.
-            slot = max(free, key=lambda f: common_prefix(self.cached[f], sequence.prompt))
+            shared = {f: common_prefix(self.cached[f], sequence.prompt) for f in free}
+            best = max(free, key=shared.get)  # the lowest among equals
+            slot = best if shared[best] - shared[free[0]] >= MIN_PREFIX_REUSE else free[0]
             # The Generator always re-runs a prompt's last token (its logits give the first new token).
-            reused = min(common_prefix(self.cached[slot], sequence.prompt), len(sequence.prompt) - 1)
+            reused = min(shared[slot], len(sequence.prompt) - 1)
             tokens = len(sequence.prompt) - reused
             if plan.prefill and tokens > budget:
                 break
