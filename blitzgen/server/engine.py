@@ -182,7 +182,7 @@ class Engine:
             except Exception as exc:
                 log.exception("request failed in prefill")
                 self._fail(choice.request, exc)
-        self._flush()  # first tokens go out now, not after the step
+            self._flush()  # its first token goes out now, not after the other prefills and the step
         running = [(slot, c) for slot, c in plan.decode if not c.done]
         if not running:
             return
