@@ -214,7 +214,7 @@ def run(args) -> dict:
     progress.update()
 
     def generator(compile=True):
-        gen = Generator(model, NullTokenizer(), compile=compile)
+        gen = Generator(model, NullTokenizer(), compile=compile, attention_kernel=args.attention_kernel)
         if args.compile_scope:
             gen.compile_scope = args.compile_scope
         return gen

@@ -20,6 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step, CUDA-graphed on GPU (default: on for cuda, off for cpu)")
     p.add_argument("--max-seq-len", type=int, help="cap on prompt + generated tokens (default: the model's context)")
+    p.add_argument("--quantize", help="int8 | int4 (group size 128): quantize the weights at load "
+                                      "(a checkpoint written by `blitzgen quantize` needs no flag)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
@@ -54,7 +56,7 @@ def _load(args):
     t0 = time.perf_counter()
     print(f"Loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
     generator = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
-                     max_seq_len=args.max_seq_len)
+                     max_seq_len=args.max_seq_len, quantize=args.quantize)
     c = generator.config
     print(f"Loaded {c.model_type} ({c.n_layers} layers, width {c.dim}, context {generator.context}) on "
           f"{generator.device} in {str(generator.dtype).removeprefix('torch.')} in {time.perf_counter() - t0:.2f} s"
@@ -181,6 +183,55 @@ def cmd_serve(args):
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 
 
+def cmd_quantize(args):
+    from blitzgen.checkpoint import save_quantized
+    from blitzgen.generate import DEFAULT_MODEL, load
+    from blitzgen.quantize import check_mode, quantization_metadata, quantize_model
+
+    group_size = check_mode(args.mode, args.group_size)
+    gptq = args.mode == "int4-gptq"
+    if not gptq and (args.calib or args.act_order):
+        raise BlitzgenError("--calib and --act-order apply to --mode int4-gptq only")
+    source = Path(args.model) if args.model else DEFAULT_MODEL
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BlitzgenError(f"--out {out}: exists and is not an empty directory; choose a new one")
+    if gptq:
+        from blitzgen.gptq import calibration_tokens, quantize_gptq, read_calibration_text
+
+        text = read_calibration_text(args.calib)  # checked before the model loads
+        if args.calib_samples < 1 or (args.calib_seq_len is not None and args.calib_seq_len < 2):
+            raise BlitzgenError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    t0 = time.perf_counter()
+    generator = load(args.model, device=args.device, dtype=args.dtype, compile=False)
+    model = generator.model
+    if gptq:
+        seq_len = args.calib_seq_len or min(2048, generator.context)
+        tokens = calibration_tokens(generator.tokenizer, text, args.calib_samples, seq_len)
+        how = quantize_gptq(model, tokens, group_size, act_order=args.act_order)
+        how["calibration"] = str(args.calib) if args.calib else "blitzgen default (default_model/calib.txt.gz)"
+    else:
+        quantize_model(model, args.mode, group_size)
+        how = {"method": "rtn"}
+    section = {"mode": args.mode, **quantization_metadata(model), **how}
+    save_quantized(model, source, out, section)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"Wrote {out} ({args.mode}{f' g{group_size}' if group_size else ''}, {size / 1e6:.1f} MB of weights) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def cmd_eval(args):
+    from blitzgen.evaluate import perplexity
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise BlitzgenError(f"--text {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    generator = _load(args)
+    result = perplexity(generator, text, context=args.context, stride=args.stride)
+    print(f"tokens {result.tokens}, loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.2f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blitzgen", description="Fast LLM text generation in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=200, help="decode steps timed per run (default 200)")
     b.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
     b.add_argument("--compare-eager", action="store_true", help="also time the uncompiled decode step")
+    b.add_argument("--attention-kernel", action="store_true",
+                   help="decode attention through the split-KV Triton kernel (CUDA; not yet the default)")
     b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")
     b.add_argument("--ceiling-gib", type=float, help="buffer size for the bandwidth ceilings (default 4 on cuda)")
     b.add_argument("--max-context", type=int, default=1 << 30, help="skip prompt lengths beyond this")
@@ -236,6 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("quantize", help="write a weight-only int8 / int4 / GPTQ int4 checkpoint")
+    q.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in model)")
+    q.add_argument("--mode", required=True, help="int8 (per channel) | int4 (groups, round to nearest) | "
+                                                 "int4-gptq (groups, calibrated)")
+    q.add_argument("--group-size", type=int, help="int4 group size: 32, 64 or 128 (default 128)")
+    q.add_argument("--out", required=True, help="new directory for the quantized checkpoint")
+    q.add_argument("--calib", help="int4-gptq calibration text, plain or .gz (default: a sample of the "
+                                   "built-in model's training text shipped with blitzgen)")
+    q.add_argument("--calib-samples", type=int, default=128, help="int4-gptq: calibration windows (default 128)")
+    q.add_argument("--calib-seq-len", type=int, help="int4-gptq: tokens per window (default min(2048, context))")
+    q.add_argument("--act-order", action="store_true", help="int4-gptq: quantize columns by decreasing activation")
+    q.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    q.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="dtype the model is loaded and run in (default: bf16 on cuda, fp32 on cpu)")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a text file, sliding window")
+    e.add_argument("--text", required=True, help="UTF-8 text file to score")
+    e.add_argument("--context", type=int, help="tokens per window (default: the model's context)")
+    e.add_argument("--stride", type=int, help="tokens between window starts (default: --context, no overlap)")
+    _add_model_args(e)
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -124,11 +124,11 @@ def load(
     if dtype not in DTYPES:
         raise BlitzgenError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     path = Path(path) if path is not None else DEFAULT_MODEL
+    if quantize not in (None, "int8", "int4"):
+        raise BlitzgenError(f"--quantize {quantize!r}: expected int8 or int4 (for GPTQ, write a checkpoint "
+                            f"with `blitzgen quantize --mode int4-gptq`)")
     model = load_model(path, device=dev, dtype=DTYPES[dtype])
     if quantize is not None:
-        if quantize not in ("int8", "int4"):
-            raise BlitzgenError(f"--quantize {quantize!r}: expected int8 or int4 (for GPTQ, write a checkpoint "
-                                f"with `blitzgen quantize --mode int4-gptq`)")
         from blitzgen.quantize import quantize_model  # imports Triton: only when asked
 
         quantize_model(model, quantize)
@@ -299,12 +299,15 @@ class Generator:
         *,
         compile: bool | None = None,
         max_seq_len: int | None = None,
+        attention_kernel: bool = False,
     ):
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
         # by a caller, e.g. a server thread, outside it.)
         model.requires_grad_(False)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        for layer in model.layers:  # split-KV decode attention on CUDA (kernels/decode_attention.py)
+            layer.attention.decode_kernel = attention_kernel
         self.device = model.tok_embeddings.weight.device  # the embedding is never quantized
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile

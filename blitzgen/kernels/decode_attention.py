@@ -213,7 +213,10 @@ if triton is not None:
             k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee" if EXACT_DOT else "tf32") * qk_scale  # [G_PAD, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision="ieee" if EXACT_DOT else "tf32") * qk_scale
+            # Inductor passes qk_scale as a float64 constant when the op is compiled into a model;
+            # keep the loop-carried softmax state float32.
+            s = s.to(tl.float32)  # [G_PAD, BLOCK_N]
             s = tl.where(n_mask[None, :], s, float("-inf"))
             # Every tile holds a live key (start < end), so m_new is finite and alpha is 0 on the first.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
