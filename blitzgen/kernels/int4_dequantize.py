@@ -1,0 +1,92 @@
+"""Unpack a group-wise int4 matrix to a dense float matrix in one pass (the prefill path of Int4Linear).
+
+Format: as in int4_gemv.py. Byte j of row n holds q[n, 2j] (low nibble) and q[n, 2j + 1] (high
+nibble); w[n, k] = q[n, k] * s[n, k // G] + z[n, k // G].
+
+A prompt of hundreds of tokens is compute-bound, so prefill multiplies by a dense matrix with
+cuBLAS; what must stay cheap is making that matrix. Done with PyTorch operations it takes half a
+dozen passes with fp32 temporaries; this kernel reads the packed bytes once and writes the
+output dtype once (2.5 bytes of traffic per weight in bf16), computing in fp32 and rounding once.
+
+Contract:
+
+    packed   (N, K / 2)  uint8, contiguous
+    scales   (N, K / G)  bf16 | fp16 | fp32; G in (32, 64, 128)
+    zeros    (N, K / G)  same dtype as scales
+    returns  (N, K)      in `dtype`
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from blitzgen.errors import BlitzgenError
+from blitzgen.kernels.int8_gemv import triton_runs_on
+
+
+def int4_dequantize_ref(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch twin of int4_dequantize, in fp32: (N, K / 2) bytes -> (N, K)."""
+    N, half = packed.shape
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(N, 2 * half)  # (N, K): k = 2j + nibble
+    group = 2 * half // scales.shape[1]
+    codes = codes.float().view(N, -1, group)  # (N, K / G, G)
+    return (codes * scales.float()[..., None] + zeros.float()[..., None]).view(N, 2 * half)
+
+
+@triton.jit
+def _int4_dequantize_kernel(
+    w_ptr,  # (N, K / 2) uint8 codes
+    s_ptr,  # (N, K / GROUP) scales
+    z_ptr,  # (N, K / GROUP) zero points
+    out_ptr,  # (N, K) output, contiguous
+    N,  # rows
+    K,  # columns, a multiple of GROUP
+    GROUP: tl.constexpr,  # quantization group size along K
+    BLOCK_N: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # columns per program, a multiple of GROUP
+):
+    HALF: tl.constexpr = BLOCK_K // 2
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_mask = offs_n < N
+    offs_b = k0 // 2 + tl.arange(0, HALF)
+    packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :],
+                     mask=n_mask[:, None] & (offs_b < K // 2)[None, :], other=0)  # (BLOCK_N, HALF)
+    offs_g = k0 // GROUP + tl.arange(0, GROUPS)
+    g_mask = n_mask[:, None] & (offs_g < K // GROUP)[None, :]
+    s = tl.load(s_ptr + offs_n[:, None] * (K // GROUP) + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_n[:, None] * (K // GROUP) + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+    lo = tl.reshape((packed & 0xF).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2)) * s[:, :, None] + z[:, :, None]
+    hi = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2)) * s[:, :, None] + z[:, :, None]
+    # Interleave back to column order: (BLOCK_N, HALF, 2) -> (BLOCK_N, BLOCK_K), k = 2j + nibble.
+    w = tl.reshape(tl.join(tl.reshape(lo, (BLOCK_N, HALF)), tl.reshape(hi, (BLOCK_N, HALF))), (BLOCK_N, BLOCK_K))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & (offs_k < K)[None, :])
+
+
+def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) matrix in `dtype` from the packed int4 format; the reference where Triton cannot run.
+
+    Called eagerly on the prefill path only (never inside the compiled decode step), so it is a
+    plain launch rather than a registered op.
+    """
+    N, half = packed.shape
+    K = 2 * half
+    if packed.dtype != torch.uint8 or scales.dim() != 2 or scales.shape[0] != N or zeros.shape != scales.shape:
+        raise BlitzgenError(f"int4_dequantize: expected (N, K / 2) uint8 and (N, K / G) scales and zeros, got "
+                            f"{packed.dtype} {tuple(packed.shape)}, {tuple(scales.shape)}, {tuple(zeros.shape)}")
+    group = K // scales.shape[1]
+    if group not in (32, 64, 128) or group * scales.shape[1] != K:
+        raise BlitzgenError(f"int4_dequantize: K = {K} with {scales.shape[1]} groups; the group size must be "
+                            f"32, 64 or 128 and divide K")
+    if not triton_runs_on(packed):
+        return int4_dequantize_ref(packed, scales, zeros).to(dtype)
+    out = torch.empty((N, K), dtype=dtype, device=packed.device)
+    block_n, block_k = 16, max(256, group)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _int4_dequantize_kernel[grid](packed.contiguous(), scales, zeros, out, N, K,
+                                  GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out

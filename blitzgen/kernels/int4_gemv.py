@@ -1,0 +1,181 @@
+"""Weight-only int4 GEMV with group-wise scales and zero points: a few rows times a packed 4-bit matrix.
+
+Format (Int4Linear in quantize.py): each output channel n is cut into groups of G consecutive
+input features (G = 32, 64 or 128); code q in [0, 15] stands for
+
+    w[n, k] = q[n, k] * s[n, k // G] + z[n, k // G]
+
+where z is the value of code 0 (the group's minimum, a float zero point). Two codes share a byte:
+byte j of row n holds q[n, 2j] in its low nibble and q[n, 2j + 1] in its high nibble, so a row of
+K codes is K / 2 contiguous bytes, read with 16-byte vector loads.
+
+Math (x: M rows of K activations, b: optional bias):
+
+    y[m, n] = sum_k x[m, k] * (q[n, k] * s[n, k // G] + z[n, k // G]) + b[n]
+
+Contract:
+
+    x        (M, K)      bf16 | fp16 | fp32; K a multiple of G
+    packed   (N, K / 2)  uint8, contiguous
+    scales   (N, K / G)  bf16 | fp16 | fp32
+    zeros    (N, K / G)  same dtype as scales
+    bias     (N,)        or None
+    returns  (M, N)      in x.dtype; the sum is accumulated in fp32
+
+The kernel dequantizes one (BLOCK_N, BLOCK_K) tile at a time in registers, never the matrix:
+the low and high nibbles become the even and odd columns of the tile, scaled per group, and are
+multiplied by the even and odd activations (tl.split of the activation tile, which is cheap).
+Split-K, the one-row CUDA-core path and the several-row tensor-core path are as in int8_gemv.py.
+Registered as `torch.ops.blitzgen.int4_gemv` (torch.library.triton_op) for torch.compile.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from blitzgen.errors import BlitzgenError
+from blitzgen.kernels.int4_dequantize import int4_dequantize_ref
+from blitzgen.kernels.int8_gemv import plan_split_k, triton_runs_on
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def int4_gemv_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch twin of int4_gemv (the CPU path and the test oracle), in fp32."""
+    y = x.float() @ int4_dequantize_ref(packed, scales, zeros).t()  # (M, N)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr,  # (M, K) activations, contiguous
+    w_ptr,  # (N, K / 2) uint8, two 4-bit codes per byte (even k low nibble, odd k high nibble)
+    s_ptr,  # (N, K / GROUP) scales
+    z_ptr,  # (N, K / GROUP) zero points (the value of code 0)
+    out_ptr,  # (SPLIT_K, M, N) fp32 partial sums, one slab per K split
+    M,  # activation rows
+    N,  # output channels
+    K,  # input features, a multiple of GROUP
+    k_blocks_per_split,  # BLOCK_K-wide blocks of K each program reduces
+    GROUP: tl.constexpr,  # quantization group size along K
+    BLOCK_M: tl.constexpr,  # rows per program: 1 (CUDA-core path) or >= 16 (tensor-core dot path)
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # K elements per loop step, a multiple of GROUP (BLOCK_K / 2 bytes per row)
+    DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
+):
+    HALF: tl.constexpr = BLOCK_K // 2
+    GROUPS: tl.constexpr = BLOCK_K // GROUP  # groups per tile row
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    n_groups = K // GROUP
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    k_begin = pid_k * k_blocks_per_split * BLOCK_K
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # reduced across K once, at the end
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(k_blocks_per_split):
+        k0 = k_begin + i * BLOCK_K
+        offs_b = k0 // 2 + tl.arange(0, HALF)  # byte columns of this tile
+        b_mask = offs_b < K // 2  # K is a multiple of GROUP, so masking is by whole groups
+        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :],
+                         mask=n_mask[:, None] & b_mask[None, :], other=0)  # (BLOCK_N, HALF) uint8
+        offs_g = k0 // GROUP + tl.arange(0, GROUPS)
+        g_mask = n_mask[:, None] & (offs_g < n_groups)[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        # Codes -> values, group by group: (BLOCK_N, GROUPS, GROUP / 2) x (BLOCK_N, GROUPS, 1).
+        lo = tl.reshape((packed & 0xF).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2))
+        hi = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2))
+        w_even = tl.reshape(lo * s[:, :, None] + z[:, :, None], (BLOCK_N, HALF))  # columns k0, k0 + 2, ...
+        w_odd = tl.reshape(hi * s[:, :, None] + z[:, :, None], (BLOCK_N, HALF))  # columns k0 + 1, k0 + 3, ...
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_K)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # (BLOCK_M, HALF) each
+        if BLOCK_M == 1:
+            acc += w_even * x_even.to(tl.float32) + w_odd * x_odd.to(tl.float32)
+        elif DOT_IEEE:
+            acc += tl.dot(x_even, tl.trans(w_even), input_precision="ieee")
+            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision="ieee")
+        else:
+            acc += tl.dot(x_even, tl.trans(w_even.to(x.dtype)))
+            acc += tl.dot(x_odd, tl.trans(w_odd.to(x.dtype)))
+    if BLOCK_M == 1:
+        tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, tl.sum(acc, axis=1), mask=n_mask)
+    else:
+        out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton_op("blitzgen::int4_gemv", mutates_args=())
+def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  bias: torch.Tensor | None, split_k: int, block_m: int, block_n: int, block_k: int,
+                  num_warps: int) -> torch.Tensor:
+    M, K = x.shape
+    N = packed.shape[0]
+    per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
+    partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
+    wrap_triton(_int4_gemv_kernel)[grid](
+        x, packed, scales, zeros, partial, M, N, K, per_split,
+        GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_IEEE=x.dtype == torch.float32, num_warps=num_warps,
+    )
+    y = partial.sum(0) if split_k > 1 else partial[0]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# Block sizes (block_m, block_n, block_k, num_warps) for one row and for several; block_k is raised
+# to the group size when smaller. Starting points for the sweep in benchmarks/quant_bench.py.
+ONE_ROW = (1, 16, 512, 4)
+MANY_ROWS = (16, 64, 128, 4)
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              bias: torch.Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
+              split_k: int | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias for x (M, K) and W the int4 matrix (packed, scales, zeros) -> (M, N) in x.dtype.
+
+    blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps).
+    Falls back to int4_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
+    """
+    if x.dim() != 2 or packed.dim() != 2 or 2 * packed.shape[1] != x.shape[1]:
+        raise BlitzgenError(f"int4_gemv: x {tuple(x.shape)} and packed {tuple(packed.shape)} must be (M, K) "
+                            f"and (N, K / 2)")
+    M, K = x.shape
+    N = packed.shape[0]
+    if packed.dtype != torch.uint8 or scales.dim() != 2 or scales.shape[0] != N or zeros.shape != scales.shape:
+        raise BlitzgenError(f"int4_gemv: expected uint8 packed codes and (N, K / G) scales and zeros, got "
+                            f"{packed.dtype}, {tuple(scales.shape)}, {tuple(zeros.shape)}")
+    group = K // scales.shape[1]
+    if group not in GROUP_SIZES or group * scales.shape[1] != K:
+        raise BlitzgenError(f"int4_gemv: K = {K} with {scales.shape[1]} groups per row; the group size must "
+                            f"be one of {GROUP_SIZES} and divide K")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise BlitzgenError(f"int4_gemv: activations must be bf16, fp16 or fp32, got {x.dtype}")
+    if bias is not None and bias.shape != (N,):
+        raise BlitzgenError(f"int4_gemv: bias {tuple(bias.shape)} must be (N,) = ({N},)")
+    if not triton_runs_on(x):
+        return int4_gemv_ref(x, packed, scales, zeros, bias)
+    block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
+    block_k = max(block_k, group)
+    if block_k % group or any(b & (b - 1) for b in (block_m, block_n, block_k)):
+        raise BlitzgenError(f"int4_gemv: blocks {block_m, block_n, block_k} must be powers of two, block_k a "
+                            f"multiple of the group size {group}")
+    if split_k is None:
+        split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    split_k = min(split_k, triton.cdiv(K, block_k))
+    return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
+                                        block_m, block_n, block_k, num_warps)

@@ -1,0 +1,173 @@
+"""Weight-only int8 GEMV: a few activation rows times an int8 matrix with per-output-channel scales.
+
+Math (x: M rows of K activations; q: N x K int8 codes; s: N scales; b: optional N bias):
+
+    y[m, n] = s[n] * sum_k x[m, k] * q[n, k] + b[n]
+
+Because the scale belongs to the output channel it is applied once per output, after the K
+reduction; the kernel never builds a dequantized matrix. Contract:
+
+    x        (M, K)  bf16 | fp16 | fp32, any M (decode calls it with 1..8 rows)
+    weight   (N, K)  int8, contiguous (Int8Linear.weight)
+    scales   (N,)    bf16 | fp16 | fp32
+    bias     (N,)    or None
+    returns  (M, N)  in x.dtype; the sum is accumulated in fp32
+
+Decode at batch 1..8 reads each weight byte once and does a handful of operations per byte, so
+the kernel is bound by memory bandwidth. One program owns BLOCK_N output channels and a range of
+K: each row of the weight tile is BLOCK_K contiguous bytes, read with 16-byte vector loads. When
+N is short relative to the number of SMs (a 4096 x 4096 matrix has only 256 tiles of 16 rows),
+K is split over SPLIT_K programs ("split-K") that write fp32 partial sums, added afterwards, so
+every SM streams weights. Rows: one row uses a CUDA-core multiply-add with a per-thread
+accumulator reduced once at the end; more rows use tl.dot on tensor cores with the rows padded
+to 16, so batch 8 reads the weights once, not eight times.
+
+The op is registered with torch.library.triton_op (`torch.ops.blitzgen.int8_gemv`), so
+torch.compile traces it into the compiled, CUDA-graphed decode step.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from blitzgen.errors import BlitzgenError
+
+
+def int8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch twin of int8_gemv (the CPU path and the test oracle), in fp32."""
+    y = (x.float() @ weight.float().t()) * scales.float()  # (M, N)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr,  # (M, K) activations, contiguous
+    w_ptr,  # (N, K) int8 weight codes, contiguous
+    s_ptr,  # (N,) per-output-channel scales
+    out_ptr,  # (SPLIT_K, M, N) fp32 partial sums, one slab per K split
+    M,  # activation rows
+    N,  # output channels
+    K,  # input features
+    k_blocks_per_split,  # BLOCK_K-wide blocks of K each program reduces
+    BLOCK_M: tl.constexpr,  # rows per program: 1 (CUDA-core path) or >= 16 (tensor-core dot path)
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # K elements per loop step (bytes per weight row per load)
+    DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k_begin = pid_k * k_blocks_per_split * BLOCK_K
+    if BLOCK_M == 1:
+        # One row: multiply-add into a (BLOCK_N, BLOCK_K) register tile, reduced across K only once.
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_row = x_ptr + pid_m * K
+        for i in range(k_blocks_per_split):
+            offs_k = k_begin + i * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0)  # (BLOCK_N, BLOCK_K) int8
+            x = tl.load(x_row + offs_k, mask=k_mask, other=0.0)  # (BLOCK_K,)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = tl.sum(acc, axis=1) * scale  # (BLOCK_N,)
+        tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, y, mask=n_mask)
+    else:
+        # Several rows: tensor-core dot of (BLOCK_M, BLOCK_K) rows (padded with zeros) by the
+        # (BLOCK_K, BLOCK_N) transposed tile; int8 codes are exact in bf16 / fp16 / fp32.
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(k_blocks_per_split):
+            offs_k = k_begin + i * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0)  # (BLOCK_N, BLOCK_K) int8
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)  # (BLOCK_M, BLOCK_K)
+            if DOT_IEEE:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = acc * scale[None, :]  # (BLOCK_M, BLOCK_N)
+        out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out, y, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton_op("blitzgen::int8_gemv", mutates_args=())
+def _int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                  split_k: int, block_m: int, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
+    M, K = x.shape
+    N = weight.shape[0]
+    k_blocks = triton.cdiv(K, block_k)
+    per_split = triton.cdiv(k_blocks, split_k)
+    partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
+    wrap_triton(_int8_gemv_kernel)[grid](
+        x, weight, scales, partial, M, N, K, per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IEEE=x.dtype == torch.float32,
+        num_warps=num_warps,
+    )
+    y = partial.sum(0) if split_k > 1 else partial[0]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# Block sizes (block_m, block_n, block_k, num_warps) for one row and for several. Starting points
+# to be replaced by the sweep in benchmarks/quant_bench.py once it has run on an H100.
+ONE_ROW = (1, 16, 512, 4)
+MANY_ROWS = (16, 64, 128, 4)
+# Split K until there are about this many programs per SM (or K runs out of blocks).
+PROGRAMS_PER_SM = 8
+
+
+def triton_runs_on(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1."""
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def plan_split_k(device: torch.device, n_tiles: int, k_blocks: int) -> int:
+    """K splits so that n_tiles x splits programs fill the GPU; the blocks divide evenly among them."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    split = max(1, min(k_blocks, triton.cdiv(PROGRAMS_PER_SM * sms, n_tiles)))
+    return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no split left without a block
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+              *, blocks: tuple[int, int, int, int] | None = None, split_k: int | None = None) -> torch.Tensor:
+    """y = (x @ weight.T) * scales + bias for x (M, K), weight (N, K) int8 -> (M, N) in x.dtype.
+
+    blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps).
+    Falls back to int8_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
+    """
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise BlitzgenError(f"int8_gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (M, K) and (N, K)")
+    if weight.dtype != torch.int8 or scales.shape != (weight.shape[0],):
+        raise BlitzgenError(f"int8_gemv: expected int8 weight and (N,) scales, got {weight.dtype} and "
+                            f"{tuple(scales.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise BlitzgenError(f"int8_gemv: activations must be bf16, fp16 or fp32, got {x.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise BlitzgenError(f"int8_gemv: bias {tuple(bias.shape)} must be (N,) = ({weight.shape[0]},)")
+    if not triton_runs_on(x):
+        return int8_gemv_ref(x, weight, scales, bias)
+    M, K = x.shape
+    N = weight.shape[0]
+    block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
+    if any(b & (b - 1) for b in (block_m, block_n, block_k)):
+        raise BlitzgenError(f"int8_gemv: blocks {block_m, block_n, block_k} must be powers of two")
+    if split_k is None:
+        split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    split_k = min(split_k, triton.cdiv(K, block_k))
+    return torch.ops.blitzgen.int8_gemv(x.contiguous(), weight.contiguous(), scales, bias, split_k,
+                                        block_m, block_n, block_k, num_warps)

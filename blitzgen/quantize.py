@@ -1,0 +1,290 @@
+"""Weight-only quantization: int8 per output channel, int4 per group, and quantize_model().
+
+One nn.Module per format, each with from_float() (round to nearest), dequantize() (the
+plain-PyTorch reference of what the stored numbers mean) and forward():
+
+- Int8Linear: symmetric int8 codes, one scale per output channel: w[n, k] ~ q[n, k] * s[n].
+- Int4Linear: asymmetric 4-bit codes in groups of G = 32, 64 or 128 consecutive input features,
+  a scale and a zero point per group: w[n, k] ~ q[n, k] * s[n, k // G] + z[n, k // G], q in
+  [0, 15], z the value of code 0 (a float zero point, as in tinygemm / HQQ, rather than GPTQ's
+  integer one, so both ends of every group lie on the grid). Two codes per byte, (N, K / 2).
+
+Scales and zero points are stored in bfloat16 whatever the model's dtype, rounded outward (scale
+up, zero point down) before the codes are chosen, so every weight stays within half a step of
+its code: |w - w_hat| <= s / 2.
+
+forward(): a decode step (at most DECODE_MAX_ROWS activation rows, i.e. batch 1..8) on CUDA calls
+the Triton GEMV kernels (blitzgen/kernels/int8_gemv.py, int4_gemv.py), which read the packed
+weights once and never build a dequantized matrix. Longer inputs (prefill) are compute-bound
+and run cuBLAS on a dense matrix made for the call: int8 multiplies by the int8 codes cast to
+the activation dtype and scales the output channels afterwards (the scale is per output
+channel, so no scaled matrix is needed); int4 unpacks with one Triton pass
+(kernels/int4_dequantize.py). On CPU both formats use the plain-PyTorch path.
+
+What quantize_model() quantizes, and why:
+- Every transformer block's linears (fused q/k/v, attention output, fused gate/up, down): ~97% of
+  the bytes a decode step reads in a 7B model; int8 or int4 as asked (q/k/v and o biases kept
+  in the model dtype).
+- The output projection (vocab x width): always int8, also in the int4 modes. It is read whole
+  every step (2% of a bf16 Llama-2-7B, 7% of its int4 blocks if left in bf16), and int8
+  per-channel costs no measurable quality, while 4 bits on the logits layer is the most damaging
+  place to cut (llama.cpp keeps it at 6 bits; GPTQ and AWQ leave it in 16). A tied output is
+  quantized as its own int8 copy; the embedding keeps the float weight.
+- The embedding table: not quantized. A decode step reads only B of its rows, so quantizing it
+  saves memory but no time, and a quantized lookup would need a module of its own.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from blitzgen.errors import BlitzgenError
+
+try:  # CUDA builds of torch ship Triton; CPU-only installs run the plain-PyTorch path everywhere.
+    from blitzgen.kernels.int4_dequantize import int4_dequantize
+    from blitzgen.kernels.int4_gemv import int4_gemv
+    from blitzgen.kernels.int8_gemv import int8_gemv
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+MODES = ("int8", "int4", "int4-gptq")  # int4-gptq: the int4 format, calibrated by gptq.py
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 128
+DECODE_MAX_ROWS = 8  # activation rows up to which forward() takes the GEMV kernel (batch 1..8 decode)
+SCALE_DTYPE = torch.bfloat16
+BLOCK_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+
+
+def check_mode(mode: str, group_size: int | None) -> int | None:
+    """Validate a --mode / --group-size pair; returns the group size to use (None for int8)."""
+    if mode not in MODES:
+        raise BlitzgenError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "int8":
+        if group_size is not None:
+            raise BlitzgenError("--group-size applies to the int4 modes only (int8 has one scale per output channel)")
+        return None
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if group_size not in GROUP_SIZES:
+        raise BlitzgenError(f"--group-size {group_size}: expected one of {', '.join(map(str, GROUP_SIZES))}")
+    return group_size
+
+
+def _round_up(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The nearest `dtype` value >= v (v float32). Nudging by 2^-8 relative, at least half a bf16
+    step, and rounding to nearest lands on or above v."""
+    r = v.to(dtype)
+    return torch.where(r.float() < v, (v + v.abs() * 2**-8).to(dtype), r)
+
+
+def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The nearest `dtype` value <= v (v float32)."""
+    r = v.to(dtype)
+    return torch.where(r.float() > v, (v - v.abs() * 2**-8).to(dtype), r)
+
+
+def _kernels_apply(x: torch.Tensor) -> bool:
+    """Whether forward() takes the Triton paths: CUDA tensors (tests patch this to run the kernels
+    on the CPU under TRITON_INTERPRET=1)."""
+    return HAVE_TRITON and x.is_cuda
+
+
+# ---- int8 ---------------------------------------------------------------------------------------
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 codes (N, K) and bf16 scales (N,), symmetric per output channel."""
+    w = w.float()
+    amax = w.abs().amax(dim=1)  # (N,)
+    scales = _round_up(torch.where(amax > 0, amax / 127, 1.0), SCALE_DTYPE)  # >= amax / 127: no clipping
+    codes = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ q.T) * s + b with q (N, K) int8 and s (N,) one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight
+        module = cls(w.shape[1], w.shape[0], linear.bias is not None, device=w.device)
+        module.weight, module.scales = int8_quantize(w)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().clone()
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) matrix the codes stand for."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if _kernels_apply(x) and rows <= DECODE_MAX_ROWS:
+            y = int8_gemv(x.reshape(rows, self.in_features), self.weight, self.scales, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        # Per-channel scales commute with the product: scale the (T, N) output, not the matrix.
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---- int4 ---------------------------------------------------------------------------------------
+def int4_group_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of groups: w (..., G) float -> bf16 (...,) each, covering [min, max]."""
+    w = w.float()
+    zeros = _round_down(w.amin(dim=-1), SCALE_DTYPE)  # the value of code 0, <= the group's minimum
+    span = w.amax(dim=-1) - zeros.float()
+    scales = _round_up(torch.where(span > 0, span / 15, 1.0), SCALE_DTYPE)  # code 15 >= the maximum
+    return scales, zeros
+
+
+def int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Nearest codes in [0, 15] for w (..., G) given per-group scales and zeros (...,) -> uint8 (..., G)."""
+    q = torch.round((w.float() - zeros.float()[..., None]) / scales.float()[..., None])
+    return q.clamp_(0, 15).to(torch.uint8)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, K / 2) bytes: even k in the low nibble, odd k in the high one."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) bytes -> (N, K) codes; the inverse of pack_int4."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + b with W[n, k] = q[n, k] * s[n, k // G] + z[n, k // G], q 4-bit, packed in pairs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, device=None):
+        super().__init__()
+        if group_size not in GROUP_SIZES or in_features % group_size:
+            raise BlitzgenError(f"int4: in_features {in_features} is not a multiple of the group size "
+                                f"{group_size}; use a group size in {GROUP_SIZES} that divides it, or int8")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bias: torch.Tensor | None) -> "Int4Linear":
+        """Build from codes (N, K) uint8 in [0, 15] and bf16 scales, zeros (N, K / G) (RTN or GPTQ)."""
+        N, K = codes.shape
+        module = cls(K, N, bias is not None, K // scales.shape[1], device=codes.device)
+        module.packed, module.scales, module.zeros = pack_int4(codes), scales, zeros
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> "Int4Linear":
+        w = linear.weight
+        N, K = w.shape
+        if group_size not in GROUP_SIZES or K % group_size:
+            raise BlitzgenError(f"int4: in_features {K} is not a multiple of the group size {group_size}; "
+                                f"use a group size in {GROUP_SIZES} that divides it, or int8")
+        groups = w.detach().float().view(N, K // group_size, group_size)  # (N, K / G, G)
+        scales, zeros = int4_group_params(groups)
+        codes = int4_codes(groups, scales, zeros).view(N, K)
+        return cls.from_codes(codes, scales, zeros, linear.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) matrix the codes stand for."""
+        N, G = self.out_features, self.group_size
+        codes = unpack_int4(self.packed).float().view(N, -1, G)  # (N, K / G, G)
+        return (codes * self.scales.float()[..., None] + self.zeros.float()[..., None]).view(N, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if _kernels_apply(x):
+            if rows <= DECODE_MAX_ROWS:
+                y = int4_gemv(x.reshape(rows, self.in_features), self.packed, self.scales, self.zeros, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
+            weight = int4_dequantize(self.packed, self.scales, self.zeros, x.dtype)
+        else:
+            weight = self.dequantize().to(x.dtype)
+        return F.linear(x, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
+
+
+# ---- whole models -------------------------------------------------------------------------------
+def replace_module(model: nn.Module, name: str, module: nn.Module):
+    """Put `module` at dotted `name` inside `model`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Names of every block's linears (fused q/k/v, o, fused gate/up, down), in execution order."""
+    return [f"layers.{i}.{name}" for i in range(len(model.layers)) for name in BLOCK_LINEARS]
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int | None = None) -> nn.Module:
+    """Round-to-nearest quantization in place: block linears to `mode` ("int8" or "int4"), the
+    output projection to int8, the embedding untouched (see the module docstring). One matrix at
+    a time is upcast to float32, so peak memory is the model plus one layer."""
+    group_size = check_mode(mode, group_size)
+    if mode == "int4-gptq":
+        raise BlitzgenError("int4-gptq needs calibration text: use blitzgen.gptq.quantize_gptq "
+                            "(or `blitzgen quantize --mode int4-gptq`)")
+    if quantization_metadata(model) is not None:
+        raise BlitzgenError("the model is already quantized; load the original weights to quantize again")
+    names = block_linear_names(model)
+    for name in tqdm(names, desc=f"quantizing to {mode}", disable=None, leave=False):
+        linear = model.get_submodule(name)
+        replace_module(model, name, Int8Linear.from_float(linear) if mode == "int8"
+                 else Int4Linear.from_float(linear, group_size))
+    model.output = Int8Linear.from_float(model.output)
+    return model
+
+
+def quantization_metadata(model: nn.Module) -> dict | None:
+    """What is quantized, read off the modules (None for a float model): the core of a quantized
+    checkpoint's config.json "quantization" section."""
+    first = model.get_submodule(block_linear_names(model)[0])
+    if not isinstance(first, (Int8Linear, Int4Linear)):
+        return None
+    int4 = isinstance(first, Int4Linear)
+    return {
+        "linears": "int4" if int4 else "int8",  # every block's wqkv, wo, w13, w2
+        "group_size": first.group_size if int4 else None,
+        "output": "int8",
+        "embeddings": "float",
+        "scale_dtype": str(SCALE_DTYPE).removeprefix("torch."),
+    }
+
+
+def build_quantized_shells(model: nn.Module, section: dict):
+    """Swap a (meta-device) float model's linears for empty quantized modules matching a checkpoint's
+    "quantization" section, ready for load_state_dict(assign=True)."""
+    linears, group_size = section.get("linears"), section.get("group_size")
+    if linears not in ("int8", "int4") or section.get("output") != "int8":
+        raise BlitzgenError(f"quantization section {section}: expected linears int8|int4 and output int8")
+    if linears == "int4":
+        check_mode("int4", group_size)
+    for name in block_linear_names(model) + ["output"]:
+        linear = model.get_submodule(name)
+        bias = linear.bias is not None
+        if linears == "int8" or name == "output":
+            shell = Int8Linear(linear.in_features, linear.out_features, bias, device="meta")
+        else:
+            shell = Int4Linear(linear.in_features, linear.out_features, bias, group_size, device="meta")
+        replace_module(model, name, shell)

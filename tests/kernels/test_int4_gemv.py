@@ -1,0 +1,86 @@
+"""int4_gemv and int4_dequantize (Triton, under TRITON_INTERPRET=1 on CPU) against their references."""
+
+import pytest
+import torch
+
+from blitzgen.errors import BlitzgenError
+from blitzgen.kernels.int4_dequantize import int4_dequantize, int4_dequantize_ref
+from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref
+
+INTERPRETED = not torch.cuda.is_available()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(M, N, K, G, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(N, K // G, generator=g) * 0.02 + 1e-3).bfloat16()
+    zeros = (-8 * scales.float() + torch.randn(N, K // G, generator=g) * 0.01).bfloat16()
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return [t if t is None else t.to(DEVICE) for t in (x, packed, scales, zeros, b)]
+
+
+def _check(y, ref):
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    if ref.dtype == torch.float32:
+        # fp32 sums of a few hundred terms in another order: relative error ~1e-6 of the output scale.
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        # Output rounded to 8 (bf16) or 11 (fp16) bits, and on the tensor-core path each dequantized
+        # weight is rounded to that format before the dot too: allow two units in the last place.
+        eps = torch.finfo(ref.dtype).eps
+        torch.testing.assert_close(y.float(), ref.float(), rtol=2 * eps, atol=2 * eps * ref.float().abs().max().item())
+
+
+# K is a multiple of the group but not of the 512-wide default tile; N is not a multiple of any tile.
+@pytest.mark.parametrize("N,K,G", [(37, 96, 32), (50, 320, 64), (9, 640, 128)])
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference(M, N, K, G, dtype):
+    if INTERPRETED and dtype == torch.bfloat16 and M > 1:
+        pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
+    x, packed, scales, zeros, b = _inputs(M, N, K, G, dtype, bias=N != 9)
+    _check(int4_gemv(x, packed, scales, zeros, b), int4_gemv_ref(x, packed, scales, zeros, b))
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize("blocks", [(1, 16, 64, 4), (16, 32, 128, 4)])
+def test_split_k_and_blocks(split_k, blocks):
+    M = 1 if blocks[0] == 1 else 5
+    x, packed, scales, zeros, b = _inputs(M, 41, 448, 64, torch.float32, bias=True, seed=split_k)
+    _check(int4_gemv(x, packed, scales, zeros, b, blocks=blocks, split_k=split_k),
+           int4_gemv_ref(x, packed, scales, zeros, b))
+
+
+def test_bad_shapes_are_clear_errors():
+    x, packed, scales, zeros, _ = _inputs(2, 8, 128, 32, torch.float32, bias=False)
+    with pytest.raises(BlitzgenError, match="group size"):
+        int4_gemv(x, packed, scales[:, :3], zeros[:, :3])  # 128 / 3 is no group size
+    with pytest.raises(BlitzgenError, match="group size"):
+        int4_gemv(x, packed, torch.ones(8, 8, device=DEVICE), torch.ones(8, 8, device=DEVICE))  # G = 16
+    with pytest.raises(BlitzgenError, match="must be"):
+        int4_gemv(x[:, :126], packed, scales, zeros)
+    with pytest.raises(BlitzgenError, match="block_k"):
+        int4_gemv(x, packed, scales, zeros, blocks=(1, 16, 48, 4))
+
+
+@pytest.mark.parametrize("N,K,G", [(37, 96, 32), (20, 1152, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_matches_reference(N, K, G, dtype):
+    _, packed, scales, zeros, _ = _inputs(1, N, K, G, torch.float32, bias=False)
+    ref = int4_dequantize_ref(packed, scales, zeros)
+    out = int4_dequantize(packed, scales, zeros, dtype)
+    if dtype == torch.float32 or not INTERPRETED:
+        # Both compute q * s + z in fp32 and round once to dtype (to nearest): identical.
+        assert torch.equal(out, ref.to(dtype))
+    else:
+        # Triton 3.9's interpreter truncates fp32 -> bf16 instead of rounding: one bf16 step apart at most.
+        torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=0)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="wrap_triton cannot trace an interpreted kernel with fake tensors")
+def test_compiles_as_one_graph():
+    x, packed, scales, zeros, b = _inputs(3, 40, 256, 64, torch.float32, bias=True)
+    fn = torch.compile(lambda x: int4_gemv(x, packed, scales, zeros, b) * 2, fullgraph=True)
+    _check(fn(x), int4_gemv_ref(x, packed, scales, zeros, b) * 2)
