@@ -116,8 +116,14 @@ def save_quantized(model: Transformer, source: str | Path, out: str | Path, sect
     source, out = Path(source), Path(out)
     hf = json.loads((source / "config.json").read_text())
     hf["quantization"] = section
+    # Float tensors (norms, embedding, biases) in the source's own dtype, whatever the run's was.
+    stored = {"float32": torch.float32, "float16": torch.float16}.get(hf.get("dtype") or hf.get("torch_dtype"),
+                                                                       torch.bfloat16)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        keep = name.endswith((".scales", ".zeros")) or not t.dtype.is_floating_point
+        tensors[name] = t.detach().to("cpu", dtype=None if keep else stored).contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     for name in TOKENIZER_FILES:
