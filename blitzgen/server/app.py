@@ -32,7 +32,7 @@ from blitzgen.generate import Generator
 from blitzgen.server.engine import Delta, Engine, EngineError, QueueFull
 from blitzgen.server.engine import Request as EngineRequest
 from blitzgen.server.metrics import Metrics
-from blitzgen.server.protocol import ApiError, ChatRequest, CompletionRequest, validation_error
+from blitzgen.server.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest, validation_error
 
 log = logging.getLogger("blitzgen.server")
 
@@ -252,6 +252,9 @@ def create_app(
                            code="invalid_value")
         max_tokens = body.max_tokens or 16
         prompts = body.prompts()
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} choices in one request",
+                           param="prompt", code="invalid_value")
         # Tokenizing a long prompt takes a while: not on the event loop.
         prompts = await run_in_threadpool(lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts])
         for i, ids in enumerate(prompts):

@@ -14,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blitzgen.sampling import SamplingParams
 
-MAX_N = 128  # choices per request
-MAX_STOP = 16  # stop strings per request
+MAX_N = 128  # `n`
+MAX_CHOICES = 256  # prompts x n in one completion request
+# Stop strings per request, and characters per stop string: every token of every sequence is checked
+# against each (held-back text included), on the engine thread that serves all requests.
+MAX_STOP, MAX_STOP_CHARS = 8, 256
 
 
 class ApiError(Exception):
@@ -98,8 +101,9 @@ class _Body(BaseModel):
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ApiError(400, "invalid 'stop': expected a non-empty string or a list of non-empty strings",
                            param="stop", code="invalid_value")
-        if len(stop) > MAX_STOP:
-            raise ApiError(400, f"invalid 'stop': at most {MAX_STOP} strings", param="stop", code="invalid_value")
+        if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ApiError(400, f"invalid 'stop': at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters",
+                           param="stop", code="invalid_value")
         return stop
 
     def sampling_params(self, max_new_tokens: int) -> list[SamplingParams]:
