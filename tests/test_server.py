@@ -320,7 +320,9 @@ def test_cancelled_stream_frees_its_slot_and_a_full_batch_refuses_with_429():
             http.post("/v1/completions", json={**long, "stream": False, "prompt": "Hark!"}, timeout=0.5)
         wait_for(lambda: not scheduler.has_work(), "the abandoned request to go")
         gate.allow(math.inf)
-        assert "blitzgen_cancelled_sequences_total 2.0" in http.get("/metrics").text
+        metrics = http.get("/metrics").text
+        assert "blitzgen_cancelled_sequences_total 2.0" in metrics
+        assert 'blitzgen_requests_total{endpoint="/v1/completions",status="499"} 1.0' in metrics
 
 
 # ---- chat ------------------------------------------------------------------------------------------------
@@ -448,7 +450,7 @@ def test_wrong_method_and_chunked_oversized_body(http):
 
 
 def test_api_key_guards_every_v1_route():
-    with serving(blitzgen.load(device="cpu"), max_batch_size=1, api_key="sesame") as s, \
+    with serving(blitzgen.load(device="cpu"), max_batch_size=1, api_key="sesame", max_logprobs=0) as s, \
             httpx.Client(base_url=s.url) as http:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
             response = http.post("/v1/completions", json={"prompt": "Hark!", "max_tokens": 2}, headers=headers)
@@ -459,6 +461,8 @@ def test_api_key_guards_every_v1_route():
         out = s.client(api_key="sesame").completions.create(model=MODEL, prompt="Hark!", max_tokens=2)
         assert out.usage.completion_tokens == 2
         assert http.get("/health").status_code == 200  # probes and Prometheus need no key
+        with pytest.raises(openai.BadRequestError, match="turned off"):  # --max-logprobs 0
+            s.client(api_key="sesame").completions.create(model=MODEL, prompt="Hark!", max_tokens=2, logprobs=0)
 
 
 def test_the_engine_survives_a_failing_request(served, http):

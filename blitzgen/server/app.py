@@ -63,6 +63,10 @@ class _CountRequests:
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its (non-streaming) answer was ready; its request is cancelled."""
+
+
 def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -116,6 +120,10 @@ def create_app(
                    f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
         return _error_response(ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404
                                         else None, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(_ClientGone)
+    async def on_client_gone(request, exc: _ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, metrics count it
 
     @app.exception_handler(Exception)
     async def on_unexpected(request, exc: Exception):
@@ -176,7 +184,8 @@ def create_app(
 
     async def deltas(http_request: Request, request: EngineRequest):
         """Lists of Delta as the engine produces them, until every choice has finished. An engine error
-        raises ApiError; a client that goes away, or a consumer that stops early, cancels the request."""
+        raises ApiError, a client that goes away _ClientGone; either, or a consumer that stops early,
+        cancels the request."""
         gone = asyncio.ensure_future(_client_gone(http_request))
         getter = None
         unfinished = len(request.choices)
@@ -185,7 +194,7 @@ def create_app(
                 getter = asyncio.ensure_future(request.queue.get())
                 await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
-                    return
+                    raise _ClientGone()
                 item = getter.result()
                 if isinstance(item, EngineError):
                     raise ApiError(item.status, str(item))
@@ -213,6 +222,8 @@ def create_app(
                 yield sse(chunk)
         except ApiError as exc:
             yield sse(exc.body())
+        except _ClientGone:
+            return
         yield "data: [DONE]\n\n"
 
     def token_text(token_id: int) -> str:
@@ -247,8 +258,9 @@ def create_app(
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(http_request: Request):
         body = await read_body(http_request, CompletionRequest)
-        if body.logprobs is not None and body.logprobs > max_logprobs:
-            raise ApiError(400, f"invalid 'logprobs': at most {max_logprobs} on this server", param="logprobs",
+        if body.logprobs is not None and (max_logprobs == 0 or body.logprobs > max_logprobs):
+            raise ApiError(400, f"invalid 'logprobs': at most {max_logprobs} on this server" if max_logprobs else
+                           "logprobs are turned off on this server (--max-logprobs 0)", param="logprobs",
                            code="invalid_value")
         max_tokens = body.max_tokens or 16
         prompts = body.prompts()
@@ -325,6 +337,9 @@ def create_app(
                            "chat_template in tokenizer_config.json); use /v1/completions with a plain prompt",
                            param="messages", code="no_chat_template")
         top = body.top_logprobs or 0
+        if body.logprobs and max_logprobs == 0:
+            raise ApiError(400, "logprobs are turned off on this server (--max-logprobs 0)", param="logprobs",
+                           code="invalid_value")
         if top > max_logprobs:
             raise ApiError(400, f"invalid 'top_logprobs': at most {max_logprobs} on this server",
                            param="top_logprobs", code="invalid_value")
