@@ -136,7 +136,8 @@ def load(
     return Generator(model, tokenizer, compile=compile, max_seq_len=max_seq_len)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -358,7 +359,7 @@ class Generator:
         of the last token, float32."""
         cache = self.cache
         # Re-run at least the last token: its logits are what we need.
-        start = min(_common_prefix(self.slot_tokens[slot], tokens), len(tokens) - 1)
+        start = min(common_prefix(self.slot_tokens[slot], tokens), len(tokens) - 1)
         window = self.config.sliding_window
         logits, pieces = None, []
         for begin in range(start, len(tokens), PREFILL_CHUNK):

@@ -22,6 +22,8 @@ Sequences are any objects with a `prompt` (list of token ids); they are compared
 from collections import deque
 from dataclasses import dataclass, field
 
+from blitzgen.generate import common_prefix
+
 # Prefill tokens a slot other than the lowest free one must save to be chosen: fewer cost less to
 # recompute than one more row costs in every decode step while the sequence runs.
 MIN_PREFIX_REUSE = 32
@@ -45,15 +47,6 @@ class StepPlan:
     @property
     def prefill_tokens(self) -> int:
         return sum(self.num_tokens[slot] - 1 for slot, _ in self.prefill)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Scheduler:
