@@ -1,0 +1,305 @@
+"""Weight-only int8 / int4 on one GPU: decode tokens/s, GEMV bandwidth and prefill time beside bf16, in one run.
+
+    python benchmarks/quant_bench.py              # H100: under 6 minutes; prints markdown tables
+    python benchmarks/quant_bench.py --dry-run    # CPU, tiny shapes, Triton interpreted: checks the script
+
+Every figure is measured in this run, bf16 included, next to a streaming-read ceiling measured in
+this run too (torch.sum over 4 GiB of bf16, CUDA events):
+
+1. Kernels at Llama-2-7B shapes (4096x4096 wo, 12288x4096 fused qkv, 22016x4096 fused gate/up,
+   4096x11008 down, 32000x4096 output), 1 and 8 rows: first the Triton GEMVs against their
+   plain-PyTorch references (bf16, real shapes), then bytes read / time in GB/s for cuBLAS bf16,
+   int8 and int4 g128. Each timing replays a CUDA graph of calls over enough copies of the weight
+   to overflow the 50 MB L2, so every byte comes from HBM; the int8 / int4 times include the small
+   split-K reduction kernels. Then a sweep of block sizes and split-K, to tune the defaults.
+2. Random-weight Llama-2-7B (blitzgen's Transformer built on the GPU in bf16, normal(0, 0.02)):
+   bf16, then quantize_model int8, then (rebuilt) int4 g128. Decode through Generator (compile=True,
+   CUDA graph), prompt 100 tokens, 200 new tokens, greedy, batch 1 and 8: median of 3 runs of
+   decode tokens/s (after the first token, host streaming included), and GB/s = tokens/s x bytes a
+   step reads (all weights but the embedding table + the live K/V). Prefill: time to first token of a
+   1024-token prompt (median of 3, cache reset each time).
+
+Targets (issue 6): int8 decode >= 85% of the ceiling (>= 380 tokens/s at batch 1), int4 g128 >= 65%
+(>= 530 tokens/s); prefill of 1024 tokens with int8 / int4 no slower than 1.5x bf16.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from datetime import date
+
+if "--dry-run" in sys.argv:  # before triton is imported: the kernels run under its interpreter on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from blitzgen.config import ModelConfig  # noqa: E402
+from blitzgen.generate import Generator  # noqa: E402
+from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref  # noqa: E402
+from blitzgen.kernels.int8_gemv import int8_gemv, int8_gemv_ref  # noqa: E402
+from blitzgen.model import Transformer  # noqa: E402
+from blitzgen.quantize import Int4Linear, Int8Linear, quantize_model  # noqa: E402
+from blitzgen.sampling import SamplingParams  # noqa: E402
+
+LLAMA_2_7B = ModelConfig(model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                         head_dim=128, intermediate_size=11008, max_seq_len=4096, norm_eps=1e-5)
+TINY = ModelConfig(model_type="llama", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                   intermediate_size=256, max_seq_len=1100, norm_eps=1e-5)
+SHAPES = {"wo 4096x4096": (4096, 4096), "wqkv 12288x4096": (12288, 4096), "w13 22016x4096": (22016, 4096),
+          "w2 4096x11008": (4096, 11008), "output 32000x4096": (32000, 4096)}
+TINY_SHAPES = {"tiny 96x128": (96, 128), "tiny 300x256": (300, 256)}
+SWEEP = {  # (block_m, block_n, block_k, num_warps); split-K: the launcher's plan, and none
+    1: [(1, 16, 512, 4), (1, 32, 256, 4), (1, 8, 1024, 4), (1, 16, 1024, 8), (1, 32, 512, 8), (1, 64, 128, 4),
+        (16, 32, 256, 4)],
+    8: [(16, 64, 128, 4), (16, 32, 256, 4), (16, 64, 256, 8), (16, 128, 128, 8), (16, 32, 128, 4)],
+}
+L2_FLUSH_BYTES = 256 << 20  # weight copies per timed graph: more than the H100's 50 MB L2
+
+
+class NullTokenizer:
+    """Enough of a tokenizer to drive the Generator with token ids only."""
+
+    eos_ids = frozenset()
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=True):
+        raise NotImplementedError("random-weight model: pass token ids")
+
+    def decode(self, ids, skip_special_tokens=False):
+        return ""
+
+
+def log(message: str):
+    print(f"[{time.perf_counter() - START:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def read_ceiling(device, gib: float) -> float:
+    """Bytes per second of torch.sum streaming a large bf16 tensor."""
+    x = torch.ones(int(gib * (1 << 30)) // 2, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        x.sum()
+    seconds = seconds_per_call(lambda i: x.sum(), 1, device, reps=10, graph=False)
+    return x.nbytes / seconds
+
+
+def seconds_per_call(call, copies: int, device, reps: int, graph: bool = True) -> float:
+    """Mean seconds of call(i) over i in range(copies), replayed `reps` times (one CUDA graph on a GPU)."""
+    for i in range(copies):  # warm-up: Triton compiles, cuBLAS picks its kernels
+        call(i)
+    sync(device)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for i in range(copies):
+                call(i)
+        return (time.perf_counter() - t0) / (reps * copies)
+    run = lambda: [call(i) for i in range(copies)]  # noqa: E731
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        run = g.replay
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / (reps * copies)
+
+
+def random_linear(N, K, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    linear = torch.nn.Linear(K, N, bias=False, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02, generator=g)
+    return linear
+
+
+def module_bytes(module) -> int:
+    return sum(t.nbytes for t in list(module.parameters()) + list(module.buffers()))
+
+
+def gemv_tables(shapes, device, ceiling, reps, sweep: bool):
+    """Correctness at real shapes, GB/s per shape and rows, and the block-size sweep."""
+    check_rows, speed_rows, sweep_rows = [], [], []
+    for name, (N, K) in shapes.items():
+        linear = random_linear(N, K, device)
+        m8, m4 = Int8Linear.from_float(linear), Int4Linear.from_float(linear, 128)
+        for M in (1, 8):
+            # The dry run checks 8 rows in fp16: Triton 3.9's interpreter gets bf16 tl.dot wrong.
+            dtype = torch.float16 if device.type == "cpu" and M > 1 else torch.bfloat16
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            y8, r8 = int8_gemv(x, m8.weight, m8.scales), int8_gemv_ref(x, m8.weight, m8.scales)
+            y4, r4 = int4_gemv(x, m4.packed, m4.scales, m4.zeros), int4_gemv_ref(x, m4.packed, m4.scales, m4.zeros)
+            err8 = ((y8.float() - r8.float()).abs().max() / r8.float().abs().max()).item()
+            err4 = ((y4.float() - r4.float()).abs().max() / r4.float().abs().max()).item()
+            # bf16 outputs (and, with 8 rows, bf16 weights into the tensor-core dot): ~1e-2 at most.
+            ok = "ok" if max(err8, err4) < 2e-2 else "MISMATCH"
+            check_rows.append(f"| {name} | {M} | {err8:.1e} | {err4:.1e} | {ok} |")
+        log(f"checked {name}")
+
+        formats = {
+            "bf16": (module_bytes(linear), lambda w, x: torch.nn.functional.linear(x, w[0]), (linear.weight,)),
+            "int8": (module_bytes(m8), lambda w, x, **kw: int8_gemv(x, *w, **kw), (m8.weight, m8.scales)),
+            "int4": (module_bytes(m4), lambda w, x, **kw: int4_gemv(x, *w, **kw), (m4.packed, m4.scales, m4.zeros)),
+        }
+        for M in (1, 8):
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            cells, best = [], {}
+            for fmt, (nbytes, fn, tensors) in formats.items():
+                copies = max(1, -(-L2_FLUSH_BYTES // nbytes)) if device.type == "cuda" else 2
+                weights = [tuple(t.clone() for t in tensors) for _ in range(copies)]
+                seconds = seconds_per_call(lambda i: fn(weights[i], x), copies, device, reps)
+                cells.append(f"{nbytes / seconds / 1e9:.0f} ({100 * nbytes / seconds / ceiling:.0f}%), "
+                             f"{seconds * 1e6:.1f} µs")
+                if sweep and fmt != "bf16":
+                    results = []
+                    for blocks in SWEEP[M]:
+                        for split in (None, 1):
+                            s = seconds_per_call(lambda i: fn(weights[i], x, blocks=blocks, split_k=split), copies,
+                                                 device, reps)
+                            results.append((s, blocks, split))
+                    s, blocks, split = min(results)
+                    sweep_rows.append(f"| {name} | {M} | {fmt} | {blocks}, split {split or 'plan'} | "
+                                      f"{nbytes / s / 1e9:.0f} ({100 * nbytes / s / ceiling:.0f}%) | "
+                                      f"{nbytes / seconds / 1e9:.0f} |")
+                del weights
+            speed_rows.append(f"| {name} | {M} | " + " | ".join(cells) + " |")
+        log(f"timed {name}")
+        del linear, m8, m4
+    return check_rows, speed_rows, sweep_rows
+
+
+def build_model(config, device):
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Transformer(config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def step_bytes(model, config, live_tokens: float, batch: int) -> float:
+    """Bytes one decode step reads: every weight but the embedding table (B rows of it), + live K/V."""
+    weights = sum(t.nbytes for name, t in list(model.named_parameters()) + list(model.named_buffers())
+                  if not name.startswith("tok_embeddings") and not name.endswith("inv_freq"))
+    kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2 * live_tokens * batch
+    return weights + kv
+
+
+def measure_model(model, config, device, label, batch_sizes, new_tokens, runs, ceiling, dry):
+    rows = []
+    gen = Generator(model, NullTokenizer(), compile=not dry)
+    weights_gb = step_bytes(model, config, 0, 1) / 1e9
+    for bs in batch_sizes:
+        prompts = [list(range(1, 101))] * bs
+        params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        gen.generate(prompts, params)  # compiles and captures
+        first = time.perf_counter() - t0
+        rates = []
+        for _ in range(runs):
+            gen.reset()
+            gen.generate(prompts, params)
+            rates.append(gen.last_stats.decode_tokens_per_second / bs)
+        rate = statistics.median(rates)
+        gbps = rate * step_bytes(model, config, 100 + new_tokens / 2, bs) / 1e9
+        rows.append(f"| {label} | {weights_gb:.2f} | {bs} | {rate:.1f} | {rate * bs:.0f} | {gbps:.0f} | "
+                    f"{100 * gbps * 1e9 / ceiling:.0f}% | {first:.1f} s |")
+        log(f"{label} decode batch {bs}: {rate:.1f} tokens/s per sequence")
+    del gen
+    # Prefill: eager, with its own cache; time to first token of a fresh 1024-token prompt.
+    gen = Generator(model, NullTokenizer(), compile=False)
+    prompt = torch.randint(1, config.vocab_size, (1024,), generator=torch.Generator().manual_seed(0)).tolist()
+    one = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+    times = []
+    for _ in range(runs + 1):
+        gen.reset()
+        gen.generate([prompt], one)
+        times.append(gen.last_stats.time_to_first_token)
+    prefill = statistics.median(times[1:])  # the first run warms up
+    log(f"{label} prefill 1024: {prefill * 1000:.1f} ms")
+    del gen
+    return rows, prefill
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreted kernels")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep (saves ~1 min)")
+    parser.add_argument("--batch-sizes", default="1,8")
+    args = parser.parse_args()
+    dry = args.dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    if not dry and not torch.cuda.is_available():
+        sys.exit("no CUDA device; use --dry-run to check the script on a CPU")
+    config, shapes = (TINY, TINY_SHAPES) if dry else (LLAMA_2_7B, SHAPES)
+    reps, runs, new_tokens = (1, 1, 8) if dry else (20, 3, 200)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    ceiling = read_ceiling(device, 0.01 if dry else 4.0)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
+    log(f"read ceiling {ceiling / 1e9:.0f} GB/s on {gpu}")
+    print(f"## {date.today()} — weight-only int8 / int4 (`python benchmarks/quant_bench.py"
+          f"{' --dry-run' if dry else ''}`)\n")
+    print(f"- {gpu}, torch {torch.__version__}, triton {triton.__version__}; streaming-read ceiling "
+          f"(torch.sum over {'0.01' if dry else '4'} GiB bf16, same run): **{ceiling / 1e12:.2f} TB/s**\n", flush=True)
+
+    check_rows, speed_rows, sweep_rows = gemv_tables(shapes, device, ceiling, reps, sweep=not args.no_sweep)
+    print("Kernels against their references (bf16 activations; max |kernel - ref| / max |ref|):\n")
+    print("| shape (N x K) | rows | int8_gemv | int4_gemv g128 | |\n|---|---|---|---|---|")
+    print("\n".join(check_rows) + "\n")
+    print("GEMV, bytes of the weight format read / time: GB/s (% of ceiling), time per call:\n")
+    print("| shape (N x K) | rows | bf16 cuBLAS | int8 | int4 g128 |\n|---|---|---|---|---|")
+    print("\n".join(speed_rows) + "\n", flush=True)
+    if sweep_rows:
+        print("Block-size sweep (block_m, block_n, block_k, num_warps), best per shape, GB/s (% of ceiling), "
+              "against the default:\n")
+        print("| shape | rows | format | best blocks, split-K | best GB/s | default GB/s |\n|---|---|---|---|---|---|")
+        print("\n".join(sweep_rows) + "\n", flush=True)
+
+    decode_rows, prefills = [], {}
+    for label in ("bf16", "int8", "int4 g128"):
+        model = build_model(config, device)
+        if label == "int8":
+            quantize_model(model, "int8")
+        elif label == "int4 g128":
+            quantize_model(model, "int4", 128)
+        log(f"built {label}")
+        rows, prefills[label] = measure_model(model, config, device, label, batch_sizes, new_tokens, runs,
+                                              ceiling, dry)
+        decode_rows += rows
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"Decode, random-weight {'tiny' if dry else 'Llama-2-7B'}, prompt 100, {new_tokens} new tokens, greedy, "
+          f"compiled + CUDA graph (median of {runs}):\n")
+    print("| weights | GB read per step (weights) | batch | tokens/s per sequence | total tokens/s | GB/s | "
+          "% of ceiling | first call (compile + capture) |\n|---|---|---|---|---|---|---|---|")
+    print("\n".join(decode_rows) + "\n")
+    print("Prefill, time to first token of a 1024-token prompt (median of 3):\n")
+    print("| weights | ms | x bf16 |\n|---|---|---|")
+    for label, seconds in prefills.items():
+        print(f"| {label} | {seconds * 1000:.1f} | {seconds / prefills['bf16']:.2f} |")
+    log("done")
+
+
+START = time.perf_counter()
+if __name__ == "__main__":
+    main()
