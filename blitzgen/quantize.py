@@ -13,7 +13,7 @@ Scales and zero points are stored in bfloat16 whatever the model's dtype, rounde
 up, zero point down) before the codes are chosen, so every weight stays within half a step of
 its code: |w - w_hat| <= s / 2.
 
-forward(): a decode step (at most DECODE_MAX_ROWS activation rows, i.e. batch 1..8) on CUDA calls
+forward(): a decode step (at most DECODE_MAX_ROWS = 32 activation rows) on CUDA calls
 the Triton GEMV kernels (blitzgen/kernels/int8_gemv.py, int4_gemv.py), which read the packed
 weights once and never build a dequantized matrix. Longer inputs (prefill) are compute-bound
 and run cuBLAS on a dense matrix made for the call: int8 multiplies by the int8 codes cast to
@@ -53,7 +53,10 @@ except ImportError:
 MODES = ("int8", "int4", "int4-gptq")  # int4-gptq: the int4 format, calibrated by gptq.py
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
-DECODE_MAX_ROWS = 8  # activation rows up to which forward() takes the GEMV kernel (batch 1..8 decode)
+# Activation rows up to which forward() takes the GEMV kernels on CUDA: decode at batch 1..8, and the
+# decode steps of a continuous-batching server with up to 32 slots. Past 8 rows the kernels' tensor-core
+# path reads each weight tile once per 16 rows, still far less traffic than unpacking the whole matrix.
+DECODE_MAX_ROWS = 32
 SCALE_DTYPE = torch.bfloat16
 BLOCK_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 

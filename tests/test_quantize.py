@@ -80,9 +80,9 @@ def _module(kind, linear):
     return Int8Linear.from_float(linear) if kind == "int8" else Int4Linear.from_float(linear, 32)
 
 
-# Rows 1, 3 and 8 take the decode path on CUDA, 20 the prefill path; N = 37 matches no block size.
+# Rows 1, 3, 8 and 20 take the decode path on CUDA, 40 the prefill path; N = 37 matches no block size.
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 8), (2, 10)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 8), (2, 10), (4, 10)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_matches_dequantize_matmul(kind, shape, dtype):
     linear = random_linear(37, 96, bias=True)
@@ -95,11 +95,11 @@ def test_forward_matches_dequantize_matmul(kind, shape, dtype):
 
 @pytest.mark.skipif(not quant.HAVE_TRITON, reason="needs triton (its interpreter on CPU)")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 20])
+@pytest.mark.parametrize("rows", [1, 3, 8, 20, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_forward_kernel_paths(monkeypatch, kind, rows, dtype):
-    # What forward() runs on CUDA (GEMV kernels for <= 8 rows, int4's unpack kernel + matmul for more),
-    # here under TRITON_INTERPRET=1 (bf16 is left out: the interpreter's bf16 tl.dot is wrong).
+    # What forward() runs on CUDA (GEMV kernels up to DECODE_MAX_ROWS = 32 rows, int4's unpack kernel +
+    # matmul past that), here under TRITON_INTERPRET=1 (no bf16: the interpreter's bf16 tl.dot is wrong).
     monkeypatch.setattr(quant, "_kernels_apply", lambda x: True)
     linear = random_linear(37, 128, bias=True, seed=rows)
     m = _module(kind, linear)

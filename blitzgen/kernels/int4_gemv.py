@@ -171,7 +171,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         return int4_gemv_ref(x, packed, scales, zeros, bias)
     block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
     block_k = max(block_k, group)
-    if block_k % group or any(b & (b - 1) for b in (block_m, block_n, block_k)):
+    if block_k % group or (block_m & (block_m - 1)) or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"int4_gemv: blocks {block_m, block_n, block_k} must be powers of two, block_k a "
                             f"multiple of the group size {group}")
     if split_k is None:

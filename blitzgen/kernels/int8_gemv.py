@@ -164,7 +164,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     M, K = x.shape
     N = weight.shape[0]
     block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
-    if any(b & (b - 1) for b in (block_m, block_n, block_k)):
+    if (block_m & (block_m - 1)) or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"int8_gemv: blocks {block_m, block_n, block_k} must be powers of two")
     if split_k is None:
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
