@@ -5,4 +5,8 @@ and the test oracle), the Triton kernels, and the launcher `<op>()` that validat
 picks the grid and falls back to the reference where Triton cannot run. Each op is registered
 as `torch.ops.blitzgen.<op>` so torch.compile traces it into the CUDA-graphed decode step.
 Nothing is imported here: import the module of the op you need.
+
+    int8_gemv.py        weight-only int8 (per-channel scales) x a few activation rows, split-K
+    int4_gemv.py        weight-only int4 (groups of 32/64/128, scale + zero point), same scheme
+    int4_dequantize.py  packed int4 -> dense matrix in one pass (prefill; eager, not an op)
 """
