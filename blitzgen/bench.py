@@ -105,19 +105,25 @@ def build_random(config: ModelConfig, device: torch.device, dtype: torch.dtype) 
 def bytes_per_token(model: Transformer, live_kv_tokens: float, batch_size: int) -> float:
     """Bytes one decode step reads: weights once (shared by the batch) + each sequence's live K/V."""
     c = model.config
-    weights = sum(p.nbytes for name, p in model.named_parameters() if name != "tok_embeddings.weight")
-    if c.tie_embeddings:
-        weights += model.tok_embeddings.weight.nbytes  # read whole by the output projection
-    element = model.output.weight.element_size()
-    kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * element * live_kv_tokens * batch_size
+    embedding = model.tok_embeddings.weight
+    # Parameters and buffers: quantized linears keep their packed weights and scales as buffers.
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    weights = sum(t.nbytes for name, t in tensors if name not in ("tok_embeddings.weight", "inv_freq"))
+    if getattr(model.output, "weight", None) is embedding:
+        weights += embedding.nbytes  # tied: the output projection reads the whole embedding
+    kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * embedding.element_size() * live_kv_tokens * batch_size
     return weights + kv
 
 
-def gemv_roof(model: Transformer, batch_size: int, device: torch.device, iters: int) -> float:
-    """Seconds for the step's weight matmuls alone (fused qkv, o, gate/up, down per layer, output)."""
-    weights = [w for layer in model.layers for w in (layer.attention.wqkv.weight, layer.attention.wo.weight,
-                                                     layer.feed_forward.w13.weight, layer.feed_forward.w2.weight)]
-    weights.append(model.output.weight)
+def gemv_roof(model: Transformer, batch_size: int, device: torch.device, iters: int) -> float | None:
+    """Seconds for the step's weight matmuls alone (fused qkv, o, gate/up, down per layer, output) as
+    plain cuBLAS products; None for a quantized model, whose products are not plain ones."""
+    linears = [m for layer in model.layers for m in (layer.attention.wqkv, layer.attention.wo,
+                                                     layer.feed_forward.w13, layer.feed_forward.w2)]
+    linears.append(model.output)
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        return None
+    weights = [m.weight for m in linears]
     inputs = [torch.randn(batch_size, w.shape[1], dtype=w.dtype, device=device) for w in weights]
 
     def run():
@@ -270,8 +276,8 @@ def run(args) -> dict:
         row["stream_tokens_per_s"] = statistics.median(e2e)
         roof = gemv_roof(model, b, device, iters=max(3, args.new_tokens // 4))
         weights_only = bytes_per_token(model, 0, b)
-        row["roof_tokens_per_s"] = 1 / roof
-        row["roof_pct_of_read"] = 100 * weights_only / roof / read_bps
+        row["roof_tokens_per_s"] = None if roof is None else 1 / roof
+        row["roof_pct_of_read"] = None if roof is None else 100 * weights_only / roof / read_bps
         res["decode"].append(row)
         del gen
         progress.update()
@@ -307,7 +313,8 @@ def format_table(res: dict) -> str:
         lines.append(
             f"| {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | {r['total_tokens_per_s']:.0f} | "
             f"{r['gbps']:.0f} | {r['pct_of_read']:.0f}% | {r['stream_tokens_per_s']:.1f} | "
-            f"{r['roof_tokens_per_s']:.1f} | {r['roof_pct_of_read']:.0f}% |"
+            + (f"{r['roof_tokens_per_s']:.1f} | {r['roof_pct_of_read']:.0f}% |" if r["roof_tokens_per_s"]
+               else "n/a (quantized) | |")
         )
     for r in res["eager"]:
         lines.append(f"eager (uncompiled, no CUDA graph), batch {r['batch']}: {r['tokens_per_s']:.1f} tokens/s "

@@ -30,3 +30,19 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--arch 'gpt-5': expected one of llama-2-7b" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu", "--arch", "llama-2-7b", "--model", "x"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_bench_counts_the_bytes_of_a_quantized_checkpoint(tmp_path, capsys):
+    """Quantized weights live in buffers: they must be counted, and the cuBLAS roof does not apply."""
+    plain, quantized = tmp_path / "plain.json", tmp_path / "int8.json"
+    args = ["--device", "cpu", "--prompt-len", "8", "--prompt-lengths", "8", "--new-tokens", "3", "--runs", "1",
+            "--ceiling-gib", "0.01"]
+    assert main(["quantize", "--mode", "int8", "--out", str(tmp_path / "int8")]) == 0
+    assert main(["bench", *args, "--json", str(plain)]) == 0
+    assert main(["bench", *args, "--model", str(tmp_path / "int8"), "--json", str(quantized)]) == 0
+    plain, quantized = json.loads(plain.read_text()), json.loads(quantized.read_text())
+    # int8 codes + per-channel scales vs fp32 weights: about a quarter (the embedding is not counted;
+    # the tied output projection is, in fp32 for one and in int8 for the other).
+    assert 0.2 < quantized["weights_gb"] / plain["weights_gb"] < 0.35
+    assert quantized["decode"][0]["roof_tokens_per_s"] is None and plain["decode"][0]["roof_tokens_per_s"] > 0
+    assert "n/a (quantized)" in capsys.readouterr().out
