@@ -143,10 +143,21 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_bench(args):
+    import torch
+
     from blitzgen import bench
 
+    if args.attention:
+        if not torch.cuda.is_available():
+            raise BlitzgenError("bench --attention needs a CUDA GPU "
+                                "(`python -m blitzgen.attention_bench --dry-run` checks it on a CPU)")
+        from blitzgen import attention_bench
+
+        attention_bench.main(["--batches", ",".join(map(str, args.batch_size or [1, 8]))])
+        return
+
     if args.ceiling_gib is None:
-        args.ceiling_gib = 0.25 if args.device == "cpu" or not __import__("torch").cuda.is_available() else 4.0
+        args.ceiling_gib = 0.25 if args.device == "cpu" or not torch.cuda.is_available() else 4.0
     bench.main(args)
 
 
@@ -265,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=200, help="decode steps timed per run (default 200)")
     b.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
     b.add_argument("--compare-eager", action="store_true", help="also time the uncompiled decode step")
+    b.add_argument("--attention", action="store_true",
+                   help="instead: decode attention alone, every PyTorch path beside ours, at 1k-128k live tokens")
     b.add_argument("--attention-kernel", action="store_true",
                    help="decode attention through the split-KV Triton kernel (CUDA; not yet the default)")
     b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")

@@ -3,6 +3,8 @@ consistent with each other (the GPU figures themselves live in benchmarks/BENCHM
 
 import json
 
+import torch
+
 from blitzgen.cli import main
 
 
@@ -30,6 +32,9 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--arch 'gpt-5': expected one of llama-2-7b" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu", "--arch", "llama-2-7b", "--model", "x"]) == 2
     assert "not both" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--attention"]) == 2
+        assert "bench --attention needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_bench_counts_the_bytes_of_a_quantized_checkpoint(tmp_path, capsys):

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("script, expected", [
-    ("benchmarks/attention_bench.py", "| batch | live | ours |"),
+    ("blitzgen/attention_bench.py", "| batch | live | ours |"),
     ("benchmarks/quant_bench.py", "| int4 g128 |"),
 ])
 def test_dry_run(script, expected):

@@ -44,7 +44,7 @@ tl.dot streams K/V through shared memory (software-pipelined async copies) and k
 [G_PAD, D] in registers. The 16 / G padding waste is free: decode does ~16 flops per byte read,
 far below an H100's ~300 flops per byte of bandwidth.
 
-H100 tuning (from the sm_90 build; speeds to be confirmed by benchmarks/attention_bench.py --sweep):
+H100 tuning (from the sm_90 build; speeds to be confirmed by python -m blitzgen.attention_bench --sweep):
 - BLOCK_N keys per tile such that a K (or V) tile is TILE_BYTES = 16 KiB: 64 keys at D = 128
   in bf16, 128 at D = 64, 32 at D = 256 or in float32. With num_stages = 3 Triton streams the
   tiles through shared memory with 16-byte cp.async copies, two K + V tile pairs in flight

@@ -29,9 +29,9 @@ K/V is read between two reads of the same bytes (an H100's L2 holds 50 MB).
 Capacity S: by default one static cache of 128k positions for every live length (what a captured
 graph holds while the context grows); --capacity live makes S = the live length.
 
-    python benchmarks/attention_bench.py              # the table (~2-4 minutes on an H100)
-    python benchmarks/attention_bench.py --sweep      # our kernel's launch parameters, a few sizes
-    python benchmarks/attention_bench.py --dry-run    # tiny shapes; on CPU, kernels interpreted
+    python -m blitzgen.attention_bench              # the table (~2-4 minutes on an H100)
+    python -m blitzgen.attention_bench --sweep      # our kernel's launch parameters, a few sizes
+    python -m blitzgen.attention_bench --dry-run    # tiny shapes; on CPU, kernels interpreted
 
 Every backend is wrapped: one that fails prints "n/a (reason)" and the run goes on.
 """
@@ -47,8 +47,7 @@ import traceback
 
 import torch
 
-DRY_RUN = "--dry-run" in sys.argv
-if DRY_RUN and not torch.cuda.is_available():
+if __name__ == "__main__" and "--dry-run" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before blitzgen.kernels imports triton
 
 import torch.nn.functional as F  # noqa: E402
@@ -468,7 +467,7 @@ def run_sweep(device, ceiling):
         print(f"| {name} | " + " | ".join(cells[name][size] for size in sizes) + " |")
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capacity", choices=["max", "live"], default="max",
                         help="cache capacity: 128k for every live length (default) or = the live length")
@@ -478,7 +477,7 @@ def main():
                         "flex, masked (gpt-fast), aten varlen")
     parser.add_argument("--sweep", action="store_true", help="time launch-parameter variants of our kernel")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU allowed (kernels interpreted)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     global SELECTED
     if args.backends:
         SELECTED = {name.strip() for name in args.backends.split(",")}
