@@ -36,6 +36,7 @@ if "--dry-run" in sys.argv:  # before triton is imported: the kernels run under 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from blitzgen.bench import NullTokenizer  # noqa: E402
 from blitzgen.config import ModelConfig  # noqa: E402
 from blitzgen.generate import Generator  # noqa: E402
 from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref  # noqa: E402
@@ -57,19 +58,6 @@ SWEEP = {  # (block_m, block_n, block_k, num_warps); split-K: the launcher's pla
     8: [(16, 64, 128, 4), (16, 32, 256, 4), (16, 64, 256, 8), (16, 128, 128, 8), (16, 32, 128, 4)],
 }
 L2_FLUSH_BYTES = 256 << 20  # weight copies per timed graph: more than the H100's 50 MB L2
-
-
-class NullTokenizer:
-    """Enough of a tokenizer to drive the Generator with token ids only."""
-
-    eos_ids = frozenset()
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=True):
-        raise NotImplementedError("random-weight model: pass token ids")
-
-    def decode(self, ids, skip_special_tokens=False):
-        return ""
 
 
 def log(message: str):
