@@ -167,6 +167,30 @@ def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, st
     return statistics.median(times)
 
 
+def profile_step(gen: Generator, prompt_len: int, steps: int, top: int = 15) -> list[dict]:
+    """Where a batch-1 decode step's time goes: the kernels (CUDA) or operators (CPU) of `steps`
+    replayed steps, by total time, as time per step and share of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decode_seconds_per_step(gen, 1, prompt_len, 2, 1)  # build and warm the step first
+    gen._ensure_cache(1, prompt_len + steps + 8)
+    gen.prefill(0, list(range(1, prompt_len + 1)))
+    step = gen._step(greedy=True)
+    cuda = gen.device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step.run(prompt_len + i + 2)
+        sync(gen.device)
+    gen.reset()
+    events = [e for e in prof.key_averages() if (e.device_time_total if cuda else e.self_cpu_time_total) > 0]
+    time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(time_of(e) for e in events) or 1
+    events.sort(key=time_of, reverse=True)
+    return [{"name": e.key[:80], "calls_per_step": e.count / steps, "us_per_step": time_of(e) / steps,
+             "share": 100 * time_of(e) / total} for e in events[:top]]
+
+
 def run(args) -> dict:
     """Measure everything `args` asks for; returns the results as a JSON-ready dict."""
     device = resolve_device(args.device)
@@ -181,7 +205,7 @@ def run(args) -> dict:
     batch_sizes = sorted(set(args.batch_size or [1]))
     if any(b < 1 for b in batch_sizes) or args.new_tokens < 2 or args.runs < 1:
         raise BlitzgenError("--batch-size, --runs must be >= 1 and --new-tokens >= 2")
-    phases = 4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths)
+    phases = 4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths) + bool(args.profile)
     progress = tqdm(total=phases, desc="bench", unit="phase")
 
     def phase(name):
@@ -288,6 +312,10 @@ def run(args) -> dict:
             res["eager"].append({"batch": b, "tokens_per_s": 1 / seconds,
                                  "pct_of_read": 100 * moved / seconds / read_bps})
             progress.update()
+    if args.profile:
+        phase("profile")
+        res["profile"] = profile_step(generator(), args.prompt_len, steps=20)
+    progress.update(bool(args.profile))
     res["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     progress.close()
     return res
@@ -316,6 +344,10 @@ def format_table(res: dict) -> str:
             + (f"{r['roof_tokens_per_s']:.1f} | {r['roof_pct_of_read']:.0f}% |" if r["roof_tokens_per_s"]
                else "n/a (quantized) | |")
         )
+    if res.get("profile"):
+        lines += ["", "| kernel (batch 1 decode step) | calls per step | us per step | share |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['calls_per_step']:g} | {r['us_per_step']:.1f} | {r['share']:.1f}% |"
+                  for r in res["profile"]]
     for r in res["eager"]:
         lines.append(f"eager (uncompiled, no CUDA graph), batch {r['batch']}: {r['tokens_per_s']:.1f} tokens/s "
                      f"per sequence, {r['pct_of_read']:.0f}% of read")

@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=200, help="decode steps timed per run (default 200)")
     b.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
     b.add_argument("--compare-eager", action="store_true", help="also time the uncompiled decode step")
+    b.add_argument("--profile", action="store_true", help="also list where a batch-1 decode step's time goes")
     b.add_argument("--attention", action="store_true",
                    help="instead: decode attention alone, every PyTorch path beside ours, at 1k-128k live tokens")
     b.add_argument("--attention-kernel", action="store_true",

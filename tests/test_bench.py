@@ -12,7 +12,7 @@ def test_bench_reports_every_phase(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--device", "cpu", "--batch-size", "1", "--batch-size", "2", "--prompt-len", "8",
                  "--prompt-lengths", "8,600", "--new-tokens", "4", "--runs", "1", "--ceiling-gib", "0.01",
-                 "--compare-eager", "--json", str(out)])
+                 "--compare-eager", "--profile", "--json", str(out)])
     assert code == 0
     res = json.loads(out.read_text())
     assert res["read_tbps"] > 0 and res["copy_tbps"] > 0
@@ -23,7 +23,11 @@ def test_bench_reports_every_phase(tmp_path, capsys):
         assert abs(r["total_tokens_per_s"] - r["batch"] * r["tokens_per_s"]) < 1e-6 * r["total_tokens_per_s"]
         assert abs(r["step_ms"] * r["tokens_per_s"] - 1000) < 1e-6
         assert r["pct_of_read"] > 0 and r["roof_tokens_per_s"] > 0
+    assert 0 < len(res["profile"]) <= 15 and all(r["us_per_step"] > 0 for r in res["profile"])
+    shares = [r["share"] for r in res["profile"]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) <= 100 + 1e-6
     table = capsys.readouterr().out
+    assert "| kernel (batch 1 decode step) |" in table
     assert "| 1 |" in table and "| 2 |" in table and "streaming read" in table
 
 
