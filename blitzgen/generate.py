@@ -109,6 +109,7 @@ def load(
     compile: bool | None = None,
     max_seq_len: int | None = None,
     quantize: str | None = None,
+    attention_kernel: bool = False,
 ) -> "Generator":
     """Load a Hugging Face checkpoint directory (default: the model shipped in the package).
 
@@ -133,7 +134,7 @@ def load(
 
         quantize_model(model, quantize)
     tokenizer = Tokenizer.from_dir(path)
-    return Generator(model, tokenizer, compile=compile, max_seq_len=max_seq_len)
+    return Generator(model, tokenizer, compile=compile, max_seq_len=max_seq_len, attention_kernel=attention_kernel)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

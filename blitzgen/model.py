@@ -81,8 +81,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
-        # Decode through the split-KV Triton kernel (CUDA only). Off until it is verified inside the
-        # compiled, graph-captured step on a GPU; Generator(attention_kernel=True) turns it on.
+        # Decode through the split-KV Triton kernel (on CUDA; interpreted on CPU under TRITON_INTERPRET=1,
+        # else its reference). Off until it is verified inside the compiled, graph-captured step on a
+        # GPU; Generator(attention_kernel=True) turns it on.
         self.decode_kernel = False
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = nn.Linear(config.dim, qkv_out, bias=config.qkv_bias)
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         v_cache.index_put_((rows, positions), v)
 
         keys, values = k_cache[:, :kv_len], v_cache[:, :kv_len]  # (B, kv_len, Hkv, D)
-        if T == 1 and x.is_cuda and self.decode_kernel:
+        if T == 1 and self.decode_kernel:
             # Split-KV kernel: reads only each sequence's live keys (positions <= p), found on the
             # device, so one captured graph serves every length.
             out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1, self.sliding_window)

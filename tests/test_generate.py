@@ -386,3 +386,14 @@ def test_sequences_joining_a_running_batch_match_generating_alone(tiny_models, h
     for _ in range(NEW_TOKENS - 1):
         got[0].append(generator.step()[0])
     assert got[0] == hf_greedy(hf_model, prompts[2], NEW_TOKENS)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa2", "mistral_window", "qwen3"])
+def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models, hf_greedy, variant):
+    """The decode step with the Triton split-KV kernel (interpreted on CPU; tests/conftest.py sets
+    TRITON_INTERPRET=1 without CUDA) gives transformers' greedy tokens, eager and compiled."""
+    hf_model, path = tiny_models(variant)
+    prompts = make_prompts()[:2]
+    for compile in (False, True):
+        done = generator_for(path, attention_kernel=True, compile=compile).generate(prompts, greedy(12))
+        assert [c.token_ids for c in done] == [hf_greedy(hf_model, p, 12) for p in prompts], compile
