@@ -223,6 +223,7 @@ def run(args) -> dict:
         "torch": torch.__version__,
         "dtype": dtype_name,
         "model": args.arch or str(args.model or DEFAULT_MODEL),
+        "quantize": args.quantize,
     }
     phase("ceilings")
     res.update(ceilings(device, args.ceiling_gib))
@@ -237,6 +238,10 @@ def run(args) -> dict:
         model = build_random(PRESETS[args.arch], device, dtype)
     else:
         model = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
+    if args.quantize:
+        from blitzgen.quantize import quantize_model  # imports Triton: only when asked
+
+        quantize_model(model, args.quantize)
     sync(device)
     res["load_s"] = time.perf_counter() - t0
     config = model.config
@@ -323,7 +328,8 @@ def run(args) -> dict:
 
 def format_table(res: dict) -> str:
     lines = [
-        f"{res['model']} ({res['weights_gb']:.2f} GB of weights, {res['dtype']}) on {res['device']}, "
+        f"{res['model']} ({res['weights_gb']:.2f} GB of weights, {res['dtype']}"
+        + (f", quantized {res['quantize']}" if res.get("quantize") else "") + f") on {res['device']}, "
         f"torch {res['torch']}, {res['date']}",
         f"ceilings: streaming read {res['read_tbps']:.2f} TB/s, copy {res['copy_tbps']:.2f} TB/s",
         f"load {res['load_s']:.1f} s; compile + capture + first token {res['compile_s']:.1f} s; "

@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b")
     b.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     b.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    b.add_argument("--quantize", help="int8 | int4 (group size 128): quantize the weights after building / loading")
     b.add_argument("--batch-size", type=int, action="append", help="decode batch size (repeatable; default 1)")
     b.add_argument("--prompt-len", type=int, default=128, help="prompt length before the timed decode (default 128)")
     b.add_argument("--prompt-lengths", type=_int_list, default=[128, 1024, 4096],

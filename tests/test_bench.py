@@ -55,3 +55,7 @@ def test_bench_counts_the_bytes_of_a_quantized_checkpoint(tmp_path, capsys):
     assert 0.2 < quantized["weights_gb"] / plain["weights_gb"] < 0.35
     assert quantized["decode"][0]["roof_tokens_per_s"] is None and plain["decode"][0]["roof_tokens_per_s"] > 0
     assert "n/a (quantized)" in capsys.readouterr().out
+    # Quantizing at load (--quantize) counts the same bytes as loading the quantized checkpoint.
+    on_the_fly = tmp_path / "fly.json"
+    assert main(["bench", *args, "--quantize", "int8", "--json", str(on_the_fly)]) == 0
+    assert json.loads(on_the_fly.read_text())["weights_gb"] == quantized["weights_gb"]
