@@ -202,128 +202,130 @@ def run(args) -> dict:
         raise BlitzgenError("give --model or --arch, not both")
     if args.arch and args.arch not in PRESETS:
         raise BlitzgenError(f"--arch {args.arch!r}: expected one of {', '.join(PRESETS)}")
+    if args.quantize not in (None, "int8", "int4"):
+        raise BlitzgenError(f"--quantize {args.quantize!r}: expected int8 or int4")
     batch_sizes = sorted(set(args.batch_size or [1]))
     if any(b < 1 for b in batch_sizes) or args.new_tokens < 2 or args.runs < 1:
         raise BlitzgenError("--batch-size, --runs must be >= 1 and --new-tokens >= 2")
     phases = 4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths) + bool(args.profile)
-    progress = tqdm(total=phases, desc="bench", unit="phase")
+    # The bar closes (and clears) before any error is printed: `with`, and leave=False.
+    with tqdm(total=phases, desc="bench", unit="phase", leave=False) as progress:
 
-    def phase(name):
-        # Generators hold reference cycles (a captured step refers back to its generator): collect
-        # them so each phase starts with only the model in device memory.
-        gc.collect()
+        def phase(name):
+            # Generators hold reference cycles (a captured step refers back to its generator): collect
+            # them so each phase starts with only the model in device memory.
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                name += f" ({torch.cuda.memory_allocated(device) / 1e9:.1f} GB in use)"
+            progress.set_postfix_str(name)
+
+        res = {
+            "date": date.today().isoformat(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "dtype": dtype_name,
+            "model": args.arch or str(args.model or DEFAULT_MODEL),
+            "quantize": args.quantize,
+        }
+        phase("ceilings")
+        res.update(ceilings(device, args.ceiling_gib))
+        read_bps = res["read_tbps"] * 1e12
+        progress.update()
+
+        phase("build" if args.arch else "load")
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-            name += f" ({torch.cuda.memory_allocated(device) / 1e9:.1f} GB in use)"
-        progress.set_postfix_str(name)
-
-    res = {
-        "date": date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "dtype": dtype_name,
-        "model": args.arch or str(args.model or DEFAULT_MODEL),
-        "quantize": args.quantize,
-    }
-    phase("ceilings")
-    res.update(ceilings(device, args.ceiling_gib))
-    read_bps = res["read_tbps"] * 1e12
-    progress.update()
-
-    phase("build" if args.arch else "load")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    if args.arch:
-        model = build_random(PRESETS[args.arch], device, dtype)
-    else:
-        model = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
-    if args.quantize:
-        from blitzgen.quantize import quantize_model  # imports Triton: only when asked
-
-        quantize_model(model, args.quantize)
-    sync(device)
-    res["load_s"] = time.perf_counter() - t0
-    config = model.config
-    res["weights_gb"] = bytes_per_token(model, 0, 1) / 1e9
-    progress.update()
-
-    def generator(compile=True):
-        gen = Generator(model, NullTokenizer(), compile=compile, attention_kernel=args.attention_kernel)
-        if args.compile_scope:
-            gen.compile_scope = args.compile_scope
-        return gen
-
-    phase("cold start: compile + capture")
-    gen = generator()
-    prompt = list(range(1, args.prompt_len + 1))
-    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
-    t1 = time.perf_counter()
-    events = gen.stream([prompt], params)
-    next(events)  # first token: compile + capture happen before it
-    res["compile_s"] = time.perf_counter() - t1
-    res["cold_start_s"] = res["load_s"] + res["compile_s"]
-    for _ in events:
-        pass
-    progress.update()
-
-    phase("time to first token")
-    res["ttft_ms"] = {}
-    for length in args.prompt_lengths:
-        if length + 1 > min(config.max_seq_len, args.max_context):
-            res["ttft_ms"][str(length)] = None
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        if args.arch:
+            model = build_random(PRESETS[args.arch], device, dtype)
         else:
-            ttft = generator(compile=False)  # prefill is never compiled; a small cache of its own
-            ids = torch.randint(1, config.vocab_size, (length,)).tolist()
-            one = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
-            times = []
-            for _ in range(args.runs + 1):
-                ttft.reset()
-                ttft.generate([ids], one)
-                times.append(ttft.last_stats.time_to_first_token)
-            res["ttft_ms"][str(length)] = 1000 * statistics.median(times[1:])
-            del ttft
+            model = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
+        if args.quantize:
+            from blitzgen.quantize import quantize_model  # imports Triton: only when asked
+
+            quantize_model(model, args.quantize)
+        sync(device)
+        res["load_s"] = time.perf_counter() - t0
+        config = model.config
+        res["weights_gb"] = bytes_per_token(model, 0, 1) / 1e9
         progress.update()
 
-    res["decode"], res["eager"] = [], []
-    for b in batch_sizes:
-        phase(f"decode batch {b}")
+        def generator(compile=True):
+            gen = Generator(model, NullTokenizer(), compile=compile, attention_kernel=args.attention_kernel)
+            if args.compile_scope:
+                gen.compile_scope = args.compile_scope
+            return gen
+
+        phase("cold start: compile + capture")
         gen = generator()
-        seconds = decode_seconds_per_step(gen, b, args.prompt_len, args.new_tokens, args.runs)
-        live = args.prompt_len + args.new_tokens / 2
-        moved = bytes_per_token(model, live, b)
-        row = {"batch": b, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds, "total_tokens_per_s": b / seconds,
-               "gbps": moved / seconds / 1e9, "pct_of_read": 100 * moved / seconds / read_bps}
+        prompt = list(range(1, args.prompt_len + 1))
+        params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+        t1 = time.perf_counter()
+        events = gen.stream([prompt], params)
+        next(events)  # first token: compile + capture happen before it
+        res["compile_s"] = time.perf_counter() - t1
+        res["cold_start_s"] = res["load_s"] + res["compile_s"]
+        for _ in events:
+            pass
         progress.update()
-        phase(f"end-to-end batch {b}")
-        prompts = [list(range(1 + i, args.prompt_len + 1 + i)) for i in range(b)]
-        e2e = []
-        for _ in range(args.runs):
-            gen.reset()
-            gen.generate(prompts, params)
-            e2e.append(gen.last_stats.decode_tokens_per_second / b)
-        row["stream_tokens_per_s"] = statistics.median(e2e)
-        roof = gemv_roof(model, b, device, iters=max(3, args.new_tokens // 4))
-        weights_only = bytes_per_token(model, 0, b)
-        row["roof_tokens_per_s"] = None if roof is None else 1 / roof
-        row["roof_pct_of_read"] = None if roof is None else 100 * weights_only / roof / read_bps
-        res["decode"].append(row)
-        del gen
-        progress.update()
-        if args.compare_eager:
-            phase(f"eager batch {b}")
-            seconds = decode_seconds_per_step(generator(compile=False), b, args.prompt_len,
-                                              max(2, args.new_tokens // 4), args.runs)
-            res["eager"].append({"batch": b, "tokens_per_s": 1 / seconds,
-                                 "pct_of_read": 100 * moved / seconds / read_bps})
+
+        phase("time to first token")
+        res["ttft_ms"] = {}
+        for length in args.prompt_lengths:
+            if length + 1 > min(config.max_seq_len, args.max_context):
+                res["ttft_ms"][str(length)] = None
+            else:
+                ttft = generator(compile=False)  # prefill is never compiled; a small cache of its own
+                ids = torch.randint(1, config.vocab_size, (length,)).tolist()
+                one = SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)
+                times = []
+                for _ in range(args.runs + 1):
+                    ttft.reset()
+                    ttft.generate([ids], one)
+                    times.append(ttft.last_stats.time_to_first_token)
+                res["ttft_ms"][str(length)] = 1000 * statistics.median(times[1:])
+                del ttft
             progress.update()
-    if args.profile:
-        phase("profile")
-        res["profile"] = profile_step(generator(), args.prompt_len, steps=20)
-    progress.update(bool(args.profile))
-    res["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    progress.close()
-    return res
+
+        res["decode"], res["eager"] = [], []
+        for b in batch_sizes:
+            phase(f"decode batch {b}")
+            gen = generator()
+            seconds = decode_seconds_per_step(gen, b, args.prompt_len, args.new_tokens, args.runs)
+            live = args.prompt_len + args.new_tokens / 2
+            moved = bytes_per_token(model, live, b)
+            row = {"batch": b, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds, "total_tokens_per_s": b / seconds,
+                   "gbps": moved / seconds / 1e9, "pct_of_read": 100 * moved / seconds / read_bps}
+            progress.update()
+            phase(f"end-to-end batch {b}")
+            prompts = [list(range(1 + i, args.prompt_len + 1 + i)) for i in range(b)]
+            e2e = []
+            for _ in range(args.runs):
+                gen.reset()
+                gen.generate(prompts, params)
+                e2e.append(gen.last_stats.decode_tokens_per_second / b)
+            row["stream_tokens_per_s"] = statistics.median(e2e)
+            roof = gemv_roof(model, b, device, iters=max(3, args.new_tokens // 4))
+            weights_only = bytes_per_token(model, 0, b)
+            row["roof_tokens_per_s"] = None if roof is None else 1 / roof
+            row["roof_pct_of_read"] = None if roof is None else 100 * weights_only / roof / read_bps
+            res["decode"].append(row)
+            del gen
+            progress.update()
+            if args.compare_eager:
+                phase(f"eager batch {b}")
+                seconds = decode_seconds_per_step(generator(compile=False), b, args.prompt_len,
+                                                  max(2, args.new_tokens // 4), args.runs)
+                res["eager"].append({"batch": b, "tokens_per_s": 1 / seconds,
+                                     "pct_of_read": 100 * moved / seconds / read_bps})
+                progress.update()
+        if args.profile:
+            phase("profile")
+            res["profile"] = profile_step(generator(), args.prompt_len, steps=20)
+        progress.update(bool(args.profile))
+        res["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        return res
 
 
 def format_table(res: dict) -> str:

@@ -36,6 +36,8 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--arch 'gpt-5': expected one of llama-2-7b" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu", "--arch", "llama-2-7b", "--model", "x"]) == 2
     assert "not both" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--quantize", "int3"]) == 2
+    assert capsys.readouterr().err.strip() == "blitzgen: error: --quantize 'int3': expected int8 or int4"
     if not torch.cuda.is_available():
         assert main(["bench", "--attention"]) == 2
         assert "bench --attention needs a CUDA GPU" in capsys.readouterr().err
