@@ -186,30 +186,30 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
 
     weights: dict[str, torch.Tensor] = {}
     # A progress bar on a terminal only (disable=None): a 7B model reads for tens of seconds.
-    progress = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
-                    desc="loading weights", disable=None, leave=False)
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise BlitzgenError(f"{file}: not a readable safetensors file ({e})") from None
-        with handle:
-            for hf_name in handle.keys():
-                if hf_name == "lm_head.weight" and config.tie_embeddings:
-                    continue  # some tied checkpoints still store a copy
-                if hf_name.endswith("rotary_emb.inv_freq"):
-                    continue  # older checkpoints saved this buffer; we compute it
-                ours = table.get(hf_name)
-                if ours not in expected:  # unknown, or a feature this config lacks (a bias, a q/k norm)
-                    raise BlitzgenError(f"{file}: unexpected tensor {hf_name!r} for this {config.model_type} config")
-                tensor = handle.get_tensor(hf_name)
-                if tuple(tensor.shape) != expected[ours]:
-                    raise BlitzgenError(
-                        f"{file}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {expected[ours]}"
-                    )
-                weights[ours] = tensor.to(device=device, dtype=dtype)
-                progress.update(tensor.nbytes)
-    progress.close()
+    # `with` closes (and clears) it before an error line is printed.
+    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+              desc="loading weights", disable=None, leave=False) as progress:
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise BlitzgenError(f"{file}: not a readable safetensors file ({e})") from None
+            with handle:
+                for hf_name in handle.keys():
+                    if hf_name == "lm_head.weight" and config.tie_embeddings:
+                        continue  # some tied checkpoints still store a copy
+                    if hf_name.endswith("rotary_emb.inv_freq"):
+                        continue  # older checkpoints saved this buffer; we compute it
+                    ours = table.get(hf_name)
+                    if ours not in expected:  # unknown, or a feature this config lacks (a bias, a q/k norm)
+                        raise BlitzgenError(f"{file}: unexpected tensor {hf_name!r} for this {config.model_type} config")
+                    tensor = handle.get_tensor(hf_name)
+                    if tuple(tensor.shape) != expected[ours]:
+                        raise BlitzgenError(
+                            f"{file}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {expected[ours]}"
+                        )
+                    weights[ours] = tensor.to(device=device, dtype=dtype)
+                    progress.update(tensor.nbytes)
     missing = [name for name in expected if name not in weights]
     if missing:
         hf_names = {v: k for k, v in table.items()}
