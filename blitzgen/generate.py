@@ -390,6 +390,13 @@ class Generator:
         self.slot_tokens[0] = []  # no prefix reuse: every position's logits are needed
         return self.prefill(0, tokens, all_logits=True)
 
+    def _first_token(self, logits: torch.Tensor, prompt_len: int, params: SamplingParams, row) -> torch.Tensor:
+        """(1,) the token after a prefilled prompt, from its (1, V) logits, drawn as a decode step
+        draws: keyed by the position of the prompt's last token."""
+        if params.greedy:
+            return logits.argmax(-1)
+        return sample(logits, **row, position=torch.tensor([prompt_len - 1], device=self.device))
+
     # ---- decode ------------------------------------------------------------------------
     def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None,
                      top_logprobs=None, rows=None):
@@ -496,8 +503,7 @@ class Generator:
         for i, prompt in enumerate(prompts):
             logits = self.prefill(i, prompt)[None]  # (1, V)
             row = {k: v[i : i + 1] for k, v in sampling.items()}
-            position = torch.tensor([len(prompt) - 1], device=self.device)
-            first = logits.argmax(-1) if params[i].greedy else sample(logits, **row, position=position)
+            first = self._first_token(logits, len(prompt), params[i], row)
             if step is not None:
                 step.set_row(i, first[0], row)
             firsts.append(first)
@@ -568,8 +574,7 @@ class Generator:
         self.last_stats = GenerationStats(prompt_tokens=len(prompt))
         logits = self.prefill(slot, prompt)[None]  # (1, V)
         row = params_to_tensors([params], self.device)
-        position = torch.tensor([len(prompt) - 1], device=self.device)
-        first = logits.argmax(-1) if params.greedy else sample(logits, **row, position=position)
+        first = self._first_token(logits, len(prompt), params, row)
         self._slot_step.set_row(slot, first[0], row)
         self._slot_lengths[slot] = len(prompt)
         if self._slot_step.logprobs is not None:
