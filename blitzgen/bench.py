@@ -144,15 +144,21 @@ def gemv_roof(model: Transformer, batch_size: int, device: torch.device, iters: 
     return timer.stop() / iters
 
 
-def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, steps: int, runs: int) -> float:
-    """Median over runs of the time per decode step, prefill excluded, host streaming excluded."""
+def prepare_decode(gen: Generator, batch_size: int, prompt_len: int, steps: int):
+    """Prefill `batch_size` random prompts of `prompt_len` tokens and return the built (compiled,
+    captured) greedy decode step, with cache room for `steps` more tokens and a warm-up."""
     vocab = gen.config.vocab_size
     prompts = [torch.randint(1, vocab, (prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(batch_size)]
     gen._ensure_cache(batch_size, prompt_len + steps + 8)
     for i, prompt in enumerate(prompts):
         gen.prefill(i, prompt)
-    step = gen._step(greedy=True)
+    return gen._step(greedy=True)
+
+
+def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, steps: int, runs: int) -> float:
+    """Median over runs of the time per decode step, prefill excluded, host streaming excluded."""
+    step = prepare_decode(gen, batch_size, prompt_len, steps)
     timer, times = Timer(gen.device), []
     for _ in range(runs):
         gen.cache.lengths[:batch_size] = prompt_len
@@ -172,21 +178,17 @@ def profile_step(gen: Generator, prompt_len: int, steps: int, top: int = 15) -> 
     replayed steps, by total time, as time per step and share of the step."""
     from torch.profiler import ProfilerActivity, profile
 
-    decode_seconds_per_step(gen, 1, prompt_len, 2, 1)  # build and warm the step first
-    gen._ensure_cache(1, prompt_len + steps + 8)
-    gen.prefill(0, list(range(1, prompt_len + 1)))
-    step = gen._step(greedy=True)
+    step = prepare_decode(gen, 1, prompt_len, steps + 1)
+    step.run(prompt_len + 1)  # not profiled: the first run after building
     cuda = gen.device.type == "cuda"
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             step.run(prompt_len + i + 2)
         sync(gen.device)
     gen.reset()
-    events = [e for e in prof.key_averages() if (e.device_time_total if cuda else e.self_cpu_time_total) > 0]
     time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in prof.key_averages() if time_of(e) > 0), key=time_of, reverse=True)
     total = sum(time_of(e) for e in events) or 1
-    events.sort(key=time_of, reverse=True)
     return [{"name": e.key[:80], "calls_per_step": e.count / steps, "us_per_step": time_of(e) / steps,
              "share": 100 * time_of(e) / total} for e in events[:top]]
 
