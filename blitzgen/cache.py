@@ -38,6 +38,3 @@ class KVCache:
     @property
     def max_seq_len(self) -> int:
         return self.k.shape[2]
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
