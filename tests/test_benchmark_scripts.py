@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("script, expected", [
     ("blitzgen/attention_bench.py", "| batch | live | ours |"),
     ("benchmarks/quant_bench.py", "| int4 g128 |"),
+    ("benchmarks/long_context_bench.py", "| 3 | 300 |"),
 ])
 def test_dry_run(script, expected):
     env = dict(os.environ, TRITON_INTERPRET="1")
