@@ -254,7 +254,8 @@ def run(args) -> dict:
         progress.update()
 
         def generator(compile=True):
-            gen = Generator(model, NullTokenizer(), compile=compile, attention_kernel=args.attention_kernel)
+            gen = Generator(model, NullTokenizer(), compile=compile,
+                            attention_kernel=False if args.masked_attention else None)
             if args.compile_scope:
                 gen.compile_scope = args.compile_scope
             return gen

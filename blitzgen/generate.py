@@ -109,7 +109,7 @@ def load(
     compile: bool | None = None,
     max_seq_len: int | None = None,
     quantize: str | None = None,
-    attention_kernel: bool = False,
+    attention_kernel: bool | None = None,
 ) -> "Generator":
     """Load a Hugging Face checkpoint directory (default: the model shipped in the package).
 
@@ -118,6 +118,7 @@ def load(
     compile: torch.compile + CUDA graph for decode; default on for CUDA, off for CPU.
     quantize: "int8" | "int4" (group size 128): quantize the weights at load (quantize.py). A
     checkpoint written by `blitzgen quantize` is recognised and loaded quantized without it.
+    attention_kernel: decode attention through the split-KV Triton kernel; default on for CUDA.
     """
     dev = resolve_device(device)
     if dtype is None:
@@ -301,16 +302,18 @@ class Generator:
         *,
         compile: bool | None = None,
         max_seq_len: int | None = None,
-        attention_kernel: bool = False,
+        attention_kernel: bool | None = None,
     ):
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
         # by a caller, e.g. a server thread, outside it.)
         model.requires_grad_(False)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        for layer in model.layers:  # split-KV decode attention on CUDA (kernels/decode_attention.py)
-            layer.attention.decode_kernel = attention_kernel
         self.device = model.tok_embeddings.weight.device  # the embedding is never quantized
+        # Split-KV decode attention (kernels/decode_attention.py) on CUDA; on a CPU its reference is
+        # faster than the kernel interpreted.
+        for layer in model.layers:
+            layer.attention.decode_kernel = self.device.type == "cuda" if attention_kernel is None else attention_kernel
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

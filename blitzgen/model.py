@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from blitzgen.cache import KVCache
 from blitzgen.config import ModelConfig, rope_inv_freq
-from blitzgen.kernels.decode_attention import decode_attention
+from blitzgen.kernels.decode_attention import decode_attention, decode_attention_ref
 
 
 class RMSNorm(nn.Module):
@@ -60,30 +60,14 @@ def attention_mask(positions: torch.Tensor, kv_len: int, sliding_window: int | N
     return mask
 
 
-def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query token per sequence against the cache, in plain PyTorch.
-
-    q (B, H, D); k, v (B, S, Hkv, D); mask (B, S) bool -> (B, H, D).
-    Query heads are grouped under their KV head instead of repeating K/V G times.
-    """
-    B, H, D = q.shape
-    Hkv = k.shape[2]
-    qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
-    scores = torch.einsum("bhgd,bshd->bhgs", qg.float(), k.float()) * D**-0.5  # (B, Hkv, G, S)
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = torch.einsum("bhgs,bshd->bhgd", probs, v.float())  # (B, Hkv, G, D)
-    return out.reshape(B, H, D).to(q.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
-        # Decode through the split-KV Triton kernel (on CUDA; interpreted on CPU under TRITON_INTERPRET=1,
-        # else its reference). Off until it is verified inside the compiled, graph-captured step on a
-        # GPU; Generator(attention_kernel=True) turns it on.
+        # Decode through the split-KV Triton kernel (kernels/decode_attention.py), which reads only the
+        # live keys; off, through its plain-PyTorch twin over the whole cache under a length mask.
+        # Generator turns it on for CUDA (interpreted on a CPU under TRITON_INTERPRET=1: tests only).
         self.decode_kernel = False
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = nn.Linear(config.dim, qkv_out, bias=config.qkv_bias)
@@ -102,7 +86,7 @@ class Attention(nn.Module):
         positions: torch.Tensor,  # (B, T)
         k_cache: torch.Tensor,  # (B, S, Hkv, D), this layer's cache rows for these sequences
         v_cache: torch.Tensor,  # (B, S, Hkv, D)
-        mask: torch.Tensor | None,  # (B, 1, T, kv_len) or None for plain causal from position 0
+        mask: torch.Tensor | None,  # (B, 1, T, kv_len); None for plain causal from position 0, or T == 1
         kv_len: int,  # how many cache positions to attend over (a host-side bound)
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -120,13 +104,15 @@ class Attention(nn.Module):
         v_cache.index_put_((rows, positions), v)
 
         keys, values = k_cache[:, :kv_len], v_cache[:, :kv_len]  # (B, kv_len, Hkv, D)
-        if T == 1 and self.decode_kernel:
-            # Split-KV kernel: reads only each sequence's live keys (positions <= p), found on the
-            # device, so one captured graph serves every length.
-            out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1, self.sliding_window)
-            out = out.view(B, 1, H * D)
-        elif T == 1:
-            out = decode_attention_ref(q[:, 0], keys, values, mask[:, 0, 0])  # (B, H, D)
+        if T == 1:
+            # The query at position p sees keys at positions <= p: p + 1 live keys, a device tensor, so
+            # one captured graph serves every length. The kernel reads only those; the reference
+            # reads all kv_len under a mask.
+            lengths = positions[:, 0] + 1  # (B,)
+            if self.decode_kernel:
+                out = decode_attention(q[:, 0], k_cache, v_cache, lengths, self.sliding_window)  # (B, H, D)
+            else:
+                out = decode_attention_ref(q[:, 0], keys, values, lengths, self.sliding_window)
             out = out.view(B, 1, H * D)
         else:
             keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, Hkv, kv_len, D)
@@ -197,8 +183,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         kv_len = cache.max_seq_len if kv_len is None else kv_len
         T = tokens.shape[1]
-        plain_causal = causal_from_zero and T > 1  # the one-token path always takes an explicit mask
-        mask = None if plain_causal else attention_mask(positions, kv_len, self.config.sliding_window)
+        # One token: decode attention finds its live keys from the positions, no mask.
+        need_mask = T > 1 and not causal_from_zero
+        mask = attention_mask(positions, kv_len, self.config.sliding_window) if need_mask else None
         x = self.tok_embeddings(tokens)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         run_block = run_block or Block.__call__

@@ -1,4 +1,4 @@
-"""decode_attention: the Triton kernels against decode_attention_ref, and the reference against the model's.
+"""decode_attention: the Triton kernels against decode_attention_ref, and the reference against SDPA.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (see conftest.py), so sizes stay small; tile
 and split sizes are then forced small too (block_n 16, a few splits) so every test crosses several
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels import decode_attention as da
 from blitzgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from blitzgen.model import attention_mask
-from blitzgen.model import decode_attention_ref as model_decode_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, the interpreter runs the kernels
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -127,15 +127,16 @@ def test_cache_views_with_batch_and_head_strides():
 
 
 @pytest.mark.parametrize("window", [None, 6])
-def test_reference_matches_model(window):
-    """The oracle is the model's own decode attention: a query at position p = length - 1 that sees
-    positions <= p (and > p - window), as blitzgen.model builds the mask."""
+def test_reference_matches_sdpa_with_the_prefill_mask(window):
+    """The oracle agrees with PyTorch's SDPA under the mask the model's prefill uses: a query at
+    position p = length - 1 sees positions <= p (and > p - window)."""
     B, H, Hkv, D, S = 3, 8, 2, 32, 24
     q, k, v = make_inputs(B, H, Hkv, D, S, torch.float32)
     lengths = torch.tensor([1, 13, 24], device=DEVICE)
     positions = (lengths - 1)[:, None]  # (B, T=1): where this step's token was written
-    mask = attention_mask(positions, S, window)[:, 0, 0]  # (B, S)
-    expected = model_decode_attention_ref(q, k, v, mask)
+    mask = attention_mask(positions, S, window)  # (B, 1, 1, S)
+    expected = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                              enable_gqa=True)[:, :, 0]  # (B, H, D)
     torch.testing.assert_close(decode_attention_ref(q, k, v, lengths, window), expected, atol=1e-6, rtol=1e-6)
 
 
