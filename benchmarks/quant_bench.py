@@ -42,7 +42,8 @@ from blitzgen.generate import Generator  # noqa: E402
 from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref  # noqa: E402
 from blitzgen.kernels.int8_gemv import int8_gemv, int8_gemv_ref  # noqa: E402
 from blitzgen.model import Transformer  # noqa: E402
-from blitzgen.quantize import Int4Linear, Int8Linear, quantize_model  # noqa: E402
+from blitzgen import quantize as quant  # noqa: E402
+from blitzgen.quantize import Int4Linear, Int8Linear, int4_one_row, int8_one_row, quantize_model  # noqa: E402
 from blitzgen.sampling import SamplingParams  # noqa: E402
 
 LLAMA_2_7B = ModelConfig(model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
@@ -117,7 +118,25 @@ def module_bytes(module) -> int:
     return sum(t.nbytes for t in list(module.parameters()) + list(module.buffers()))
 
 
-def gemv_tables(shapes, device, ceiling, reps, sweep: bool):
+def _bf16_linear(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
+def _int8_product(x, weight, scales):
+    return int8_one_row(x, weight, scales).to(x.dtype)
+
+
+def _int4_product(x, packed, scales, zeros):
+    return int4_one_row(x, packed, scales, zeros).to(x.dtype)
+
+
+_OPTIONS = {"coordinate_descent_tuning": True}  # as Generator compiles the decode step on CUDA
+BF16_COMPILED = torch.compile(_bf16_linear, fullgraph=True, dynamic=False, options=_OPTIONS)
+INT8_COMPILED = torch.compile(_int8_product, fullgraph=True, dynamic=False, options=_OPTIONS)
+INT4_COMPILED = torch.compile(_int4_product, fullgraph=True, dynamic=False, options=_OPTIONS)
+
+
+def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
     """Correctness at real shapes, GB/s per shape and rows, and the block-size sweep."""
     check_rows, speed_rows, sweep_rows = [], [], []
     for name, (N, K) in shapes.items():
@@ -141,6 +160,11 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool):
             "int8": (module_bytes(m8), lambda w, x, **kw: int8_gemv(x, *w, **kw), (m8.weight, m8.scales)),
             "int4": (module_bytes(m4), lambda w, x, **kw: int4_gemv(x, *w, **kw), (m4.packed, m4.scales, m4.zeros)),
         }
+        if inductor:  # the same products as plain expressions, compiled as the decode step compiles them
+            formats["bf16 Inductor"] = (module_bytes(linear), lambda w, x: BF16_COMPILED(x, w[0]), (linear.weight,))
+            formats["int8 Inductor"] = (module_bytes(m8), lambda w, x: INT8_COMPILED(x, *w), (m8.weight, m8.scales))
+            formats["int4 Inductor"] = (module_bytes(m4), lambda w, x: INT4_COMPILED(x, *w),
+                                        (m4.packed, m4.scales, m4.zeros))
         for M in (1, 8):
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             cells, best = [], {}
@@ -150,7 +174,7 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool):
                 seconds = seconds_per_call(lambda i: fn(weights[i], x), copies, device, reps)
                 cells.append(f"{nbytes / seconds / 1e9:.0f} ({100 * nbytes / seconds / ceiling:.0f}%), "
                              f"{seconds * 1e6:.1f} µs")
-                if sweep and fmt != "bf16":
+                if sweep and fmt in ("int8", "int4"):
                     results = []
                     for blocks in SWEEP[M]:
                         for split in (None, 1):
@@ -232,6 +256,10 @@ def main():
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreted kernels")
     parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep (saves ~1 min)")
     parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--no-inductor", action="store_true",
+                        help="skip the Inductor-compiled plain expressions (GEMV columns, one-row decode rows)")
+    parser.add_argument("--models", default="bf16,int8,int4 g128,int8 Inductor 1-row,int4 g128 Inductor 1-row",
+                        help="decode rows to measure, comma-separated")
     args = parser.parse_args()
     dry = args.dry_run
     device = torch.device("cpu" if dry else "cuda")
@@ -249,12 +277,16 @@ def main():
     print(f"- {gpu}, torch {torch.__version__}, triton {triton.__version__}; streaming-read ceiling "
           f"(torch.sum over {'0.01' if dry else '4'} GiB bf16, same run): **{ceiling / 1e12:.2f} TB/s**\n", flush=True)
 
-    check_rows, speed_rows, sweep_rows = gemv_tables(shapes, device, ceiling, reps, sweep=not args.no_sweep)
+    inductor = not args.no_inductor
+    check_rows, speed_rows, sweep_rows = gemv_tables(shapes, device, ceiling, reps, sweep=not args.no_sweep,
+                                                     inductor=inductor)
     print("Kernels against their references (bf16 activations; max |kernel - ref| / max |ref|):\n")
     print("| shape (N x K) | rows | int8_gemv | int4_gemv g128 | |\n|---|---|---|---|---|")
     print("\n".join(check_rows) + "\n")
     print("GEMV, bytes of the weight format read / time: GB/s (% of ceiling), time per call:\n")
-    print("| shape (N x K) | rows | bf16 cuBLAS | int8 | int4 g128 |\n|---|---|---|---|---|")
+    extra = " bf16 Inductor | int8 Inductor | int4 g128 Inductor |" if inductor else ""
+    print("| shape (N x K) | rows | bf16 cuBLAS | int8 | int4 g128 |" + extra + "\n|---|---|---|---|---|"
+          + "---|---|---|" * inductor)
     print("\n".join(speed_rows) + "\n", flush=True)
     if sweep_rows:
         print("Block-size sweep (block_m, block_n, block_k, num_warps), best per shape, GB/s (% of ceiling), "
@@ -263,15 +295,22 @@ def main():
         print("\n".join(sweep_rows) + "\n", flush=True)
 
     decode_rows, prefills = [], {}
-    for label in ("bf16", "int8", "int4 g128"):
+    for label in args.models.split(","):
+        by_inductor = label.endswith(" Inductor 1-row")
+        if by_inductor and not inductor:
+            continue
         model = build_model(config, device)
-        if label == "int8":
+        if label.startswith("int8"):
             quantize_model(model, "int8")
-        elif label == "int4 g128":
+        elif label.startswith("int4 g128"):
             quantize_model(model, "int4", 128)
         log(f"built {label}")
-        rows, prefills[label] = measure_model(model, config, device, label, batch_sizes, new_tokens, runs,
-                                              ceiling, dry)
+        quant.ONE_ROW_BY_INDUCTOR = by_inductor
+        rows, prefill = measure_model(model, config, device, label, [1] if by_inductor else batch_sizes,
+                                      new_tokens, runs, ceiling, dry)
+        quant.ONE_ROW_BY_INDUCTOR = False
+        if not by_inductor:
+            prefills[label] = prefill
         decode_rows += rows
         del model
         if device.type == "cuda":
@@ -284,7 +323,7 @@ def main():
     print("Prefill, time to first token of a 1024-token prompt (median of 3):\n")
     print("| weights | ms | x bf16 |\n|---|---|---|")
     for label, seconds in prefills.items():
-        print(f"| {label} | {seconds * 1000:.1f} | {seconds / prefills['bf16']:.2f} |")
+        print(f"| {label} | {seconds * 1000:.1f} | {seconds / prefills.get('bf16', seconds):.2f} |")
     log("done")
 
 

@@ -88,6 +88,35 @@ def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(r.float() > v, (v - v.abs() * 2**-8).to(dtype), r)
 
 
+# One activation row inside torch.compile (the batch-1 decode step): the plain expressions below
+# instead of the Triton kernels, for Inductor to turn into one fused reduction per linear (as it does
+# for the bf16 model's GEMVs). Which is faster is measured by benchmarks/quant_bench.py.
+ONE_ROW_BY_INDUCTOR = False
+
+
+def int8_one_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (weight * scales).T -> (M, N) float32, written as a broadcast multiply and sum over K
+    so that Inductor fuses the int8 -> float cast into the reduction (no dequantized matrix)."""
+    return (x.float()[:, None, :] * weight.float()[None]).sum(-1) * scales.float()
+
+
+def int4_one_row(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ W.T for the packed int4 format (see Int4Linear) -> (M, N) float32, as one broadcast
+    multiply and sum: even k are the low nibbles, odd k the high ones."""
+    M, K = x.shape
+    N, groups = scales.shape
+    half = K // groups // 2
+    xs = x.float().view(M, 1, groups, half, 2)
+    codes = packed.view(1, N, groups, half)
+    s, z = scales.float().view(1, N, groups, 1), zeros.float().view(1, N, groups, 1)
+    w_even, w_odd = (codes & 0xF).float() * s + z, (codes >> 4).float() * s + z  # (1, N, groups, half)
+    return (xs[..., 0] * w_even + xs[..., 1] * w_odd).sum((-1, -2))
+
+
+def _by_inductor(x: torch.Tensor, rows: int) -> bool:
+    return ONE_ROW_BY_INDUCTOR and rows == 1 and x.is_cuda and torch.compiler.is_compiling()
+
+
 def _kernels_apply(x: torch.Tensor) -> bool:
     """Whether forward() takes the Triton paths: CUDA tensors (tests patch this to run the kernels
     on the CPU under TRITON_INTERPRET=1)."""
@@ -130,6 +159,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if _by_inductor(x, rows):
+            y = int8_one_row(x.reshape(1, self.in_features), self.weight, self.scales)
+            y = y if self.bias is None else y + self.bias.float()
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if _kernels_apply(x) and rows <= DECODE_MAX_ROWS:
             y = int8_gemv(x.reshape(rows, self.in_features), self.weight, self.scales, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
@@ -214,6 +247,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if _by_inductor(x, rows):
+            y = int4_one_row(x.reshape(1, self.in_features), self.packed, self.scales, self.zeros)
+            y = y if self.bias is None else y + self.bias.float()
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if _kernels_apply(x):
             if rows <= DECODE_MAX_ROWS:
                 y = int4_gemv(x.reshape(rows, self.in_features), self.packed, self.scales, self.zeros, self.bias)

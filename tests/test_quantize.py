@@ -108,6 +108,22 @@ def test_forward_kernel_paths(monkeypatch, kind, rows, dtype):
     _compare(m(x), F.linear(x.float(), m.dequantize(), m.bias.float()).to(dtype))
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_one_row_expressions_match_dequantize_matmul(kind, compiled):
+    """The plain expressions handed to Inductor for one-row decode (ONE_ROW_BY_INDUCTOR), eager and
+    compiled (on the CPU here), compute the module's product. fp32 sums in another order: 1e-5."""
+    linear = random_linear(37, 256, bias=False, seed=3)
+    m = _module(kind, linear)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(4))
+    if kind == "int8":
+        fn, args = quant.int8_one_row, (m.weight, m.scales)
+    else:
+        fn, args = quant.int4_one_row, (m.packed, m.scales, m.zeros)
+    fn = torch.compile(fn, fullgraph=True) if compiled else fn
+    torch.testing.assert_close(fn(x, *args), F.linear(x, m.dequantize()), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not quant.HAVE_TRITON, reason="needs triton")
 def test_kernel_references_agree_with_the_modules():
     from blitzgen.kernels.int4_dequantize import int4_dequantize_ref
