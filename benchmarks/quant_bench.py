@@ -130,6 +130,7 @@ def _int4_product(x, packed, scales, zeros):
     return int4_one_row(x, packed, scales, zeros).to(x.dtype)
 
 
+torch._dynamo.config.recompile_limit = 64  # one compiled product per shape and row count
 _OPTIONS = {"coordinate_descent_tuning": True}  # as Generator compiles the decode step on CUDA
 BF16_COMPILED = torch.compile(_bf16_linear, fullgraph=True, dynamic=False, options=_OPTIONS)
 INT8_COMPILED = torch.compile(_int8_product, fullgraph=True, dynamic=False, options=_OPTIONS)
