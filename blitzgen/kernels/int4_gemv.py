@@ -138,9 +138,11 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 
 
 # Block sizes (block_m, block_n, block_k, num_warps) for one row and for several; block_k is raised
-# to the group size when smaller. Starting points for the sweep in benchmarks/quant_bench.py.
-ONE_ROW = (1, 16, 512, 4)
-MANY_ROWS = (16, 64, 128, 4)
+# to the group size when smaller. The most common best of the sweep in benchmarks/quant_bench.py on an
+# H100 at Llama-2-7B shapes (BENCHMARKS.md, 2026-11-25); split-K as planned with 8 programs per SM.
+ONE_ROW = (1, 64, 128, 4)
+MANY_ROWS = (16, 32, 128, 4)
+PROGRAMS_PER_SM = 8
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -175,7 +177,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         raise BlitzgenError(f"int4_gemv: blocks {block_m, block_n, block_k} must be powers of two, block_k a "
                             f"multiple of the group size {group}")
     if split_k is None:
-        split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+        split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k), PROGRAMS_PER_SM)
     split_k = min(split_k, triton.cdiv(K, block_k))
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
                                         block_m, block_n, block_k, num_warps)

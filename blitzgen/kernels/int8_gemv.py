@@ -123,12 +123,14 @@ def _int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     return y.to(x.dtype)
 
 
-# Block sizes (block_m, block_n, block_k, num_warps) for one row and for several. Starting points
-# to be replaced by the sweep in benchmarks/quant_bench.py once it has run on an H100.
-ONE_ROW = (1, 16, 512, 4)
-MANY_ROWS = (16, 64, 128, 4)
+# Block sizes (block_m, block_n, block_k, num_warps) for one row and for several: the best of the
+# sweep in benchmarks/quant_bench.py on an H100 at Llama-2-7B shapes (BENCHMARKS.md, 2026-11-25):
+# 8 rows of 1 KiB per step for one row, and no split-K at these shapes (the split's fp32 partials and
+# their sum cost more than the extra programs gain once there are about 2 tiles per SM).
+ONE_ROW = (1, 8, 1024, 4)
+MANY_ROWS = (16, 32, 256, 4)
 # Split K until there are about this many programs per SM (or K runs out of blocks).
-PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM = 2
 
 
 def triton_runs_on(x: torch.Tensor) -> bool:
@@ -136,10 +138,10 @@ def triton_runs_on(x: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def plan_split_k(device: torch.device, n_tiles: int, k_blocks: int) -> int:
+def plan_split_k(device: torch.device, n_tiles: int, k_blocks: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """K splits so that n_tiles x splits programs fill the GPU; the blocks divide evenly among them."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    split = max(1, min(k_blocks, triton.cdiv(PROGRAMS_PER_SM * sms, n_tiles)))
+    split = max(1, min(k_blocks, triton.cdiv(programs_per_sm * sms, n_tiles)))
     return triton.cdiv(k_blocks, triton.cdiv(k_blocks, split))  # no split left without a block
 
 
