@@ -444,8 +444,12 @@ def run_sweep(device, ceiling):
         "8 programs/SM": dict(programs_per_sm=8),
         "split_min 64": dict(split_min=64),
         "split_min 512": dict(split_min=512),
+        "block_n 128, stages 4": dict(block_n=128, split_min=256, num_stages=4),
+        "block_n 128, 1 program/SM": dict(block_n=128, split_min=256, programs_per_sm=1),
+        "stages 4, 4 programs/SM": dict(num_stages=4, programs_per_sm=4),
+        "block_n 32, stages 4, 4 programs/SM": dict(block_n=32, split_min=64, num_stages=4, programs_per_sm=4),
     }
-    sizes = [(1, 8 * K), (1, 32 * K), (1, 128 * K), (8, 8 * K), (8, 32 * K)]
+    sizes = [(1, 1 * K), (1, 8 * K), (1, 32 * K), (1, 128 * K), (8, 8 * K), (8, 32 * K)]
     capacity = 128 * K
     cells = {name: {} for name in variants}
     for batch, live in sizes:
