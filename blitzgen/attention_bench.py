@@ -434,7 +434,7 @@ def run_sweep(device, ceiling):
     """Our kernel's launch parameters, one change at a time from the defaults."""
     variants = {
         "defaults": {},
-        "block_n 32": dict(block_n=32, split_min=64),
+        "block_n 64": dict(block_n=64, split_min=128),
         "block_n 128": dict(block_n=128, split_min=256),
         "stages 2": dict(num_stages=2),
         "stages 4": dict(num_stages=4),

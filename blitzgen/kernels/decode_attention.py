@@ -44,25 +44,28 @@ tl.dot streams K/V through shared memory (software-pipelined async copies) and k
 [G_PAD, D] in registers. The 16 / G padding waste is free: decode does ~16 flops per byte read,
 far below an H100's ~300 flops per byte of bandwidth.
 
-H100 tuning (from the sm_90 build; speeds to be confirmed by python -m blitzgen.attention_bench --sweep):
-- BLOCK_N keys per tile such that a K (or V) tile is TILE_BYTES = 16 KiB: 64 keys at D = 128
-  in bf16, 128 at D = 64, 32 at D = 256 or in float32. With num_stages = 3 Triton streams the
-  tiles through shared memory with 16-byte cp.async copies, two K + V tile pairs in flight
-  (~70 KiB of shared memory, 80 registers per thread at num_warps = 4: three programs fit on an
-  SM, none spilling). float32 uses num_warps = 8: its exact "ieee" products run on FMAs and need
-  255+ registers per thread at 4 warps.
+H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-25 session 2):
+- BLOCK_N keys per tile such that a K (or V) tile is TILE_BYTES = 8 KiB: 32 keys at D = 128
+  in bf16, 64 at D = 64, 16 at D = 256 or in float32. With num_stages = 3 Triton streams the
+  tiles through shared memory with 16-byte cp.async copies. In the sweep 32-key tiles matched
+  64-key ones at batch 1 (17.2 against 17.4 us at 8k, 181 against 181 us at 128k) and beat them
+  at batch 8 (92% against 88% of the read ceiling at 8k, 98% against 94% at 32k): more, smaller
+  tiles keep more requests in flight when there are few splits. More stages, more warps, more or
+  fewer programs per SM and 128-key tiles were all slower or no better. float32 uses num_warps = 8:
+  its exact "ieee" products run on FMAs and need 255+ registers per thread at 4 warps.
 - NUM_SPLITS = ceil(PROGRAMS_PER_SM * SMs / (B * Hkv)), at most ceil(S / split_min) and
   MAX_SPLITS: 33 at batch 1 and 5 at batch 8 for Llama-3-8B (8 kv heads) on 132 SMs, about two
   programs per SM. Memory-bound work needs bytes in flight on every SM rather than exact waves,
   and each split costs a 2 KiB partial written and read back.
-- split_min = 2 tiles (128 keys, 64 KiB of K + V at D = 128 in bf16), so the fixed cost of a
-  split (loading q, writing its partial, the merge reading it) stays at a few percent.
+- split_min = 2 tiles (64 keys, 32 KiB of K + V at D = 128 in bf16), so the fixed cost of a
+  split (loading q, writing its partial, the merge reading it) stays small.
 - Loads are vectorised along D: the last dim must be contiguous and its stride is not passed;
   row strides that are multiples of 16 elements let Triton prove 16-byte alignment.
 - One split (large batches): the first kernel writes the output itself; no merge launch.
 The merge kernel (grid (H, B)) loads all of a head's splits at once, [BLOCK_SPLITS, D], hence
 the MAX_SPLITS cap. Fusing it into the first kernel (the last split of a head to finish merges,
-found with an atomic counter) would save a launch, ~2-3 us; not done until a measurement asks.
+found with an atomic counter) would save a launch, ~2-3 us: what batch 1 at 8k still lacks
+(64% of the ceiling, goal 70%), not done yet.
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
@@ -102,7 +105,7 @@ except ImportError:  # a CPU-only install without Triton, or torch < 2.6: the re
 # Triton decides at decoration time whether kernels are compiled or interpreted on the CPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-TILE_BYTES = 16 * 1024  # one K (or V) tile: BLOCK_N = 64 keys at D = 128 in bf16; see the module docstring
+TILE_BYTES = 8 * 1024  # one K (or V) tile: BLOCK_N = 32 keys at D = 128 in bf16; see the module docstring
 SPLIT_MIN_TILES = 2  # fewest tiles per split
 PROGRAMS_PER_SM = 2  # target programs per SM when choosing NUM_SPLITS
 MAX_SPLITS = 128  # the merge kernel holds all splits of a head in registers
