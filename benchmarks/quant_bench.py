@@ -160,6 +160,9 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             "bf16": (module_bytes(linear), lambda w, x: torch.nn.functional.linear(x, w[0]), (linear.weight,)),
             "int8": (module_bytes(m8), lambda w, x, **kw: int8_gemv(x, *w, **kw), (m8.weight, m8.scales)),
             "int4": (module_bytes(m4), lambda w, x, **kw: int4_gemv(x, *w, **kw), (m4.packed, m4.scales, m4.zeros)),
+            # The one-row path before it read codes as int32 words (integer -> float casts), for comparison.
+            "int8 cast": (module_bytes(m8), lambda w, x: int8_gemv(x, *w, words=False), (m8.weight, m8.scales)),
+            "int4 cast": (module_bytes(m4), lambda w, x: int4_gemv(x, *w, words=False), (m4.packed, m4.scales, m4.zeros)),
         }
         if inductor:  # the same products as plain expressions, compiled as the decode step compiles them
             formats["bf16 Inductor"] = (module_bytes(linear), lambda w, x: BF16_COMPILED(x, w[0]), (linear.weight,))
@@ -190,7 +193,7 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             speed_rows.append(f"| {name} | {M} | " + " | ".join(cells) + " |")
         log(f"timed {name}")
         del linear, m8, m4
-    return check_rows, speed_rows, sweep_rows
+    return check_rows, speed_rows, sweep_rows, list(formats)
 
 
 def build_model(config, device):
@@ -279,15 +282,14 @@ def main():
           f"(torch.sum over {'0.01' if dry else '4'} GiB bf16, same run): **{ceiling / 1e12:.2f} TB/s**\n", flush=True)
 
     inductor = not args.no_inductor
-    check_rows, speed_rows, sweep_rows = gemv_tables(shapes, device, ceiling, reps, sweep=not args.no_sweep,
+    check_rows, speed_rows, sweep_rows, columns = gemv_tables(shapes, device, ceiling, reps, sweep=not args.no_sweep,
                                                      inductor=inductor)
     print("Kernels against their references (bf16 activations; max |kernel - ref| / max |ref|):\n")
     print("| shape (N x K) | rows | int8_gemv | int4_gemv g128 | |\n|---|---|---|---|---|")
     print("\n".join(check_rows) + "\n")
     print("GEMV, bytes of the weight format read / time: GB/s (% of ceiling), time per call:\n")
-    extra = " bf16 Inductor | int8 Inductor | int4 g128 Inductor |" if inductor else ""
-    print("| shape (N x K) | rows | bf16 cuBLAS | int8 | int4 g128 |" + extra + "\n|---|---|---|---|---|"
-          + "---|---|---|" * inductor)
+    print("| shape (N x K) | rows | " + " | ".join("bf16 cuBLAS" if c == "bf16" else c for c in columns)
+          + " |\n|---|---|" + "---|" * len(columns))
     print("\n".join(speed_rows) + "\n", flush=True)
     if sweep_rows:
         print("Block-size sweep (block_m, block_n, block_k, num_warps), best per shape, GB/s (% of ceiling), "

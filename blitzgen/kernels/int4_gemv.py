@@ -51,6 +51,62 @@ def int4_gemv_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 
 
 @triton.jit
+def _nibble_times(words, SHIFT: tl.constexpr, x):
+    """(4-bit code of `words` at bit SHIFT, as a float) * x[None, :]. The float32 with bits
+    0x4B000000 | q is 2^23 + q exactly: integer and add instructions at full rate, where casting an
+    integer to float is a quarter-rate instruction on Hopper's CUDA cores."""
+    u = ((words >> SHIFT) & 0xF) | 0x4B000000
+    return (u.to(tl.float32, bitcast=True) - 8388608.0) * x[None, :]
+
+
+@triton.jit
+def _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One activation row. Per group g the sum splits as s_g * sum_k q_k x_k + z_g * sum_k x_k, so
+    the inner loop is one multiply-add per code; scale and zero point are applied once per group.
+    Word i of a row holds codes k = 8i .. 8i + 7 (byte j // 2 of the word, low nibble first)."""
+    NW: tl.constexpr = BLOCK_K // 8  # words per tile row
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    n_groups = K // GROUP
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k_begin = pid_k * k_blocks_per_split * BLOCK_K
+    x_row = x_ptr + pid_m * K
+    offs_j = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(k_blocks_per_split):
+        k0 = k_begin + i * BLOCK_K
+        offs_w = k0 // 8 + tl.arange(0, NW)
+        w_mask = offs_w < K // 8  # K is a multiple of GROUP, so masking is by whole groups
+        words = tl.load(w_ptr + offs_n[:, None] * (K // 8) + offs_w[None, :],
+                        mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BLOCK_N, NW) int32
+        x = tl.load(x_row + offs_w[:, None] * 8 + offs_j[None, :], mask=w_mask[:, None],
+                    other=0.0).to(tl.float32)  # (NW, 8): column j multiplies code j of each word
+        x_e, x_o = tl.split(tl.reshape(x, (NW, 2, 2, 2)))  # codes j = 0, 2, 4, 6 and 1, 3, 5, 7
+        x_e0, x_e1 = tl.split(x_e)  # j = 0, 4 and 2, 6
+        x_o0, x_o1 = tl.split(x_o)  # j = 1, 5 and 3, 7
+        x0, x4 = tl.split(x_e0)
+        x2, x6 = tl.split(x_e1)
+        x1, x5 = tl.split(x_o0)
+        x3, x7 = tl.split(x_o1)
+        t = _nibble_times(words, 0, x0) + _nibble_times(words, 4, x1)
+        t += _nibble_times(words, 8, x2) + _nibble_times(words, 12, x3)
+        t += _nibble_times(words, 16, x4) + _nibble_times(words, 20, x5)
+        t += _nibble_times(words, 24, x6) + _nibble_times(words, 28, x7)  # (BLOCK_N, NW)
+        qx = tl.sum(tl.reshape(t, (BLOCK_N, GROUPS, NW // GROUPS)), axis=2)  # (BLOCK_N, GROUPS)
+        xg = tl.sum(tl.reshape(tl.sum(x, axis=1), (GROUPS, NW // GROUPS)), axis=1)  # (GROUPS,)
+        offs_g = k0 // GROUP + tl.arange(0, GROUPS)
+        g_mask = n_mask[:, None] & (offs_g < n_groups)[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        acc += tl.sum(qx * s + z * xg[None, :], axis=1)
+    tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, acc, mask=n_mask)
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr,  # (M, K) activations, contiguous
     w_ptr,  # (N, K / 2) uint8, two 4-bit codes per byte (even k low nibble, odd k high nibble)
@@ -66,7 +122,11 @@ def _int4_gemv_kernel(
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # K elements per loop step, a multiple of GROUP (BLOCK_K / 2 bytes per row)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
+    WORDS: tl.constexpr,  # one row, w_ptr the packed codes as int32 words (8 codes each)
 ):
+    if WORDS:
+        _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split, GROUP, BLOCK_N, BLOCK_K)
+        return
     HALF: tl.constexpr = BLOCK_K // 2
     GROUPS: tl.constexpr = BLOCK_K // GROUP  # groups per tile row
     pid_n = tl.program_id(0)
@@ -120,16 +180,16 @@ def _int4_gemv_kernel(
 @triton_op("blitzgen::int4_gemv", mutates_args=())
 def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   bias: torch.Tensor | None, split_k: int, block_m: int, block_n: int, block_k: int,
-                  num_warps: int) -> torch.Tensor:
+                  num_warps: int, words: bool) -> torch.Tensor:
     M, K = x.shape
     N = packed.shape[0]
     per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
     wrap_triton(_int4_gemv_kernel)[grid](
-        x, packed, scales, zeros, partial, M, N, K, per_split,
+        x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
         GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_IEEE=x.dtype == torch.float32, num_warps=num_warps,
+        DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
     )
     y = partial.sum(0) if split_k > 1 else partial[0]
     if bias is not None:
@@ -147,10 +207,11 @@ PROGRAMS_PER_SM = 8
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               bias: torch.Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
-              split_k: int | None = None) -> torch.Tensor:
+              split_k: int | None = None, words: bool = True) -> torch.Tensor:
     """y = x @ W.T + bias for x (M, K) and W the int4 matrix (packed, scales, zeros) -> (M, N) in x.dtype.
 
-    blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps).
+    blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
+    words=False turns off the one-row path that reads the codes as int32 words (for comparison).
     Falls back to int4_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or packed.dim() != 2 or 2 * packed.shape[1] != x.shape[1]:
@@ -179,5 +240,6 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     if split_k is None:
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k), PROGRAMS_PER_SM)
     split_k = min(split_k, triton.cdiv(K, block_k))
+    words = words and block_m == 1  # K / 2 bytes a row is a multiple of 16: whole words
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
-                                        block_m, block_n, block_k, num_warps)
+                                        block_m, block_n, block_k, num_warps, words)

@@ -46,6 +46,13 @@ def int8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 
 
 @triton.jit
+def _byte_times(words, SHIFT: tl.constexpr, x):
+    """(byte of `words` at bit SHIFT, sign-flipped, as the int8 code it stands for) * x[None, :]."""
+    u = ((words >> SHIFT) & 0xFF) | 0x4B000000  # bits of the float32 2^23 + u
+    return (u.to(tl.float32, bitcast=True) - 8388736.0) * x[None, :]  # 8388736 = 2^23 + 128
+
+
+@triton.jit
 def _int8_gemv_kernel(
     x_ptr,  # (M, K) activations, contiguous
     w_ptr,  # (N, K) int8 weight codes, contiguous
@@ -59,6 +66,7 @@ def _int8_gemv_kernel(
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # K elements per loop step (bytes per weight row per load)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
+    WORDS: tl.constexpr,  # one row, w_ptr the codes as int32 words (4 per word): convert by bit pattern
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -66,7 +74,32 @@ def _int8_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k_begin = pid_k * k_blocks_per_split * BLOCK_K
-    if BLOCK_M == 1:
+    if WORDS:
+        # One row, codes read as int32 words. Casting int8 to float is a quarter-rate instruction on
+        # Hopper's CUDA cores (16 per clock per SM): at 3 TB/s of codes it would be most of the
+        # chip's conversion rate. Instead each byte b is flipped to u = b ^ 0x80 in [0, 255] and
+        # placed in the mantissa of 2^23: the float32 with bits 0x4B000000 | u is 2^23 + u exactly,
+        # so q = that - (2^23 + 128), with full-rate integer and add instructions.
+        NW: tl.constexpr = BLOCK_K // 4
+        acc = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
+        x_row = x_ptr + pid_m * K
+        offs_j = tl.arange(0, 4)
+        for i in range(k_blocks_per_split):
+            offs_w = (k_begin + i * BLOCK_K) // 4 + tl.arange(0, NW)
+            w_mask = offs_w < K // 4
+            words = tl.load(w_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :],
+                            mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BLOCK_N, NW) int32
+            words = words ^ -2139062144  # 0x80808080: every byte's sign bit flipped
+            x = tl.load(x_row + offs_w[:, None] * 4 + offs_j[None, :], mask=w_mask[:, None],
+                        other=0.0).to(tl.float32)  # (NW, 4): column j multiplies byte j of each word
+            x_even, x_odd = tl.split(tl.reshape(x, (NW, 2, 2)))  # bytes (0, 2) and (1, 3)
+            x0, x2 = tl.split(x_even)
+            x1, x3 = tl.split(x_odd)
+            acc += _byte_times(words, 0, x0) + _byte_times(words, 8, x1)
+            acc += _byte_times(words, 16, x2) + _byte_times(words, 24, x3)
+        scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, tl.sum(acc, axis=1) * scale, mask=n_mask)
+    elif BLOCK_M == 1:
         # One row: multiply-add into a (BLOCK_N, BLOCK_K) register tile, reduced across K only once.
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         x_row = x_ptr + pid_m * K
@@ -105,7 +138,8 @@ def _int8_gemv_kernel(
 
 @triton_op("blitzgen::int8_gemv", mutates_args=())
 def _int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                  split_k: int, block_m: int, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
+                  split_k: int, block_m: int, block_n: int, block_k: int, num_warps: int,
+                  words: bool) -> torch.Tensor:
     M, K = x.shape
     N = weight.shape[0]
     k_blocks = triton.cdiv(K, block_k)
@@ -113,8 +147,8 @@ def _int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
     wrap_triton(_int8_gemv_kernel)[grid](
-        x, weight, scales, partial, M, N, K, per_split,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IEEE=x.dtype == torch.float32,
+        x, weight.view(torch.int32) if words else weight, scales, partial, M, N, K, per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IEEE=x.dtype == torch.float32, WORDS=words,
         num_warps=num_warps,
     )
     y = partial.sum(0) if split_k > 1 else partial[0]
@@ -146,10 +180,12 @@ def plan_split_k(device: torch.device, n_tiles: int, k_blocks: int, programs_per
 
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-              *, blocks: tuple[int, int, int, int] | None = None, split_k: int | None = None) -> torch.Tensor:
+              *, blocks: tuple[int, int, int, int] | None = None, split_k: int | None = None,
+              words: bool = True) -> torch.Tensor:
     """y = (x @ weight.T) * scales + bias for x (M, K), weight (N, K) int8 -> (M, N) in x.dtype.
 
-    blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps).
+    blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
+    words=False turns off the one-row path's reading of the codes as int32 words (for comparison).
     Falls back to int8_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -171,5 +207,6 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     if split_k is None:
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     split_k = min(split_k, triton.cdiv(K, block_k))
+    words = words and block_m == 1 and K % 4 == 0 and block_k >= 4
     return torch.ops.blitzgen.int8_gemv(x.contiguous(), weight.contiguous(), scales, bias, split_k,
-                                        block_m, block_n, block_k, num_warps)
+                                        block_m, block_n, block_k, num_warps, words)
