@@ -90,7 +90,9 @@ def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # One activation row inside torch.compile (the batch-1 decode step): the plain expressions below
 # instead of the Triton kernels, for Inductor to turn into one fused reduction per linear (as it does
-# for the bf16 model's GEMVs). Which is faster is measured by benchmarks/quant_bench.py.
+# for the bf16 model's GEMVs). benchmarks/quant_bench.py measures both; on an H100 the int8 products
+# alone ran faster this way at most shapes, but the whole decode step slower (213 against 259
+# tokens/s, BENCHMARKS.md), so it is off.
 ONE_ROW_BY_INDUCTOR = False
 
 
