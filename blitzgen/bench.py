@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from torch._dynamo.utils import counters as compile_counters
+
 from blitzgen.checkpoint import load_model
 from blitzgen.config import PRESETS, ModelConfig
 from blitzgen.errors import BlitzgenError
@@ -193,6 +195,21 @@ def profile_step(gen: Generator, prompt_len: int, steps: int, top: int = 15) -> 
              "share": 100 * time_of(e) / total} for e in events[:top]]
 
 
+def cache_counts() -> dict[str, int]:
+    """What the compile caches did since compile_counters.clear(): FX graph and AOTAutograd cache hits
+    and misses, and how many kernel configurations Inductor benchmarked (autotuning, coordinate
+    descent): a warm start should hit every cache and benchmark nothing."""
+    inductor, aot = compile_counters["inductor"], compile_counters["aot_autograd"]
+    return {
+        "fx_graph_hits": inductor["fxgraph_cache_hit"],
+        "fx_graph_misses": inductor["fxgraph_cache_miss"],
+        "aot_autograd_hits": aot["autograd_cache_hit"],
+        "aot_autograd_misses": aot["autograd_cache_miss"],
+        "configs_benchmarked": sum(n for key, n in inductor.items() if key.startswith("benchmarking."))
+        + inductor["coordesc_tuning_bench"],
+    }
+
+
 def run(args) -> dict:
     """Measure everything `args` asks for; returns the results as a JSON-ready dict."""
     device = resolve_device(args.device)
@@ -264,10 +281,12 @@ def run(args) -> dict:
         gen = generator()
         prompt = list(range(1, args.prompt_len + 1))
         params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+        compile_counters.clear()
         t1 = time.perf_counter()
         events = gen.stream([prompt], params)
         next(events)  # first token: compile + capture happen before it
         res["compile_s"] = time.perf_counter() - t1
+        res["compile_caches"] = cache_counts()
         res["cold_start_s"] = res["load_s"] + res["compile_s"]
         for _ in events:
             pass
@@ -348,6 +367,10 @@ def format_table(res: dict) -> str:
         "| GEMV roof tokens/s | roof % of read |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if any(res.get("compile_caches", {}).values()):
+        lines.insert(3, "compile caches: FX graph {fx_graph_hits} hits / {fx_graph_misses} misses, AOTAutograd "
+                     "{aot_autograd_hits} / {aot_autograd_misses}; kernel configurations benchmarked "
+                     "{configs_benchmarked}".format(**res["compile_caches"]))
     for r in res["decode"]:
         lines.append(
             f"| {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | {r['total_tokens_per_s']:.0f} | "

@@ -17,6 +17,7 @@ def test_bench_reports_every_phase(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["read_tbps"] > 0 and res["copy_tbps"] > 0
     assert res["cold_start_s"] >= res["compile_s"] > 0
+    assert res["compile_caches"]["fx_graph_misses"] == 0  # a CPU decode step is not compiled
     assert res["ttft_ms"]["8"] > 0 and res["ttft_ms"]["600"] is None  # 600 > the built-in model's 512 context
     assert [r["batch"] for r in res["decode"]] == [1, 2] and [r["batch"] for r in res["eager"]] == [1, 2]
     for r in res["decode"]:
@@ -29,6 +30,28 @@ def test_bench_reports_every_phase(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| kernel (batch 1 decode step) |" in table
     assert "| 1 |" in table and "| 2 |" in table and "streaming read" in table
+
+
+def test_cache_counts_see_a_warm_compile_hit_the_caches():
+    """What bench reports about the compile caches: a second compile of the same graph (dynamo reset,
+    the process's Inductor cache warm from the first) hits the FX graph and AOTAutograd caches."""
+    from blitzgen.bench import cache_counts, compile_counters
+
+    def fn(x):
+        return (x * 3).cos().sum(-1)
+
+    x = torch.randn(4, 8)
+    compile_counters.clear()
+    torch._dynamo.reset()
+    torch.compile(fn)(x)
+    first = cache_counts()
+    assert first["fx_graph_hits"] + first["fx_graph_misses"] == 1
+    compile_counters.clear()
+    torch._dynamo.reset()
+    torch.compile(fn)(x)
+    second = cache_counts()
+    assert second["fx_graph_hits"] == 1 and second["fx_graph_misses"] == 0
+    assert second["aot_autograd_hits"] == 1 and second["configs_benchmarked"] == 0
 
 
 def test_bench_rejects_bad_arguments(capsys):
