@@ -386,6 +386,49 @@ class Generator:
         self.last_stats.prefilled_tokens += len(tokens) - start
         return torch.cat(pieces) if all_logits else logits[0, -1].float()
 
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """prefill() of several slots at once: (n, V) float32 logits of each prompt's last token.
+
+        The prompts go through the model together, one padded (n, T) forward per round of chunks
+        (round r: each prompt's r-th chunk after the prefix its slot already holds), rather than one
+        forward per prompt: fewer, larger launches, which is what a burst of requests needs. Padding
+        tokens sit after a prompt's own tokens in this round, so causal attention never lets a real
+        token see them, and the K/V they write lands past the prompt's end (rewritten before it is
+        ever read). Where that would run past a slot's capacity, the prompts go one by one."""
+        if len(slots) == 1:
+            return self.prefill(slots[0], prompts[0])[None]
+        cache, window = self.cache, self.config.sliding_window
+        starts = [min(common_prefix(self.slot_tokens[s], p), len(p) - 1) for s, p in zip(slots, prompts)]
+        rounds = []  # per round: [(row, begin, end)]
+        for r in range(max(-(-(len(p) - b) // PREFILL_CHUNK) for p, b in zip(prompts, starts))):
+            chunks = [(j, b + r * PREFILL_CHUNK, min(b + (r + 1) * PREFILL_CHUNK, len(p)))
+                      for j, (p, b) in enumerate(zip(prompts, starts)) if b + r * PREFILL_CHUNK < len(p)]
+            rounds.append(chunks)
+        if any(begin + max(e - b for _, b, e in chunks) > cache.max_seq_len for chunks in rounds
+               for _, begin, _ in chunks):
+            return torch.stack([self.prefill(s, p) for s, p in zip(slots, prompts)])
+        logits = [None] * len(prompts)
+        for chunks in rounds:
+            T = max(end - begin for _, begin, end in chunks)
+            rows = torch.tensor([slots[j] for j, _, _ in chunks], device=self.device)
+            tokens = torch.tensor([prompts[j][begin:end] + [0] * (T - (end - begin)) for j, begin, end in chunks],
+                                  dtype=torch.int64, device=self.device)  # (A, T), padded with token 0
+            begins = torch.tensor([begin for _, begin, _ in chunks], device=self.device)
+            positions = begins[:, None] + torch.arange(T, device=self.device)  # (A, T)
+            kv_len = max(begin for _, begin, _ in chunks) + T
+            last = torch.tensor([end - 1 - begin for _, begin, end in chunks], device=self.device)
+            out = self.model(tokens, positions, cache, slots=rows, kv_len=kv_len,
+                             causal_from_zero=all(b == 0 for _, b, _ in chunks) and (window is None or T <= window),
+                             last_index=last)  # (A, 1, V)
+            for a, (j, _, end) in enumerate(chunks):
+                if end == len(prompts[j]):
+                    logits[j] = out[a, 0].float()
+        for s, p, start in zip(slots, prompts, starts):
+            cache.lengths[s] = len(p)
+            self.slot_tokens[s] = list(p)
+            self.last_stats.prefilled_tokens += len(p) - start
+        return torch.stack(logits)
+
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """(T, V) float32 logits of every position of `tokens`, run from position 0 in cache slot 0
         (whatever the slot held is dropped). For scoring text (evaluate.py)."""
@@ -503,8 +546,9 @@ class Generator:
         step = self._step(greedy) if steps_left > 0 else None
 
         firsts = []
+        all_logits = self.prefill_many(list(range(B)), prompts)  # (B, V)
         for i, prompt in enumerate(prompts):
-            logits = self.prefill(i, prompt)[None]  # (1, V)
+            logits = all_logits[i : i + 1]  # (1, V)
             row = {k: v[i : i + 1] for k, v in sampling.items()}
             first = self._first_token(logits, len(prompt), params[i], row)
             if step is not None:
@@ -565,25 +609,38 @@ class Generator:
             self._slot_step.prepare(rows)  # compile / capture every row count now, not while serving
         self._slot_logprob_rows: list[list[float]] = [[0.0] * (1 + 2 * (top_logprobs or 0))] * self.cache.batch_size
 
-    @torch.no_grad()
-    def add_sequence(self, slot: int, prompt: list[int], params: SamplingParams) -> int:
-        """Prefill `prompt` into `slot` (reusing what the slot already holds) and return its first
-        token, which is also the slot's next input."""
+    def check_sequence(self, prompt: list[int], params: SamplingParams) -> list[int]:
+        """Raise a BlitzgenError if add_sequence() would refuse this request; the prompt's ids."""
         params.validate()
         (prompt,) = self._check_prompts([prompt], [params], truncate=False)
         if len(prompt) + params.max_new_tokens > self.cache.max_seq_len:
             raise BlitzgenError(f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} "
                                 f"exceeds the {self.cache.max_seq_len} tokens of a slot")
-        self.last_stats = GenerationStats(prompt_tokens=len(prompt))
-        logits = self.prefill(slot, prompt)[None]  # (1, V)
-        row = params_to_tensors([params], self.device)
-        first = self._first_token(logits, len(prompt), params, row)
-        self._slot_step.set_row(slot, first[0], row)
-        self._slot_lengths[slot] = len(prompt)
-        if self._slot_step.logprobs is not None:
-            k = (self._slot_step.logprobs.shape[1] - 1) // 2
-            self._slot_logprob_rows[slot] = token_logprobs(logits, first, k)[0].tolist()
-        return int(first[0])
+        return prompt
+
+    @torch.no_grad()
+    def add_sequence(self, slot: int, prompt: list[int], params: SamplingParams) -> int:
+        """Prefill `prompt` into `slot` (reusing what the slot already holds) and return its first
+        token, which is also the slot's next input."""
+        return self.add_sequences([slot], [prompt], [params])[0]
+
+    @torch.no_grad()
+    def add_sequences(self, slots: list[int], prompts: list[list[int]], params: list[SamplingParams]) -> list[int]:
+        """add_sequence() for several free slots at once, prefilled together (prefill_many)."""
+        prompts = [self.check_sequence(p, q) for p, q in zip(prompts, params)]
+        self.last_stats = GenerationStats(prompt_tokens=sum(map(len, prompts)), batch_size=len(prompts))
+        logits = self.prefill_many(slots, prompts)  # (n, V)
+        firsts = []
+        for j, (slot, prompt, p) in enumerate(zip(slots, prompts, params)):
+            row = params_to_tensors([p], self.device)
+            first = self._first_token(logits[j : j + 1], len(prompt), p, row)
+            self._slot_step.set_row(slot, first[0], row)
+            self._slot_lengths[slot] = len(prompt)
+            if self._slot_step.logprobs is not None:
+                k = (self._slot_step.logprobs.shape[1] - 1) // 2
+                self._slot_logprob_rows[slot] = token_logprobs(logits[j : j + 1], first, k)[0].tolist()
+            firsts.append(first)
+        return torch.cat(firsts).tolist()
 
     @torch.no_grad()
     def _step_rows(self, rows: int) -> int:

@@ -88,6 +88,8 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,  # (B, S, Hkv, D)
         mask: torch.Tensor | None,  # (B, 1, T, kv_len); None for plain causal from position 0, or T == 1
         kv_len: int,  # how many cache positions to attend over (a host-side bound)
+        rows: torch.Tensor | None = None,  # (B, 1): k_cache / v_cache are a whole layer and these are the
+        # sequences' cache rows (a batched prefill of scattered slots); None: row b is sequence b
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -99,18 +101,24 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-        k_cache.index_put_((rows, positions), k)  # k_cache[b, positions[b, t]] = k[b, t]
+        gathered = rows is not None
+        if not gathered:
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+        k_cache.index_put_((rows, positions), k)  # k_cache[rows[b], positions[b, t]] = k[b, t]
         v_cache.index_put_((rows, positions), v)
 
-        keys, values = k_cache[:, :kv_len], v_cache[:, :kv_len]  # (B, kv_len, Hkv, D)
+        if gathered:  # copies of the sequences' rows, read after the writes above
+            keys, values = k_cache[rows[:, 0], :kv_len], v_cache[rows[:, 0], :kv_len]  # (B, kv_len, Hkv, D)
+        else:
+            keys, values = k_cache[:, :kv_len], v_cache[:, :kv_len]  # (B, kv_len, Hkv, D)
         if T == 1:
             # The query at position p sees keys at positions <= p: p + 1 live keys, a device tensor, so
             # one captured graph serves every length. The kernel reads only those; the reference
             # reads all kv_len under a mask.
             lengths = positions[:, 0] + 1  # (B,)
             if self.decode_kernel:
-                out = decode_attention(q[:, 0], k_cache, v_cache, lengths, self.sliding_window)  # (B, H, D)
+                k_src, v_src = (keys, values) if gathered else (k_cache, v_cache)
+                out = decode_attention(q[:, 0], k_src, v_src, lengths, self.sliding_window)  # (B, H, D)
             else:
                 out = decode_attention_ref(q[:, 0], keys, values, lengths, self.sliding_window)
             out = out.view(B, 1, H * D)
@@ -153,8 +161,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, k_cache, v_cache, mask, kv_len)
+    def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, k_cache, v_cache, mask, kv_len, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -175,10 +183,12 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,  # (B, T) int64
         positions: torch.Tensor,  # (B, T) int64, each row's cache positions for these tokens
         cache: KVCache,
-        slots: slice = slice(None),  # which cache rows these B sequences occupy
+        slots: slice | torch.Tensor = slice(None),  # which cache rows these B sequences occupy: a slice, or
+        # (B,) row indices (batched prefill of scattered slots: each layer's rows are gathered, not viewed)
         kv_len: int | None = None,  # attend over cache[:kv_len]; a bound on positions + 1. None: whole cache
         causal_from_zero: bool = False,  # every row starts at position 0 with no window: use plain causal SDPA
         last_only: bool = False,  # logits of the last token only (prefill), saves a (T, V) product
+        last_index: torch.Tensor | None = None,  # (B,): logits at each row's own index instead (padded rows)
         run_block=None,  # calls a Block; the Generator passes one compiled call that every layer shares
     ) -> torch.Tensor:
         kv_len = cache.max_seq_len if kv_len is None else kv_len
@@ -190,7 +200,12 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         run_block = run_block or Block.__call__
         for i, layer in enumerate(self.layers):
-            x = run_block(layer, x, cos, sin, positions, cache.k[i, slots], cache.v[i, slots], mask, kv_len)
-        if last_only:
+            if isinstance(slots, torch.Tensor):
+                x = run_block(layer, x, cos, sin, positions, cache.k[i], cache.v[i], mask, kv_len, slots[:, None])
+            else:
+                x = run_block(layer, x, cos, sin, positions, cache.k[i, slots], cache.v[i, slots], mask, kv_len)
+        if last_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]  # (B, 1, C)
+        elif last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))  # (B, T or 1, V)

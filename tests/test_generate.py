@@ -397,3 +397,54 @@ def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models
     for compile in (False, True):
         done = generator_for(path, attention_kernel=True, compile=compile).generate(prompts, greedy(12))
         assert [c.token_ids for c in done] == [hf_greedy(hf_model, p, 12) for p in prompts], compile
+
+
+# ---- batched prefill ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["llama_gqa2", "mistral_window", "qwen3"])
+@pytest.mark.parametrize("chunk", [5, 2048])
+def test_prefill_many_equals_one_by_one(tiny_models, variant, chunk, monkeypatch):
+    """Prompts prefilled together (padded rounds of chunks; chunk 5 makes them differ in rounds, and
+    crosses mistral's 8-token window) give the same last-token logits and the same live K/V as the
+    same prompts prefilled one at a time, including a slot that reuses a cached prefix and a prompt
+    whose only new token is its last. fp32: the same products in other batch shapes, 1e-5."""
+    monkeypatch.setattr(blitzgen.generate, "PREFILL_CHUNK", chunk)
+    _, path = tiny_models(variant)
+    prompts = make_prompts([23, 1, 40, 9], seed=3)
+    prefix = make_prompts([12], seed=4)[0]
+    prompts[3] = prefix + prompts[3]  # slot 3 will hold `prefix` already
+    gens = [generator_for(path), generator_for(path)]
+    for gen in gens:
+        gen._ensure_cache(5, 64)
+        gen.prefill(3, prefix)
+        gen.prefill(4, prompts[2][:39] + [7])  # slot 4 holds all but the last token of a prompt
+    slots = [0, 1, 2, 3, 4]
+    batch = prompts + [prompts[2][:39] + [8]]
+    monkeypatch.setattr(gens[0], "prefill", None)  # batched: never the one-by-one fallback
+    together = gens[0].prefill_many(slots, batch)
+    alone = torch.stack([gens[1].prefill(s, p) for s, p in zip(slots, batch)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    for s, p in zip(slots, batch):
+        n = len(p)
+        for a, b in ((gens[0].cache.k, gens[1].cache.k), (gens[0].cache.v, gens[1].cache.v)):
+            torch.testing.assert_close(a[:, s, :n], b[:, s, :n], atol=1e-5, rtol=1e-5)
+        assert int(gens[0].cache.lengths[s]) == n and gens[0].slot_tokens[s] == p
+
+
+def test_prefill_many_past_a_slots_capacity_goes_one_by_one(tiny_models, monkeypatch):
+    """A short prompt padded to a long one's length would write past its slot's end when it starts
+    deep in a cached prefix: the prompts then go one by one, with the same result."""
+    monkeypatch.setattr(blitzgen.generate, "PREFILL_CHUNK", 2048)
+    _, path = tiny_models("llama_gqa2")
+    gen, ref = generator_for(path), generator_for(path)
+    long_prefix = make_prompts([250], seed=5)[0]
+    for g in (gen, ref):
+        g._ensure_cache(2, 256)
+        g.prefill(0, long_prefix)
+    batch = [long_prefix + [3, 4, 5], make_prompts([60], seed=6)[0]]  # row 0 begins at 250, padded to 60
+    calls = []
+    one = gen.prefill
+    monkeypatch.setattr(gen, "prefill", lambda slot, p: calls.append(slot) or one(slot, p))
+    torch.testing.assert_close(gen.prefill_many([0, 1], batch),
+                               torch.stack([ref.prefill(0, batch[0]), ref.prefill(1, batch[1])]), atol=1e-5, rtol=1e-5)
+    assert calls == [0, 1]
