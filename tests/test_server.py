@@ -467,15 +467,20 @@ def test_api_key_guards_every_v1_route():
 
 def test_the_engine_survives_a_failing_request(served, http):
     generator = served.engine.generator
-    add_sequence, step = generator.add_sequence, generator.step
-    poison = 4095  # a prompt starting with this id makes prefill fail
+    add_sequence, add_sequences, step = generator.add_sequence, generator.add_sequences, generator.step
+    poison = 4095  # a prompt starting with this id makes prefill fail: the batch, then the request alone
 
     def failing_add(slot, prompt, params):
         if prompt[0] == poison:
             raise RuntimeError("injected prefill failure")
         return add_sequence(slot, prompt, params)
 
-    generator.add_sequence = failing_add
+    def failing_batch(slots, prompts, params):
+        if any(p[0] == poison for p in prompts):
+            raise RuntimeError("injected batched prefill failure")
+        return add_sequences(slots, prompts, params)
+
+    generator.add_sequence, generator.add_sequences = failing_add, failing_batch
     try:
         response = http.post("/v1/completions", json={"prompt": [poison, 5], "max_tokens": 3})
         assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
@@ -485,7 +490,7 @@ def test_the_engine_survives_a_failing_request(served, http):
         assert events == [{"error": {"message": events[0]["error"]["message"], "type": "server_error",
                                      "param": None, "code": None}}]
     finally:
-        del generator.add_sequence
+        del generator.add_sequence, generator.add_sequences
 
     def failing_step(rows=None):
         del generator.step  # fail once
