@@ -236,9 +236,13 @@ def test_logprobs_match_transformers(served, reference):
 # ---- continuous batching -----------------------------------------------------------------------------
 
 
-def test_32_concurrent_greedy_requests_equal_each_alone(served):
+@pytest.mark.parametrize("batch_prefill", [False, True])
+def test_32_concurrent_greedy_requests_equal_each_alone(served, batch_prefill, monkeypatch):
     """Batching changes nothing but speed: 32 requests with different prompts and lengths, more than
-    the 8 slots, sent at once (half of them streaming), each return exactly what they return alone."""
+    the 8 slots, sent at once (half of them streaming), each return exactly what they return alone;
+    with the new sequences of a step boundary prefilled one by one (the CPU default) or together
+    (the GPU default)."""
+    monkeypatch.setattr(served.engine, "batch_prefill", batch_prefill)
     client = served.client(timeout=300)
     requests = [dict(prompt=p, max_tokens=4 + (7 * i) % 37, stream=i % 2 == 1) for i, p in enumerate(PROMPTS)]
 
@@ -481,6 +485,7 @@ def test_the_engine_survives_a_failing_request(served, http):
         return add_sequences(slots, prompts, params)
 
     generator.add_sequence, generator.add_sequences = failing_add, failing_batch
+    served.engine.batch_prefill = True  # the batch fails, then the request alone
     try:
         response = http.post("/v1/completions", json={"prompt": [poison, 5], "max_tokens": 3})
         assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
@@ -491,6 +496,7 @@ def test_the_engine_survives_a_failing_request(served, http):
                                      "param": None, "code": None}}]
     finally:
         del generator.add_sequence, generator.add_sequences
+        served.engine.batch_prefill = False
 
     def failing_step(rows=None):
         del generator.step  # fail once

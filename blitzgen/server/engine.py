@@ -100,6 +100,12 @@ class Engine:
     ):
         self.generator, self.metrics = generator, metrics
         self.max_batch_size, self.top_logprobs = max_batch_size, top_logprobs
+        # New sequences of a step boundary prefilled in one batch (add_sequences) on a GPU, where a
+        # short prompt's eager prefill costs mostly launches, so a batch costs little more than one
+        # prompt. On a CPU the batch costs as much as the prompts one by one, and each first token
+        # would wait for the whole batch: measured with the default model at 32 streams, aggregate
+        # +20% but median time to first token +60%, so one by one there (BENCHMARKS.md).
+        self.batch_prefill = generator.device.type == "cuda"
         self._open_slots()
         self.scheduler = Scheduler(max_batch_size, max_queue, max_prefill_tokens)
         self._cond = threading.Condition()  # guards the scheduler and `Choice.done`
@@ -183,7 +189,16 @@ class Engine:
             except Exception as exc:
                 log.exception("request refused in prefill")
                 self._fail(choice.request, exc)
-        if admitted:
+        if admitted and not self.batch_prefill:
+            for slot, choice in admitted:
+                try:
+                    token = generator.add_sequence(slot, choice.prompt, choice.params)
+                    self._emit(choice, token, generator.slot_logprobs(slot) if choice.request.want_logprobs else None)
+                except Exception as exc:
+                    log.exception("request failed in prefill")
+                    self._fail(choice.request, exc)
+                self._flush()  # its first token goes out now, not after the other prefills and the step
+        elif admitted:
             try:
                 tokens = generator.add_sequences([s for s, _ in admitted], [c.prompt for _, c in admitted],
                                                  [c.params for _, c in admitted])
