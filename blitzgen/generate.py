@@ -387,46 +387,40 @@ class Generator:
         return torch.cat(pieces) if all_logits else logits[0, -1].float()
 
     def prefill_many(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """prefill() of several slots at once: (n, V) float32 logits of each prompt's last token.
+        """prefill() of several slots: (n, V) float32 logits of each prompt's last token.
 
-        The prompts go through the model together, one padded (n, T) forward per round of chunks
-        (round r: each prompt's r-th chunk after the prefix its slot already holds), rather than one
-        forward per prompt: fewer, larger launches, which is what a burst of requests needs. Padding
-        tokens sit after a prompt's own tokens in this round, so causal attention never lets a real
-        token see them, and the K/V they write lands past the prompt's end (rewritten before it is
-        ever read). Where that would run past a slot's capacity, the prompts go one by one."""
-        if len(slots) == 1:
-            return self.prefill(slots[0], prompts[0])[None]
+        Prompts whose new part (after the prefix their slot already holds) fits one chunk go through
+        the model together, in one (n, T) forward padded to the longest, rather than one forward each:
+        a short prompt's eager prefill costs mostly kernel launches on a GPU, so a burst of requests
+        costs little more than one. Padding sits after a prompt's own tokens, so causal attention
+        never lets a real token see it, and the K/V it writes lands past the prompt's end (rewritten
+        before it is ever read). Longer prompts (compute-bound: nothing to gain), and any whose padding
+        would pass its slot's end, are prefilled one by one."""
         cache, window = self.cache, self.config.sliding_window
         starts = [min(common_prefix(self.slot_tokens[s], p), len(p) - 1) for s, p in zip(slots, prompts)]
-        rounds = []  # per round: [(row, begin, end)]
-        for r in range(max(-(-(len(p) - b) // PREFILL_CHUNK) for p, b in zip(prompts, starts))):
-            chunks = [(j, b + r * PREFILL_CHUNK, min(b + (r + 1) * PREFILL_CHUNK, len(p)))
-                      for j, (p, b) in enumerate(zip(prompts, starts)) if b + r * PREFILL_CHUNK < len(p)]
-            rounds.append(chunks)
-        if any(begin + max(e - b for _, b, e in chunks) > cache.max_seq_len for chunks in rounds
-               for _, begin, _ in chunks):
-            return torch.stack([self.prefill(s, p) for s, p in zip(slots, prompts)])
+        short = [j for j, (p, b) in enumerate(zip(prompts, starts)) if len(p) - b <= PREFILL_CHUNK]
+        T = max((len(prompts[j]) - starts[j] for j in short), default=0)
+        together = [j for j in short if starts[j] + T <= cache.max_seq_len]
+        if len(together) < 2:
+            together = []
         logits = [None] * len(prompts)
-        for chunks in rounds:
-            T = max(end - begin for _, begin, end in chunks)
-            rows = torch.tensor([slots[j] for j, _, _ in chunks], device=self.device)
-            tokens = torch.tensor([prompts[j][begin:end] + [0] * (T - (end - begin)) for j, begin, end in chunks],
+        for j in sorted(set(range(len(prompts))) - set(together)):
+            logits[j] = self.prefill(slots[j], prompts[j])
+        if together:
+            begins = [starts[j] for j in together]
+            tokens = torch.tensor([prompts[j][b:] + [0] * (T - (len(prompts[j]) - b)) for j, b in zip(together, begins)],
                                   dtype=torch.int64, device=self.device)  # (A, T), padded with token 0
-            begins = torch.tensor([begin for _, begin, _ in chunks], device=self.device)
-            positions = begins[:, None] + torch.arange(T, device=self.device)  # (A, T)
-            kv_len = max(begin for _, begin, _ in chunks) + T
-            last = torch.tensor([end - 1 - begin for _, begin, end in chunks], device=self.device)
-            out = self.model(tokens, positions, cache, slots=rows, kv_len=kv_len,
-                             causal_from_zero=all(b == 0 for _, b, _ in chunks) and (window is None or T <= window),
+            positions = torch.tensor(begins, device=self.device)[:, None] + torch.arange(T, device=self.device)
+            last = torch.tensor([len(prompts[j]) - 1 - b for j, b in zip(together, begins)], device=self.device)
+            out = self.model(tokens, positions, cache, slots=torch.tensor([slots[j] for j in together], device=self.device),
+                             kv_len=max(begins) + T,
+                             causal_from_zero=max(begins) == 0 and (window is None or T <= window),
                              last_index=last)  # (A, 1, V)
-            for a, (j, _, end) in enumerate(chunks):
-                if end == len(prompts[j]):
-                    logits[j] = out[a, 0].float()
-        for s, p, start in zip(slots, prompts, starts):
-            cache.lengths[s] = len(p)
-            self.slot_tokens[s] = list(p)
-            self.last_stats.prefilled_tokens += len(p) - start
+            for a, j in enumerate(together):
+                logits[j] = out[a, 0].float()
+                cache.lengths[slots[j]] = len(prompts[j])
+                self.slot_tokens[slots[j]] = list(prompts[j])
+                self.last_stats.prefilled_tokens += len(prompts[j]) - starts[j]
         return torch.stack(logits)
 
     def logits(self, tokens: list[int]) -> torch.Tensor:

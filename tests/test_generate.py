@@ -404,10 +404,10 @@ def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models
 @pytest.mark.parametrize("variant", ["llama_gqa2", "mistral_window", "qwen3"])
 @pytest.mark.parametrize("chunk", [5, 2048])
 def test_prefill_many_equals_one_by_one(tiny_models, variant, chunk, monkeypatch):
-    """Prompts prefilled together (padded rounds of chunks; chunk 5 makes them differ in rounds, and
-    crosses mistral's 8-token window) give the same last-token logits and the same live K/V as the
-    same prompts prefilled one at a time, including a slot that reuses a cached prefix and a prompt
-    whose only new token is its last. fp32: the same products in other batch shapes, 1e-5."""
+    """Prompts prefilled together (one padded forward) give the same last-token logits and the same
+    live K/V as the same prompts prefilled one at a time, including a slot that reuses a cached prefix
+    and a prompt whose only new token is its last; with chunk 5 the prompts with more new tokens than
+    that go one by one and the rest still together. fp32: the same products in other batch shapes, 1e-5."""
     monkeypatch.setattr(blitzgen.generate, "PREFILL_CHUNK", chunk)
     _, path = tiny_models(variant)
     prompts = make_prompts([23, 1, 40, 9], seed=3)
@@ -420,8 +420,11 @@ def test_prefill_many_equals_one_by_one(tiny_models, variant, chunk, monkeypatch
         gen.prefill(4, prompts[2][:39] + [7])  # slot 4 holds all but the last token of a prompt
     slots = [0, 1, 2, 3, 4]
     batch = prompts + [prompts[2][:39] + [8]]
-    monkeypatch.setattr(gens[0], "prefill", None)  # batched: never the one-by-one fallback
+    alone_slots, one = [], gens[0].prefill
+    monkeypatch.setattr(gens[0], "prefill", lambda slot, p: alone_slots.append(slot) or one(slot, p))
     together = gens[0].prefill_many(slots, batch)
+    new_tokens = [23, 1, 40, 9, 1]  # what each slot does not hold yet
+    assert sorted(alone_slots) == [s for s, n in zip(slots, new_tokens) if n > chunk]
     alone = torch.stack([gens[1].prefill(s, p) for s, p in zip(slots, batch)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     for s, p in zip(slots, batch):
@@ -433,7 +436,8 @@ def test_prefill_many_equals_one_by_one(tiny_models, variant, chunk, monkeypatch
 
 def test_prefill_many_past_a_slots_capacity_goes_one_by_one(tiny_models, monkeypatch):
     """A short prompt padded to a long one's length would write past its slot's end when it starts
-    deep in a cached prefix: the prompts then go one by one, with the same result."""
+    deep in a cached prefix: that prompt goes alone (and so, with one left, does the other), with the
+    same result."""
     monkeypatch.setattr(blitzgen.generate, "PREFILL_CHUNK", 2048)
     _, path = tiny_models("llama_gqa2")
     gen, ref = generator_for(path), generator_for(path)
