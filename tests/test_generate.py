@@ -402,18 +402,20 @@ def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models
 # ---- batched prefill ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["llama_gqa2", "mistral_window", "qwen3"])
-@pytest.mark.parametrize("chunk", [5, 2048])
-def test_prefill_many_equals_one_by_one(tiny_models, variant, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk, kernel", [(5, False), (5, True), (2048, False)])
+def test_prefill_many_equals_one_by_one(tiny_models, variant, chunk, kernel, monkeypatch):
     """Prompts prefilled together (one padded forward) give the same last-token logits and the same
     live K/V as the same prompts prefilled one at a time, including a slot that reuses a cached prefix
     and a prompt whose only new token is its last; with chunk 5 the prompts with more new tokens than
-    that go one by one and the rest still together. fp32: the same products in other batch shapes, 1e-5."""
+    that go one by one and the rest still together: slots 1 and 4, one new token each, which is the
+    decode attention path (kernel=True: the split-KV kernel, interpreted, on the gathered rows).
+    fp32: the same products in other batch shapes, 1e-5."""
     monkeypatch.setattr(blitzgen.generate, "PREFILL_CHUNK", chunk)
     _, path = tiny_models(variant)
     prompts = make_prompts([23, 1, 40, 9], seed=3)
     prefix = make_prompts([12], seed=4)[0]
     prompts[3] = prefix + prompts[3]  # slot 3 will hold `prefix` already
-    gens = [generator_for(path), generator_for(path)]
+    gens = [generator_for(path, attention_kernel=kernel), generator_for(path)]
     for gen in gens:
         gen._ensure_cache(5, 64)
         gen.prefill(3, prefix)
