@@ -510,6 +510,49 @@ def test_the_engine_survives_a_failing_request(served, http):
     assert good.usage.completion_tokens == 5 and http.get("/health").status_code == 200
 
 
+def test_a_failing_request_in_a_batched_prefill_fails_alone():
+    """Two requests admitted at one step boundary are prefilled together (batch_prefill, the GPU
+    default); when that batch fails because of one of them, the engine prefills them one by one and
+    only the bad one fails."""
+    generator = blitzgen.load(device="cpu")
+    generator.step = gate = StepGate(generator.step)
+    add_sequence, add_sequences = generator.add_sequence, generator.add_sequences
+    poison, batches = 4095, []
+
+    def failing_add(slot, prompt, params):
+        if prompt[0] == poison:
+            raise RuntimeError("injected prefill failure")
+        return add_sequence(slot, prompt, params)
+
+    def failing_batch(slots, prompts, params):
+        batches.append(len(prompts))
+        if any(p[0] == poison for p in prompts):
+            raise RuntimeError("injected batched prefill failure")
+        return add_sequences(slots, prompts, params)
+
+    generator.add_sequence, generator.add_sequences = failing_add, failing_batch
+    with serving(generator, max_batch_size=4) as s, httpx.Client(base_url=s.url, timeout=120) as http:
+        s.engine.batch_prefill = True
+        gate.allow(0)
+        long = dict(model=MODEL, prompt="Hark!", max_tokens=50, temperature=0, ignore_eos=True, stream=True)
+        first = http.send(http.build_request("POST", "/v1/completions", json=long), stream=True)
+        lines = first.iter_lines()
+        next(lines)  # its first token (prefilled alone); the engine now waits in its first step
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        bad = pool.submit(http.post, "/v1/completions", json={"prompt": [poison, 5], "max_tokens": 3})
+        good = pool.submit(http.post, "/v1/completions", json={"prompt": "Thou art", "max_tokens": 3,
+                                                              "temperature": 0})
+        wait_for(lambda: s.engine.scheduler.num_waiting == 2, "both requests to wait for the step boundary")
+        gate.allow(math.inf)
+        bad, good = bad.result(), good.result()
+        assert bad.status_code == 500 and "injected prefill failure" in bad.json()["error"]["message"]
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 3
+        # add_sequence goes through add_sequences too: the first stream alone, the failed batch of two,
+        # then the good request alone (the bad one fails in failing_add before it gets there).
+        assert batches == [1, 2, 1]
+        first.close()
+
+
 def test_serve_command_rejects_bad_options(capsys):
     assert cli_main(["serve", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size 0" in capsys.readouterr().err

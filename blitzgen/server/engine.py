@@ -3,9 +3,9 @@
 The Generator keeps a fixed batch of cache slots (`open_slots`): its decode step is built (compiled
 and CUDA-graph captured on GPU) once, for that batch, and every step advances all slots together.
 Between steps the loop asks the Scheduler for a StepPlan: waiting sequences are prefilled into free
-slots, together (`add_sequences`, which also gives their first tokens), then one `step()` gives the
-next token of every slot; idle slots compute noise that nobody reads. `step()` reads its tokens back once, so the
-loop waits for the device once per step; everything else here is host work on those tokens.
+slots (`add_sequence`, or on a GPU `add_sequences` for all of them at once; both give the first
+tokens), then one `step()` gives the next token of every slot; idle slots compute noise that nobody
+reads. `step()` reads its tokens back once, so the loop waits for the device once per step; everything else here is host work on those tokens.
 
 HTTP handlers run on the asyncio event loop in another thread. They talk to the engine through
 `submit` and `cancel` (which take the scheduler's lock for a few microseconds, never across a model
@@ -179,7 +179,7 @@ class Engine:
 
     def _run_plan(self, plan):
         generator = self.generator
-        admitted = []  # the plan's new sequences that pass the checks a slot makes, prefilled together
+        admitted = []  # the plan's new sequences that pass the checks a slot makes
         for slot, choice in plan.prefill:
             if choice.done:  # cancelled since the plan was made
                 continue
@@ -189,33 +189,23 @@ class Engine:
             except Exception as exc:
                 log.exception("request refused in prefill")
                 self._fail(choice.request, exc)
-        if admitted and not self.batch_prefill:
-            for slot, choice in admitted:
-                try:
-                    token = generator.add_sequence(slot, choice.prompt, choice.params)
-                    self._emit(choice, token, generator.slot_logprobs(slot) if choice.request.want_logprobs else None)
-                except Exception as exc:
-                    log.exception("request failed in prefill")
-                    self._fail(choice.request, exc)
-                self._flush()  # its first token goes out now, not after the other prefills and the step
-        elif admitted:
+        tokens = None
+        if self.batch_prefill and len(admitted) > 1:
             try:
                 tokens = generator.add_sequences([s for s, _ in admitted], [c.prompt for _, c in admitted],
                                                  [c.params for _, c in admitted])
             except Exception:
-                # One request's failure must not fail the others: prefill them one by one (a failed
-                # batch left each slot's cached prefix intact; add_sequence rewrites the rest).
+                # One request's failure must not fail the others: prefill them one by one below (a
+                # failed batch leaves each slot's cached prefix intact; add_sequence rewrites the rest).
                 log.exception("batched prefill failed; prefilling one by one")
-                tokens = None
-            for i, (slot, choice) in enumerate(admitted):
-                try:
-                    token = tokens[i] if tokens is not None else generator.add_sequence(slot, choice.prompt,
-                                                                                       choice.params)
-                    self._emit(choice, token, generator.slot_logprobs(slot) if choice.request.want_logprobs else None)
-                except Exception as exc:
-                    log.exception("request failed in prefill")
-                    self._fail(choice.request, exc)
-            self._flush()  # the first tokens go out now, not after the step
+        for i, (slot, choice) in enumerate(admitted):
+            try:
+                token = tokens[i] if tokens is not None else generator.add_sequence(slot, choice.prompt, choice.params)
+                self._emit(choice, token, generator.slot_logprobs(slot) if choice.request.want_logprobs else None)
+            except Exception as exc:
+                log.exception("request failed in prefill")
+                self._fail(choice.request, exc)
+            self._flush()  # its first token goes out now, not after the other prefills and the step
         running = [(slot, c) for slot, c in plan.decode if not c.done]
         if not running:
             return
