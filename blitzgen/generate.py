@@ -313,7 +313,7 @@ class Generator:
         # Split-KV decode attention (kernels/decode_attention.py) on CUDA; on a CPU its reference is
         # faster than the kernel interpreted.
         for layer in model.layers:
-            layer.attention.decode_kernel = self.device.type == "cuda" if attention_kernel is None else attention_kernel
+            layer.attention.decode_kernel = (self.device.type == "cuda") if attention_kernel is None else attention_kernel
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.
@@ -408,12 +408,13 @@ class Generator:
             logits[j] = self.prefill(slots[j], prompts[j])
         if together:
             begins = [starts[j] for j in together]
-            tokens = torch.tensor([prompts[j][b:] + [0] * (T - (len(prompts[j]) - b)) for j, b in zip(together, begins)],
-                                  dtype=torch.int64, device=self.device)  # (A, T), padded with token 0
+            new = [prompts[j][b:] for j, b in zip(together, begins)]
+            tokens = torch.tensor([t + [0] * (T - len(t)) for t in new], dtype=torch.int64,
+                                  device=self.device)  # (A, T), padded with token 0
             positions = torch.tensor(begins, device=self.device)[:, None] + torch.arange(T, device=self.device)
-            last = torch.tensor([len(prompts[j]) - 1 - b for j, b in zip(together, begins)], device=self.device)
-            out = self.model(tokens, positions, cache, slots=torch.tensor([slots[j] for j in together], device=self.device),
-                             kv_len=max(begins) + T,
+            last = torch.tensor([len(t) - 1 for t in new], device=self.device)  # each row's last real token
+            rows = torch.tensor([slots[j] for j in together], device=self.device)
+            out = self.model(tokens, positions, cache, slots=rows, kv_len=max(begins) + T,
                              causal_from_zero=max(begins) == 0 and (window is None or T <= window),
                              last_index=last)  # (A, 1, V)
             for a, j in enumerate(together):

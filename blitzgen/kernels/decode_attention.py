@@ -256,10 +256,10 @@ if triton is not None:
                 # counts last has seen them all (acquire) and merges. The counts are zeroed per call.
                 tl.debug_barrier()
                 done = tl.atomic_add(counter_ptr + b * (H // G) + kv_head, 1, sem="acq_rel", scope="gpu")
-                if done == tl.cdiv(length - first, split_len) - 1:  # the live splits, as the merge kernel counts
-                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, tl.cdiv(length - first, split_len),
-                                  stride_ob, stride_oh, H, G, G_M, D, BLOCK_D, NUM_SPLITS, BLOCK_SPLITS,
-                                  SPLITS_PER_STEP)
+                num_live = tl.cdiv(length - first, split_len)  # splits with work, as the merge kernel counts
+                if done == num_live - 1:
+                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_live, stride_ob, stride_oh,
+                                  H, G, G_M, D, BLOCK_D, NUM_SPLITS, BLOCK_SPLITS, SPLITS_PER_STEP)
 
     @triton.jit
     def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_live, stride_ob, stride_oh,
@@ -288,9 +288,9 @@ if triton is not None:
             lse_c = tl.load(part_lse_ptr + rows[:, None] + s0 + offs_c[None, :], mask=c_mask,
                             other=float("-inf"), cache_modifier=".cg")
             w = tl.exp2(lse_c - top[:, None])  # [G_M, SPLITS_PER_STEP]
-            o = tl.load(part_out_ptr + (rows[:, None, None] + s0 + offs_c[None, :, None]) * D + offs_d[None, None, :],
-                        mask=c_mask[:, :, None] & d_mask[None, None, :], other=0.0,
-                        cache_modifier=".cg")  # [G_M, SPLITS_PER_STEP, BLOCK_D]
+            o_rows = rows[:, None, None] + s0 + offs_c[None, :, None]  # [G_M, SPLITS_PER_STEP, 1]
+            o = tl.load(part_out_ptr + o_rows * D + offs_d[None, None, :], mask=c_mask[:, :, None] & d_mask[None, None, :],
+                        other=0.0, cache_modifier=".cg")  # [G_M, SPLITS_PER_STEP, BLOCK_D]
             acc += tl.sum(w[:, :, None] * o, axis=1)
         out = acc / tl.where(g_mask, total, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],

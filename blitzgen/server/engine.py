@@ -5,7 +5,8 @@ and CUDA-graph captured on GPU) once, for that batch, and every step advances al
 Between steps the loop asks the Scheduler for a StepPlan: waiting sequences are prefilled into free
 slots (`add_sequence`, or on a GPU `add_sequences` for all of them at once; both give the first
 tokens), then one `step()` gives the next token of every slot; idle slots compute noise that nobody
-reads. `step()` reads its tokens back once, so the loop waits for the device once per step; everything else here is host work on those tokens.
+reads. `step()` reads its tokens back once, so the loop waits for the device once per step;
+everything else here is host work on those tokens.
 
 HTTP handlers run on the asyncio event loop in another thread. They talk to the engine through
 `submit` and `cancel` (which take the scheduler's lock for a few microseconds, never across a model
