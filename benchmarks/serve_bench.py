@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--requests-per-stream", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (compilation, caches)")
+    p.add_argument("--prefill", choices=["auto", "together", "one-by-one"], default="auto",
+                   help="how the engine prefills the new requests of a step boundary (auto: together on CUDA)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
@@ -77,6 +79,8 @@ def serve(args):
                                   max_seq_len=args.max_seq_len)
     app = create_app(generator, model_name="bench", max_batch_size=args.max_batch_size, max_queue=4096,
                      max_logprobs=1)
+    if args.prefill != "auto":
+        app.state.engine.batch_prefill = args.prefill == "together"
     print(json.dumps({"context": generator.context, "vocab_size": generator.config.vocab_size,
                       "device": str(generator.device)}), flush=True)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
@@ -143,7 +147,7 @@ def main(argv=None):
             s.bind(("127.0.0.1", 0))
             args.port = s.getsockname()[1]
     child_argv = [sys.executable, __file__, "--serve", "--port", str(args.port),
-                  "--max-batch-size", str(args.max_batch_size)]
+                  "--max-batch-size", str(args.max_batch_size), "--prefill", args.prefill]
     for name in ("model", "arch", "device", "dtype", "max_seq_len"):
         if getattr(args, name) is not None:
             child_argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
