@@ -229,6 +229,27 @@ def create_app(
     def token_text(token_id: int) -> str:
         return tokenizer.decode([token_id])
 
+    def stream(http_request, request, body, prompts, chunk, opening, choice_of, every_token: bool):
+        """The streamed response of either endpoint: a first chunk of `opening` choices (if any), then
+        one chunk per delta that carries text, a finish reason or (every_token) a token's logprobs;
+        with stream_options.include_usage every chunk says "usage": null and a last one the counts."""
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        extra = {"usage": None} if include_usage else {}
+
+        async def chunks():
+            generated = 0
+            if opening:
+                yield chunk(opening, **extra)
+            async for step in deltas(http_request, request):
+                generated += len(step)
+                for d in step:
+                    if d.text or d.finish_reason or every_token:
+                        yield chunk([choice_of(d)], **extra)
+            if include_usage:
+                yield chunk([], usage=usage(prompts, generated))
+
+        return StreamingResponse(event_stream(chunks()), media_type="text/event-stream")
+
     # ---- routes --------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -301,24 +322,12 @@ def create_app(
                     "choices": choices, **extra}
 
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            extra = {"usage": None} if include_usage else {}
-
-            async def chunks():
-                generated = 0
-                if body.echo:
-                    yield chunk([{"index": c.index, "text": echoes[c.index // body.n], "logprobs": None,
-                                  "finish_reason": None} for c in request.choices], **extra)
-                async for step in deltas(http_request, request):
-                    generated += len(step)
-                    for d in step:
-                        if d.text or d.finish_reason or body.logprobs is not None:
-                            yield chunk([{"index": d.index, "text": d.text, "logprobs": logprobs_of([d]),
-                                          "finish_reason": d.finish_reason}], **extra)
-                if include_usage:
-                    yield chunk([], usage=usage(prompts, generated))
-
-            return StreamingResponse(event_stream(chunks()), media_type="text/event-stream")
+            echoed = [{"index": c.index, "text": echoes[c.index // body.n], "logprobs": None, "finish_reason": None}
+                      for c in request.choices] if body.echo else None
+            return stream(http_request, request, body, prompts, chunk, echoed,
+                          lambda d: {"index": d.index, "text": d.text, "logprobs": logprobs_of([d]),
+                                     "finish_reason": d.finish_reason},
+                          every_token=body.logprobs is not None)
 
         per_choice: list[list[Delta]] = [[] for _ in request.choices]
         async for step in deltas(http_request, request):
@@ -372,24 +381,12 @@ def create_app(
                     "choices": choices, **extra}
 
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            extra = {"usage": None} if include_usage else {}
-
-            async def chunks():
-                generated = 0
-                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for c in request.choices], **extra)
-                async for step in deltas(http_request, request):
-                    generated += len(step)
-                    for d in step:
-                        if d.text or d.finish_reason or body.logprobs:
-                            delta = {"content": d.text} if d.text else {}
-                            yield chunk([{"index": d.index, "delta": delta, "logprobs": logprobs_of([d]),
-                                          "finish_reason": d.finish_reason}], **extra)
-                if include_usage:
-                    yield chunk([], usage=usage([ids], generated))
-
-            return StreamingResponse(event_stream(chunks()), media_type="text/event-stream")
+            roles = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for c in request.choices]
+            return stream(http_request, request, body, [ids], chunk, roles,
+                          lambda d: {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                                     "logprobs": logprobs_of([d]), "finish_reason": d.finish_reason},
+                          every_token=bool(body.logprobs))
 
         per_choice: list[list[Delta]] = [[] for _ in request.choices]
         async for step in deltas(http_request, request):
