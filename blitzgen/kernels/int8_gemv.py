@@ -49,6 +49,15 @@ def int8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 
 
 @triton.jit
+def _flipped_words(w_ptr, offs_n, n_mask, offs_w, w_mask, K):
+    """(BLOCK_N, NW) int32 words of codes (rows offs_n, words offs_w of each row), with every byte's
+    sign bit flipped (0x80808080): byte b becomes u = b + 128 in [0, 255]."""
+    words = tl.load(w_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :],
+                    other=0)
+    return words ^ -2139062144
+
+
+@triton.jit
 def _byte_times(words, SHIFT: tl.constexpr, x):
     """(byte of `words` at bit SHIFT, sign-flipped, as the int8 code it stands for) * x[None, :]."""
     u = ((words >> SHIFT) & 0xFF) | 0x4B000000  # bits of the float32 2^23 + u
@@ -100,9 +109,7 @@ def _int8_gemv_kernel(
         for i in range(k_blocks_per_split):
             offs_w = (k_begin + i * BLOCK_K) // 4 + tl.arange(0, NWM)
             w_mask = offs_w < K // 4
-            words = tl.load(w_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :],
-                            mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BLOCK_N, NW) int32
-            words = words ^ -2139062144  # 0x80808080
+            words = _flipped_words(w_ptr, offs_n, n_mask, offs_w, w_mask, K)  # (BLOCK_N, NW)
             x = tl.load(x_ptr + offs_m[:, None, None] * K + offs_w[None, :, None] * 4 + offs_jm[None, None, :],
                         mask=m_mask[:, None, None] & w_mask[None, :, None], other=0.0)  # (BLOCK_M, NW, 4)
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, NWM, 2, 2)))
@@ -126,9 +133,7 @@ def _int8_gemv_kernel(
         for i in range(k_blocks_per_split):
             offs_w = (k_begin + i * BLOCK_K) // 4 + tl.arange(0, NW)
             w_mask = offs_w < K // 4
-            words = tl.load(w_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :],
-                            mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BLOCK_N, NW) int32
-            words = words ^ -2139062144  # 0x80808080: every byte's sign bit flipped
+            words = _flipped_words(w_ptr, offs_n, n_mask, offs_w, w_mask, K)  # (BLOCK_N, NW)
             x = tl.load(x_row + offs_w[:, None] * 4 + offs_j[None, :], mask=w_mask[:, None],
                         other=0.0).to(tl.float32)  # (NW, 4): column j multiplies byte j of each word
             x_even, x_odd = tl.split(tl.reshape(x, (NW, 2, 2)))  # bytes (0, 2) and (1, 3)
