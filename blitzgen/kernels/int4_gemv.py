@@ -39,7 +39,7 @@ from torch.library import triton_op, wrap_triton
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.int4_dequantize import int4_dequantize_ref
-from blitzgen.kernels.int8_gemv import plan_split_k, triton_runs_on
+from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k, triton_runs_on
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -194,10 +194,7 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
         GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
     )
-    y = partial.sum(0) if split_k > 1 else partial[0]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return finish_partials(partial, bias, x.dtype)
 
 
 # Block sizes (block_m, block_n, block_k, num_warps) for one row and for several; block_k is raised

@@ -195,10 +195,15 @@ def _int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IEEE=x.dtype == torch.float32, WORDS=words,
         num_warps=num_warps,
     )
-    y = partial.sum(0) if split_k > 1 else partial[0]
+    return finish_partials(partial, bias, x.dtype)
+
+
+def finish_partials(partial: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """(SPLIT_K, M, N) fp32 partial sums of a GEMV kernel -> (M, N): summed over K splits, + bias, in dtype."""
+    y = partial.sum(0) if partial.shape[0] > 1 else partial[0]
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(dtype)
 
 
 # Block sizes (block_m, block_n, block_k, num_warps) for one row and for several: the best of the
