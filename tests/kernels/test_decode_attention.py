@@ -62,25 +62,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("fuse_merge", [False, True])
-def test_kernel_matches_reference(name, fuse_merge):
-    """fuse_merge: the last split of each (sequence, kv head) merges, instead of a second kernel."""
+def test_kernel_matches_reference(name):
     B, H, Hkv, D, S, lengths, window, dtype, launch = CASES[name]
     q, k, v = make_inputs(B, H, Hkv, D, S, dtype)
     lengths = torch.tensor(lengths, device=DEVICE)
-    out = da._decode_attention_triton(q, k, v, lengths, window, fuse_merge=fuse_merge, **launch)
+    out = da._decode_attention_triton(q, k, v, lengths, window, **launch)
     check(out, q, k, v, lengths, window)
-
-
-def test_fused_merge_many_splits_and_length_zero():
-    """More splits than the fused merge loads at once (8), and a sequence with no live key (zeros, as
-    the separate merge gives); run twice so the counts are seen to return to zero."""
-    q, k, v = make_inputs(3, 8, 2, 32, 400, torch.float32)
-    lengths = torch.tensor([400, 0, 170], device=DEVICE)
-    for _ in range(2):
-        out = da._decode_attention_triton(q, k, v, lengths, None, num_splits=20, fuse_merge=True, **SMALL)
-        assert torch.equal(out[1], torch.zeros_like(out[1]))
-        check(out[[0, 2]], q[[0, 2]], k[[0, 2]], v[[0, 2]], lengths[[0, 2]])
 
 
 def test_public_op_matches_reference():
@@ -99,9 +86,8 @@ def test_one_grid_follows_growing_lengths():
     k[1, 40] = 3 * q[1, 2:4].sum(0)  # sequence 1, kv head 1 (query heads 2, 3): a dominant key at 40
     for n in (1, 2, 15, 16, 17, 31, 33, 41, 47, 48):
         lengths = torch.tensor([n, 49 - n], device=DEVICE)
-        for fuse_merge in (False, True):
-            out = da._decode_attention_triton(q, k, v, lengths, None, num_splits=3, fuse_merge=fuse_merge, **SMALL)
-            check(out, q, k, v, lengths)
+        out = da._decode_attention_triton(q, k, v, lengths, None, num_splits=3, **SMALL)
+        check(out, q, k, v, lengths)
     # A length past the capacity is clamped to it (never a read past the cache), as the reference reads it.
     lengths = torch.tensor([48 + 7, 3], device=DEVICE)
     check(da._decode_attention_triton(q, k, v, lengths, None, num_splits=3, **SMALL), q, k, v, lengths)
