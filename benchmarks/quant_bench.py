@@ -160,9 +160,8 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             "bf16": (module_bytes(linear), lambda w, x: torch.nn.functional.linear(x, w[0]), (linear.weight,)),
             "int8": (module_bytes(m8), lambda w, x, **kw: int8_gemv(x, *w, **kw), (m8.weight, m8.scales)),
             "int4": (module_bytes(m4), lambda w, x, **kw: int4_gemv(x, *w, **kw), (m4.packed, m4.scales, m4.zeros)),
-            # Codes cast byte by byte (the path before int32 words), and words forced on (several rows), to compare.
+            # Codes cast one by one (the path before int32 words), to compare.
             "int8 cast": (module_bytes(m8), lambda w, x: int8_gemv(x, *w, words=False), (m8.weight, m8.scales)),
-            "int8 words": (module_bytes(m8), lambda w, x: int8_gemv(x, *w, words=True), (m8.weight, m8.scales)),
             "int4 cast": (module_bytes(m4), lambda w, x: int4_gemv(x, *w, words=False), (m4.packed, m4.scales, m4.zeros)),
         }
         if inductor:  # the same products as plain expressions, compiled as the decode step compiles them

@@ -22,8 +22,9 @@ every SM streams weights. Rows: one row uses a CUDA-core multiply-add with a per
 accumulator reduced once at the end, reading the codes as int32 words and making floats of them
 by bit pattern (see _byte_times: Hopper's int-to-float cast is quarter-rate; measured on an H100
 this lifts the one-row GEMV from 52-81% to 56-86% of the read ceiling); more rows use tl.dot on
-tensor cores with the rows padded to 16, so batch 8 reads the weights once, not eight times
-(with words=True the same bit-pattern codes feed 4 dots, one per byte plane: not yet measured).
+tensor cores with the rows padded to 16, so batch 8 reads the weights once, not eight times.
+(Feeding those dots from the same bit-pattern words, one dot per byte plane, was measured on an
+H100 and ran at half the speed of casting the bytes: removed.)
 
 The op is registered with torch.library.triton_op (`torch.ops.blitzgen.int8_gemv`), so
 torch.compile traces it into the compiled, CUDA-graphed decode step.
@@ -49,30 +50,10 @@ def int8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 
 
 @triton.jit
-def _flipped_words(w_ptr, offs_n, n_mask, offs_w, w_mask, K):
-    """(BLOCK_N, NW) int32 words of codes (rows offs_n, words offs_w of each row), with every byte's
-    sign bit flipped (0x80808080): byte b becomes u = b + 128 in [0, 255]."""
-    words = tl.load(w_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :], mask=n_mask[:, None] & w_mask[None, :],
-                    other=0)
-    return words ^ -2139062144
-
-
-@triton.jit
 def _byte_times(words, SHIFT: tl.constexpr, x):
     """(byte of `words` at bit SHIFT, sign-flipped, as the int8 code it stands for) * x[None, :]."""
     u = ((words >> SHIFT) & 0xFF) | 0x4B000000  # bits of the float32 2^23 + u
     return (u.to(tl.float32, bitcast=True) - 8388736.0) * x[None, :]  # 8388736 = 2^23 + 128
-
-
-@triton.jit
-def _byte_dot(words, SHIFT: tl.constexpr, x, DOT_IEEE: tl.constexpr):
-    """x (BLOCK_M, NW) @ (codes at bit SHIFT of `words` (BLOCK_N, NW)).T on tensor cores, in float32.
-    The codes are exact in bf16 / fp16 (|q| <= 128)."""
-    u = ((words >> SHIFT) & 0xFF) | 0x4B000000
-    codes = u.to(tl.float32, bitcast=True) - 8388736.0
-    if DOT_IEEE:
-        return tl.dot(x, tl.trans(codes), input_precision="ieee")
-    return tl.dot(x, tl.trans(codes.to(x.dtype)))
 
 
 @triton.jit
@@ -89,7 +70,7 @@ def _int8_gemv_kernel(
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # K elements per loop step (bytes per weight row per load)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
-    WORDS: tl.constexpr,  # w_ptr the codes as int32 words (4 per word): convert by bit pattern
+    WORDS: tl.constexpr,  # one row, w_ptr the codes as int32 words (4 per word): convert by bit pattern
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -97,30 +78,7 @@ def _int8_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k_begin = pid_k * k_blocks_per_split * BLOCK_K
-    if WORDS and BLOCK_M > 1:
-        # Several rows, codes read as int32 words (as below): byte j of every word of a tile is one
-        # (BLOCK_N, BLOCK_K / 4) plane of codes, multiplied on tensor cores by the activation
-        # columns j, j + 4, ... (4 dots of BLOCK_K / 4).
-        NWM: tl.constexpr = BLOCK_K // 4
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        offs_jm = tl.arange(0, 4)
-        for i in range(k_blocks_per_split):
-            offs_w = (k_begin + i * BLOCK_K) // 4 + tl.arange(0, NWM)
-            w_mask = offs_w < K // 4
-            words = _flipped_words(w_ptr, offs_n, n_mask, offs_w, w_mask, K)  # (BLOCK_N, NW)
-            x = tl.load(x_ptr + offs_m[:, None, None] * K + offs_w[None, :, None] * 4 + offs_jm[None, None, :],
-                        mask=m_mask[:, None, None] & w_mask[None, :, None], other=0.0)  # (BLOCK_M, NW, 4)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, NWM, 2, 2)))
-            x0, x2 = tl.split(x_even)
-            x1, x3 = tl.split(x_odd)  # (BLOCK_M, NW) each
-            acc_m += _byte_dot(words, 0, x0, DOT_IEEE) + _byte_dot(words, 8, x1, DOT_IEEE)
-            acc_m += _byte_dot(words, 16, x2, DOT_IEEE) + _byte_dot(words, 24, x3, DOT_IEEE)
-        scale_m = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        out_m = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out_m, acc_m * scale_m[None, :], mask=m_mask[:, None] & n_mask[None, :])
-    elif WORDS:
+    if WORDS:
         # One row, codes read as int32 words. Casting int8 to float is a quarter-rate instruction on
         # Hopper's CUDA cores (16 per clock per SM): at 3 TB/s of codes it would be most of the
         # chip's conversion rate. Instead each byte b is flipped to u = b ^ 0x80 in [0, 255] and
@@ -133,7 +91,9 @@ def _int8_gemv_kernel(
         for i in range(k_blocks_per_split):
             offs_w = (k_begin + i * BLOCK_K) // 4 + tl.arange(0, NW)
             w_mask = offs_w < K // 4
-            words = _flipped_words(w_ptr, offs_n, n_mask, offs_w, w_mask, K)  # (BLOCK_N, NW)
+            words = tl.load(w_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :],
+                            mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BLOCK_N, NW) int32
+            words ^= -2139062144  # 0x80808080: every byte's sign bit flipped, u = b + 128 in [0, 255]
             x = tl.load(x_row + offs_w[:, None] * 4 + offs_j[None, :], mask=w_mask[:, None],
                         other=0.0).to(tl.float32)  # (NW, 4): column j multiplies byte j of each word
             x_even, x_odd = tl.split(tl.reshape(x, (NW, 2, 2)))  # bytes (0, 2) and (1, 3)
@@ -230,13 +190,11 @@ def plan_split_k(device: torch.device, n_tiles: int, k_blocks: int, programs_per
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
               *, blocks: tuple[int, int, int, int] | None = None, split_k: int | None = None,
-              words: bool | None = None) -> torch.Tensor:
+              words: bool = True) -> torch.Tensor:
     """y = (x @ weight.T) * scales + bias for x (M, K), weight (N, K) int8 -> (M, N) in x.dtype.
 
     blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
-    words: read the codes as int32 words (True) or cast each byte (False); None takes what was
-    measured faster on an H100: words for one row; casts for several rows, whose word path is not
-    yet measured.
+    words=False turns off the one-row path that reads the codes as int32 words (for comparison).
     Falls back to int8_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -258,8 +216,6 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     if split_k is None:
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     split_k = min(split_k, triton.cdiv(K, block_k))
-    # Words need K in whole words; several rows need >= 16 words a tile (the smallest tl.dot depth).
-    words = (block_m == 1) if words is None else words
-    words = words and K % 4 == 0 and block_k >= (4 if block_m == 1 else 64)
+    words = words and block_m == 1 and K % 4 == 0 and block_k >= 4  # whole words per row and tile
     return torch.ops.blitzgen.int8_gemv(x.contiguous(), weight.contiguous(), scales, bias, split_k,
                                         block_m, block_n, block_k, num_warps, words)

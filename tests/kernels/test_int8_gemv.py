@@ -45,8 +45,7 @@ def test_matches_reference(M, N, K, dtype):
 @pytest.mark.parametrize("blocks", [(1, 16, 64, 4), (16, 32, 32, 4), (16, 32, 64, 4)])
 @pytest.mark.parametrize("words", [True, False])
 def test_split_k_and_blocks(split_k, blocks, words):
-    # K = 252: a multiple of 4 (codes read as int32 words unless words=False; several rows need
-    # block_k >= 64 for that), not of a block.
+    # K = 252: a multiple of 4 (one row reads the codes as int32 words unless words=False), not of a block.
     M = 1 if blocks[0] == 1 else 7
     x, w, s, b = _inputs(M, 45, 252, torch.float32, bias=True, seed=split_k)
     _check(int8_gemv(x, w, s, b, blocks=blocks, split_k=split_k, words=words), int8_gemv_ref(x, w, s, b))
