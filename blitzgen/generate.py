@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from blitzgen import inductor_fix
 from blitzgen.cache import KVCache
 from blitzgen.checkpoint import load_model
 from blitzgen.errors import BlitzgenError
@@ -470,6 +471,8 @@ class Generator:
         """
         if self._compiled is None:
             options = {"coordinate_descent_tuning": self.coordinate_descent_tuning}
+            if self.coordinate_descent_tuning:
+                inductor_fix.install()  # torch < 2.13: a warm start would tune every GEMV again
             if self.compile_scope == "step":
                 self._compiled = torch.compile(self._decode_step, fullgraph=True, dynamic=False, options=options)
             else:
