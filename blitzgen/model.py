@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from blitzgen.cache import KVCache
 from blitzgen.config import ModelConfig, rope_inv_freq
 from blitzgen.kernels.decode_attention import decode_attention, decode_attention_ref
+from blitzgen.kernels.rope_cache import rope_cache_write
 
 
 class RMSNorm(nn.Module):
@@ -99,6 +100,12 @@ class Attention(nn.Module):
         v = v.view(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if T == 1 and self.decode_kernel and rows is None:
+            # The decode step with the kernels on: one kernel rotates q and k and writes k and v to the
+            # cache (kernels/rope_cache.py), then the split-KV kernel reads only the live keys.
+            q1 = rope_cache_write(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], positions[:, 0], k_cache, v_cache)
+            out = decode_attention(q1, k_cache, v_cache, positions[:, 0] + 1, self.sliding_window)  # (B, H, D)
+            return self.wo(out.view(B, 1, H * D))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         gathered = rows is not None
@@ -116,9 +123,8 @@ class Attention(nn.Module):
             # one captured graph serves every length. The kernel reads only those; the reference
             # reads all kv_len under a mask.
             lengths = positions[:, 0] + 1  # (B,)
-            if self.decode_kernel:
-                k_src, v_src = (keys, values) if gathered else (k_cache, v_cache)
-                out = decode_attention(q[:, 0], k_src, v_src, lengths, self.sliding_window)  # (B, H, D)
+            if self.decode_kernel:  # here only for gathered rows (a batched prefill of one-token prompts)
+                out = decode_attention(q[:, 0], keys, values, lengths, self.sliding_window)  # (B, H, D)
             else:
                 out = decode_attention_ref(q[:, 0], keys, values, lengths, self.sliding_window)
             out = out.view(B, 1, H * D)
