@@ -17,7 +17,9 @@ Reproduces issue 5's table in one run on one GPU: Llama-3.1-8B layer shapes (32 
                   seqused_k = the device lengths (FlashAttention-2 varlen)
 
 The SDPA rows fold each KV head's G = 4 query heads into the query length (q viewed as
-(B, Hkv, G, D)), the usual decode trick, so every backend reads each KV head once.
+(B, Hkv, G, D)), the usual decode trick, so every backend reads each KV head once; the "gqa" rows
+instead pass one query per head, (B, H, 1, D), with enable_gqa=True and leave the head mapping to
+the backend (on an H100 cuDNN was 8x slower folded than the issue's own figures: this checks why).
 
 Every call is timed inside a captured CUDA graph (the graph holds several calls; replays between
 CUDA events; median of 5), and reported in microseconds and as % of a streaming-read ceiling
@@ -119,17 +121,19 @@ def make_ours(s, **launch):
     return lambda i: decode_attention(s.q, s.k(i), s.v(i), s.lengths)
 
 
-def make_sdpa(backend):
+def make_sdpa(backend, gqa=False):
     def make(s):
         from torch.nn.attention import sdpa_kernel
 
-        q = s.q.view(s.B, HKV, G, D)  # G query heads per KV head as the query length
+        # folded: G query heads per KV head as the query length, (B, Hkv, G, D); gqa: one query per
+        # head, (B, H, 1, D), and the backend maps heads to KV heads itself (enable_gqa)
+        q = s.q.view(s.B, H, 1, D) if gqa else s.q.view(s.B, HKV, G, D)
 
         def fn(i):
             k = s.k(i)[:, : s.L].transpose(1, 2)  # (B, Hkv, L, D), host-sliced live prefix
             v = s.v(i)[:, : s.L].transpose(1, 2)
             with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, k, v)  # (B, Hkv, G, D)
+                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             return out.reshape(s.B, H, D)
 
         return fn
@@ -208,6 +212,8 @@ def backends():
         "ours": (make_ours, "live"),
         "SDPA flash": (make_sdpa(SDPBackend.FLASH_ATTENTION), "live"),
         "SDPA cuDNN": (make_sdpa(SDPBackend.CUDNN_ATTENTION), "live"),
+        "SDPA cuDNN gqa": (make_sdpa(SDPBackend.CUDNN_ATTENTION, gqa=True), "live"),
+        "SDPA flash gqa": (make_sdpa(SDPBackend.FLASH_ATTENTION, gqa=True), "live"),
         "SDPA mem-eff": (make_sdpa(SDPBackend.EFFICIENT_ATTENTION), "live"),
         "flex": (make_flex, "capacity"),
         "masked (gpt-fast)": (make_masked, "capacity"),
@@ -423,7 +429,8 @@ def check_targets(results, ceiling, batches, lives):
                 other = pct(batch, live, rival)
                 if other is not None and ours <= other:
                     print(f"  batch {batch} live {live // K}k: not faster than {rival}: MISS")
-            cudnn = pct(batch, live, "SDPA cuDNN")
+            rates = [r for r in (pct(batch, live, "SDPA cuDNN"), pct(batch, live, "SDPA cuDNN gqa")) if r is not None]
+            cudnn = max(rates, default=None)  # the faster way of calling cuDNN
             if live >= 8 * K and cudnn is not None:
                 ratio = ours / cudnn  # >= 0.9 means our time is at most cuDNN's / 0.9
                 print(f"  batch {batch} live {live // K}k: {ratio:.2f}x cuDNN's rate (goal >= 0.90): "
