@@ -54,88 +54,59 @@ def int4_gemv_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 
 
 @triton.jit
-def _nibble_times(words, J: tl.constexpr, xj_ptrs, x_mask, EVEN: tl.constexpr):
-    """(1 + q / 16) * x for the code q at nibble J of each word of `words` (BLOCK_N, GT, WG): the code
-    is moved to the top four mantissa bits of 1.0 (bits 19-22: one shift and one logic op, where an
-    int-to-float cast is a quarter-rate instruction on Hopper's CUDA cores) and multiplied by the
-    activations of code positions 8w + J, which the launcher laid out contiguously (xj_ptrs)."""
-    if 4 * J <= 19:
-        u = words << (19 - 4 * J)
-    else:
-        u = words >> (4 * J - 19)
-    f = ((u & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
-    x = tl.load(xj_ptrs) if EVEN else tl.load(xj_ptrs, mask=x_mask, other=0.0)  # (GT, WG) float32
-    return f * x[None, :, :]
+def _nibble_times(words, SHIFT: tl.constexpr, x):
+    """(4-bit code of `words` at bit SHIFT, as a float) * x[None, :]. The float32 with bits
+    0x4B000000 | q is 2^23 + q exactly: integer and add instructions at full rate, where casting an
+    integer to float is a quarter-rate instruction on Hopper's CUDA cores."""
+    u = ((words >> SHIFT) & 0xF) | 0x4B000000
+    return (u.to(tl.float32, bitcast=True) - 8388608.0) * x[None, :]
 
 
 @triton.jit
-def _int4_row_words(
-    xp_ptr,  # (M, 8, K / 8) float32 activations by code position: xp[m, j, w] = x[m, 8w + j]
-    xw_ptr,  # (M, K / 8) float32 word sums / 16: xw[m, w] = sum_j x[m, 8w + j] / 16
-    w_ptr,  # (N, K / 8) int32: word w of a row holds codes 8w .. 8w + 7, low nibble first
-    s_ptr,  # (N, K / GROUP) scales
-    z_ptr,  # (N, K / GROUP) zero points
-    out_ptr,  # (SPLIT_K, M, N) fp32 partial sums
-    M, N, K,
-    words_per_row,  # K / 8, passed so that Triton sees its divisibility (16-byte loads)
-    k_blocks_per_split,
-    GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # a multiple of GROUP
-    EVEN: tl.constexpr,  # N a multiple of BLOCK_N and K of BLOCK_K * k_blocks_per_split: no masks
-):
-    """One activation row, codes read as int32 words. A tile is (BLOCK_N, GT, WG) words: GT groups of
-    WG = GROUP / 8 words. Per word the 8 products are summed in registers as t = sum_j (1 + q_j / 16) x_j,
-    so with X = sum_j x_j the word's share of its group is
-
-        sum_j q_j x_j = 16 (t - X),    y += s_g * 16 (t - X) + z_g * X,
-
-    two multiply-adds per word for scale and zero point, and no reduction across threads until the
-    end. xp and xw are made by the launcher (inside a compiled step Inductor fuses them into the
-    kernel that produced x), so every load here is contiguous."""
-    WG: tl.constexpr = GROUP // 8
-    GT: tl.constexpr = BLOCK_K // GROUP
+def _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One activation row. Per group g the sum splits as s_g * sum_k q_k x_k + z_g * sum_k x_k, so
+    the inner loop is one multiply-add per code; scale and zero point are applied once per group.
+    Word i of a row holds codes k = 8i .. 8i + 7 (byte j // 2 of the word, low nibble first)."""
+    NW: tl.constexpr = BLOCK_K // 8  # words per tile row
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     n_groups = K // GROUP
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, GT)
-    offs_gw = offs_g[:, None] * WG + tl.arange(0, WG)[None, :]  # (GT, WG) word offsets in a tile
     n_mask = offs_n < N
-    g_begin = pid_k * k_blocks_per_split * GT
-    xp_row = xp_ptr + pid_m * K
-    acc = tl.zeros((BLOCK_N, GT, WG), dtype=tl.float32)
+    k_begin = pid_k * k_blocks_per_split * BLOCK_K
+    x_row = x_ptr + pid_m * K
+    offs_j = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for i in range(k_blocks_per_split):
-        g0 = g_begin + i * GT  # first group of the tile
-        offs_w = g0 * WG + offs_gw  # (GT, WG)
-        w_ptrs = w_ptr + offs_n[:, None, None] * words_per_row + offs_w[None, :, :]
-        sz = offs_n[:, None] * n_groups + g0 + offs_g[None, :]  # (BLOCK_N, GT) scale / zero point offsets
-        x_mask = offs_w < words_per_row  # K is a multiple of GROUP: masking is by whole groups
-        if EVEN:
-            words = tl.load(w_ptrs)
-            s = tl.load(s_ptr + sz).to(tl.float32)
-            z = tl.load(z_ptr + sz).to(tl.float32)
-        else:
-            g_mask = n_mask[:, None] & (g0 + offs_g < n_groups)[None, :]
-            words = tl.load(w_ptrs, mask=n_mask[:, None, None] & x_mask[None, :, :], other=0)
-            s = tl.load(s_ptr + sz, mask=g_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz, mask=g_mask, other=0.0).to(tl.float32)
-        t = _nibble_times(words, 0, xp_row + offs_w, x_mask, EVEN)
-        t += _nibble_times(words, 1, xp_row + words_per_row + offs_w, x_mask, EVEN)
-        t += _nibble_times(words, 2, xp_row + 2 * words_per_row + offs_w, x_mask, EVEN)
-        t += _nibble_times(words, 3, xp_row + 3 * words_per_row + offs_w, x_mask, EVEN)
-        t += _nibble_times(words, 4, xp_row + 4 * words_per_row + offs_w, x_mask, EVEN)
-        t += _nibble_times(words, 5, xp_row + 5 * words_per_row + offs_w, x_mask, EVEN)
-        t += _nibble_times(words, 6, xp_row + 6 * words_per_row + offs_w, x_mask, EVEN)
-        t += _nibble_times(words, 7, xp_row + 7 * words_per_row + offs_w, x_mask, EVEN)  # (BLOCK_N, GT, WG)
-        if EVEN:
-            xw = tl.load(xw_ptr + pid_m * words_per_row + offs_w)[None, :, :]
-        else:
-            xw = tl.load(xw_ptr + pid_m * words_per_row + offs_w, mask=x_mask, other=0.0)[None, :, :]
-        acc += s[:, :, None] * (t - 16.0 * xw) + z[:, :, None] * xw
-    y = 16.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, y, mask=n_mask)
+        k0 = k_begin + i * BLOCK_K
+        offs_w = k0 // 8 + tl.arange(0, NW)
+        w_mask = offs_w < K // 8  # K is a multiple of GROUP, so masking is by whole groups
+        words = tl.load(w_ptr + offs_n[:, None] * (K // 8) + offs_w[None, :],
+                        mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BLOCK_N, NW) int32
+        x = tl.load(x_row + offs_w[:, None] * 8 + offs_j[None, :], mask=w_mask[:, None],
+                    other=0.0).to(tl.float32)  # (NW, 8): column j multiplies code j of each word
+        x_e, x_o = tl.split(tl.reshape(x, (NW, 2, 2, 2)))  # codes j = 0, 2, 4, 6 and 1, 3, 5, 7
+        x_e0, x_e1 = tl.split(x_e)  # j = 0, 4 and 2, 6
+        x_o0, x_o1 = tl.split(x_o)  # j = 1, 5 and 3, 7
+        x0, x4 = tl.split(x_e0)
+        x2, x6 = tl.split(x_e1)
+        x1, x5 = tl.split(x_o0)
+        x3, x7 = tl.split(x_o1)
+        t = _nibble_times(words, 0, x0) + _nibble_times(words, 4, x1)
+        t += _nibble_times(words, 8, x2) + _nibble_times(words, 12, x3)
+        t += _nibble_times(words, 16, x4) + _nibble_times(words, 20, x5)
+        t += _nibble_times(words, 24, x6) + _nibble_times(words, 28, x7)  # (BLOCK_N, NW)
+        qx = tl.sum(tl.reshape(t, (BLOCK_N, GROUPS, NW // GROUPS)), axis=2)  # (BLOCK_N, GROUPS)
+        xg = tl.sum(tl.reshape(tl.sum(x, axis=1), (GROUPS, NW // GROUPS)), axis=1)  # (GROUPS,)
+        offs_g = k0 // GROUP + tl.arange(0, GROUPS)
+        g_mask = n_mask[:, None] & (offs_g < n_groups)[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        acc += tl.sum(qx * s + z * xg[None, :], axis=1)
+    tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, acc, mask=n_mask)
 
 
 @triton.jit
@@ -154,7 +125,11 @@ def _int4_gemv_kernel(
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # K elements per loop step, a multiple of GROUP (BLOCK_K / 2 bytes per row)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
+    WORDS: tl.constexpr,  # one row, w_ptr the packed codes as int32 words (8 codes each)
 ):
+    if WORDS:
+        _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split, GROUP, BLOCK_N, BLOCK_K)
+        return
     HALF: tl.constexpr = BLOCK_K // 2
     GROUPS: tl.constexpr = BLOCK_K // GROUP  # groups per tile row
     pid_n = tl.program_id(0)
@@ -214,22 +189,11 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
-    group = K // scales.shape[1]
-    if words:
-        x_words = x.float().view(M, K // 8, 8)
-        xp = x_words.transpose(1, 2).contiguous()  # (M, 8, K / 8): xp[m, j, w] = x[m, 8w + j]
-        xw = x_words.sum(-1) / 16  # (M, K / 8)
-        wrap_triton(_int4_row_words)[grid](
-            xp, xw, packed.view(torch.int32), scales, zeros, partial, M, N, K, K // 8, per_split,
-            GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=N % block_n == 0 and K % (block_k * per_split) == 0,
-            num_warps=num_warps,
-        )
-    else:
-        wrap_triton(_int4_gemv_kernel)[grid](
-            x, packed, scales, zeros, partial, M, N, K, per_split,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_IEEE=x.dtype == torch.float32, num_warps=num_warps,
-        )
+    wrap_triton(_int4_gemv_kernel)[grid](
+        x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
+        GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
+    )
     return finish_partials(partial, bias, x.dtype)
 
 
@@ -277,8 +241,5 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k), PROGRAMS_PER_SM)
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1  # K / 2 bytes a row is a multiple of 16: whole words
-    # The word path keeps ~16 (int8) / ~20 (int4) bits of each partial sum (see its kernel): plenty
-    # for 16-bit activations, not for float32 ones, which take the exact path.
-    words = words and x.dtype != torch.float32
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
                                         block_m, block_n, block_k, num_warps, words)

@@ -50,70 +50,10 @@ def int8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 
 
 @triton.jit
-def _byte_times(words, J: tl.constexpr, xj_ptrs, x_mask, EVEN: tl.constexpr):
-    """(1 + u / 256) * x for the byte u at byte J of each word of `words` (BLOCK_N, NW): the byte is
-    moved to the top eight mantissa bits of 1.0 (bits 15-22: one shift and one logic op; casting an
-    integer to float is a quarter-rate instruction on Hopper's CUDA cores) and multiplied by the
-    activations of code positions 4w + J, which the launcher laid out contiguously (xj_ptrs)."""
-    if 8 * J <= 15:
-        u = words << (15 - 8 * J)
-    else:
-        u = words >> (8 * J - 15)
-    f = ((u & 0x007F8000) | 0x3F800000).to(tl.float32, bitcast=True)
-    x = tl.load(xj_ptrs) if EVEN else tl.load(xj_ptrs, mask=x_mask, other=0.0)  # (NW,) float32
-    return f * x[None, :]
-
-
-@triton.jit
-def _int8_row_words(
-    xp_ptr,  # (M, 4, K / 4) float32 activations by code position: xp[m, j, w] = x[m, 4w + j]
-    xw_ptr,  # (M, K / 4) float32 word sums: xw[m, w] = sum_j x[m, 4w + j]
-    w_ptr,  # (N, K / 4) int32: word w of a row holds codes 4w .. 4w + 3, lowest byte first
-    s_ptr,  # (N,) scales
-    out_ptr,  # (SPLIT_K, M, N) fp32 partial sums
-    M, N, K,
-    words_per_row,  # K / 4, passed so that Triton sees its divisibility (16-byte loads)
-    k_blocks_per_split,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr,  # N a multiple of BLOCK_N and K of BLOCK_K * k_blocks_per_split: no masks
-):
-    """One activation row, codes read as int32 words. Each byte b is flipped to u = b ^ 0x80 =
-    q + 128 in [0, 255]; per word the 4 products are summed in registers as t = sum_j (1 + u_j / 256) x_j,
-    so with X = sum_j x_j
-
-        sum_j q_j x_j = sum_j (u_j - 128) x_j = 256 (t - 1.5 X),
-
-    one multiply-add per word, no reduction across threads until the end, and the per-channel
-    scale applied once. xp and xw are made by the launcher (inside a compiled step Inductor fuses
-    them into the kernel that produced x), so every load here is contiguous."""
-    NW: tl.constexpr = BLOCK_K // 4
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    w_begin = pid_k * k_blocks_per_split * NW
-    xp_row = xp_ptr + pid_m * K
-    acc = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
-    for i in range(k_blocks_per_split):
-        offs_w = w_begin + i * NW + tl.arange(0, NW)
-        x_mask = offs_w < words_per_row
-        w_ptrs = w_ptr + offs_n[:, None] * words_per_row + offs_w[None, :]
-        if EVEN:
-            words = tl.load(w_ptrs)
-            xw = tl.load(xw_ptr + pid_m * words_per_row + offs_w)
-        else:
-            words = tl.load(w_ptrs, mask=n_mask[:, None] & x_mask[None, :], other=0)
-            xw = tl.load(xw_ptr + pid_m * words_per_row + offs_w, mask=x_mask, other=0.0)
-        words ^= -2139062144  # 0x80808080: every byte's sign bit flipped
-        t = _byte_times(words, 0, xp_row + offs_w, x_mask, EVEN)
-        t += _byte_times(words, 1, xp_row + words_per_row + offs_w, x_mask, EVEN)
-        t += _byte_times(words, 2, xp_row + 2 * words_per_row + offs_w, x_mask, EVEN)
-        t += _byte_times(words, 3, xp_row + 3 * words_per_row + offs_w, x_mask, EVEN)  # (BLOCK_N, NW)
-        acc += t - 1.5 * xw[None, :]
-    scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, 256.0 * tl.sum(acc, axis=1) * scale, mask=n_mask)
+def _byte_times(words, SHIFT: tl.constexpr, x):
+    """(byte of `words` at bit SHIFT, sign-flipped, as the int8 code it stands for) * x[None, :]."""
+    u = ((words >> SHIFT) & 0xFF) | 0x4B000000  # bits of the float32 2^23 + u
+    return (u.to(tl.float32, bitcast=True) - 8388736.0) * x[None, :]  # 8388736 = 2^23 + 128
 
 
 @triton.jit
@@ -130,6 +70,7 @@ def _int8_gemv_kernel(
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # K elements per loop step (bytes per weight row per load)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
+    WORDS: tl.constexpr,  # one row, w_ptr the codes as int32 words (4 per word): convert by bit pattern
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -137,7 +78,32 @@ def _int8_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k_begin = pid_k * k_blocks_per_split * BLOCK_K
-    if BLOCK_M == 1:
+    if WORDS:
+        # One row, codes read as int32 words. Casting int8 to float is a quarter-rate instruction on
+        # Hopper's CUDA cores (16 per clock per SM): at 3 TB/s of codes it would be most of the
+        # chip's conversion rate. Instead each byte b is flipped to u = b ^ 0x80 in [0, 255] and
+        # placed in the mantissa of 2^23: the float32 with bits 0x4B000000 | u is 2^23 + u exactly,
+        # so q = that - (2^23 + 128), with full-rate integer and add instructions.
+        NW: tl.constexpr = BLOCK_K // 4
+        acc = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
+        x_row = x_ptr + pid_m * K
+        offs_j = tl.arange(0, 4)
+        for i in range(k_blocks_per_split):
+            offs_w = (k_begin + i * BLOCK_K) // 4 + tl.arange(0, NW)
+            w_mask = offs_w < K // 4
+            words = tl.load(w_ptr + offs_n[:, None] * (K // 4) + offs_w[None, :],
+                            mask=n_mask[:, None] & w_mask[None, :], other=0)  # (BLOCK_N, NW) int32
+            words ^= -2139062144  # 0x80808080: every byte's sign bit flipped, u = b + 128 in [0, 255]
+            x = tl.load(x_row + offs_w[:, None] * 4 + offs_j[None, :], mask=w_mask[:, None],
+                        other=0.0).to(tl.float32)  # (NW, 4): column j multiplies byte j of each word
+            x_even, x_odd = tl.split(tl.reshape(x, (NW, 2, 2)))  # bytes (0, 2) and (1, 3)
+            x0, x2 = tl.split(x_even)
+            x1, x3 = tl.split(x_odd)
+            acc += _byte_times(words, 0, x0) + _byte_times(words, 8, x1)
+            acc += _byte_times(words, 16, x2) + _byte_times(words, 24, x3)
+        scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, tl.sum(acc, axis=1) * scale, mask=n_mask)
+    elif BLOCK_M == 1:
         # One row: multiply-add into a (BLOCK_N, BLOCK_K) register tile, reduced across K only once.
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         x_row = x_ptr + pid_m * K
@@ -184,21 +150,11 @@ def _int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     per_split = triton.cdiv(k_blocks, split_k)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
-    if words:
-        x_words = x.float().view(M, K // 4, 4)
-        xp = x_words.transpose(1, 2).contiguous()  # (M, 4, K / 4): xp[m, j, w] = x[m, 4w + j]
-        xw = x_words.sum(-1)  # (M, K / 4)
-        wrap_triton(_int8_row_words)[grid](
-            xp, xw, weight.view(torch.int32), scales, partial, M, N, K, K // 4, per_split,
-            BLOCK_N=block_n, BLOCK_K=block_k, EVEN=N % block_n == 0 and K % (block_k * per_split) == 0,
-            num_warps=num_warps,
-        )
-    else:
-        wrap_triton(_int8_gemv_kernel)[grid](
-            x, weight, scales, partial, M, N, K, per_split,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IEEE=x.dtype == torch.float32,
-            num_warps=num_warps,
-        )
+    wrap_triton(_int8_gemv_kernel)[grid](
+        x, weight.view(torch.int32) if words else weight, scales, partial, M, N, K, per_split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IEEE=x.dtype == torch.float32, WORDS=words,
+        num_warps=num_warps,
+    )
     return finish_partials(partial, bias, x.dtype)
 
 
@@ -261,8 +217,5 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k))
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1 and K % 4 == 0 and block_k >= 4  # whole words per row and tile
-    # The word path keeps ~16 (int8) / ~20 (int4) bits of each partial sum (see its kernel): plenty
-    # for 16-bit activations, not for float32 ones, which take the exact path.
-    words = words and x.dtype != torch.float32
     return torch.ops.blitzgen.int8_gemv(x.contiguous(), weight.contiguous(), scales, bias, split_k,
                                         block_m, block_n, block_k, num_warps, words)

@@ -47,22 +47,20 @@ def test_matches_reference(M, N, K, dtype):
 def test_split_k_and_blocks(split_k, blocks, words):
     # K = 252: a multiple of 4 (one row reads the codes as int32 words unless words=False), not of a block.
     M = 1 if blocks[0] == 1 else 7
-    # The word path runs for 16-bit activations only (float32 ones take the exact path).
-    x, w, s, b = _inputs(M, 45, 252, torch.float16 if words else torch.float32, bias=True, seed=split_k)
+    x, w, s, b = _inputs(M, 45, 252, torch.float32, bias=True, seed=split_k)
     _check(int8_gemv(x, w, s, b, blocks=blocks, split_k=split_k, words=words), int8_gemv_ref(x, w, s, b))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the exact path; the word path
-def test_every_code_converts_exactly(dtype):
-    """The one-row word path turns bytes into floats by bit pattern: every code -128..127, each alone
-    in its row (so no rounding is involved), must come out exactly."""
+def test_every_code_converts_exactly():
+    """The one-row path turns bytes into floats by bit pattern: every code -128..127, each alone in
+    its row (so no rounding is involved), must come out exactly."""
     codes = torch.arange(-128, 128, dtype=torch.int8)
     w = torch.zeros(256, 256, dtype=torch.int8)
     w[torch.arange(256), torch.arange(256)] = codes
-    x = torch.ones(1, 256, device=DEVICE, dtype=dtype)
-    s = torch.ones(256, device=DEVICE, dtype=dtype)
+    x = torch.ones(1, 256, device=DEVICE)
+    s = torch.ones(256, device=DEVICE)
     y = int8_gemv(x, w.to(DEVICE), s, blocks=(1, 16, 64, 4), split_k=1)
-    assert torch.equal(y[0].float().cpu(), codes.float())
+    assert torch.equal(y[0].cpu(), codes.float())
 
 
 def test_more_rows_than_one_tile():
