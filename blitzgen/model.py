@@ -94,18 +94,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
+        if T == 1 and self.decode_kernel and rows is None and self.q_norm is None:
+            # The decode step with the kernels on: one kernel rotates q and k and writes k and v to the
+            # cache (kernels/rope_cache.py), then the split-KV kernel reads only the live keys.
+            q1, lengths = rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, H)  # (B, H, D), (B,)
+            out = decode_attention(q1, k_cache, v_cache, lengths, self.sliding_window)  # (B, H, D)
+            return self.wo(out.view(B, 1, H * D))
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D)
         k = k.view(B, T, Hkv, D)
         v = v.view(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if T == 1 and self.decode_kernel and rows is None:
-            # The decode step with the kernels on: one kernel rotates q and k and writes k and v to the
-            # cache (kernels/rope_cache.py), then the split-KV kernel reads only the live keys.
-            q1 = rope_cache_write(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], positions[:, 0], k_cache, v_cache)
-            out = decode_attention(q1, k_cache, v_cache, positions[:, 0] + 1, self.sliding_window)  # (B, H, D)
-            return self.wo(out.view(B, 1, H * D))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         gathered = rows is not None
@@ -123,8 +124,9 @@ class Attention(nn.Module):
             # one captured graph serves every length. The kernel reads only those; the reference
             # reads all kv_len under a mask.
             lengths = positions[:, 0] + 1  # (B,)
-            if self.decode_kernel:  # here only for gathered rows (a batched prefill of one-token prompts)
-                out = decode_attention(q[:, 0], keys, values, lengths, self.sliding_window)  # (B, H, D)
+            if self.decode_kernel:  # gathered rows (a batched prefill of one-token prompts), or q/k norms
+                k_src, v_src = (keys, values) if gathered else (k_cache, v_cache)
+                out = decode_attention(q[:, 0], k_src, v_src, lengths, self.sliding_window)  # (B, H, D)
             else:
                 out = decode_attention_ref(q[:, 0], keys, values, lengths, self.sliding_window)
             out = out.view(B, 1, H * D)

@@ -14,14 +14,17 @@ k's rotation and scatter, v's scatter), each costing a launch and a DRAM round t
 of a 7B model pays 32 times (measured on an H200: ~4.3 us a layer, BENCHMARKS.md). Here one
 program handles one head of one sequence: H + Hkv programs per sequence, one launch.
 
-Contract:
-    q           (B, H, D)        bf16 | fp16 | fp32, last dim contiguous (a view of the qkv product)
-    k, v        (B, Hkv, D)      q's dtype, last dim contiguous
-    cos, sin    (B, D)           q's dtype (model.rope_cos_sin), last dim contiguous
-    positions   (B,)             int64 | int32 on q's device: the cache position of each new token
-    k_cache     (B, S, Hkv, D)   q's dtype, last dim contiguous; written at [b, positions[b]]
+Contract (the T = 1 dim of the model's (B, 1, ...) tensors may be kept: the kernel reads rows by their
+stride, so the decode step passes its tensors as they are, with no view for Inductor to copy):
+    qkv         (B, [1,] (H + 2 Hkv) D)  bf16 | fp16 | fp32: the fused q/k/v product, heads in that order
+    cos, sin    (B, [1,] D)              qkv's dtype (model.rope_cos_sin)
+    positions   (B, [1])                 int64 | int32: the cache position of each new token
+    k_cache     (B, S, Hkv, D)           qkv's dtype, last dim contiguous; written at [b, positions[b]]
     v_cache     (B, S, Hkv, D)
-    returns     (B, H, D)        rotated q, contiguous, q's dtype
+    n_heads     H
+    returns     (B, H, D)                rotated q, contiguous, qkv's dtype, and
+                (B,)                     int64 positions + 1: the live lengths decode attention takes (one
+                                         kernel fewer a layer than computing them apart)
 The rotation is computed in float32 and rounded once (as Inductor compiles model.apply_rope; the
 eager reference rounds each product in 16-bit dtypes, one unit in the last place apart).
 
@@ -53,93 +56,113 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def rope_cache_write_ref(q, k, v, cos, sin, positions, k_cache, v_cache) -> torch.Tensor:
-    """Plain-PyTorch twin: returns rotated q (B, H, D); writes rotated k and v into the caches."""
-    rows = torch.arange(q.shape[0], device=q.device)
+def rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int):
+    """Plain-PyTorch twin: returns rotated q (B, H, D) and lengths = positions + 1 (B,) int64; writes
+    rotated k and v into the caches."""
+    B, D = qkv.shape[0], k_cache.shape[3]
+    q, k, v = qkv.reshape(B, -1, D).split([n_heads, k_cache.shape[2], k_cache.shape[2]], dim=1)
+    cos, sin, positions = cos.reshape(B, D), sin.reshape(B, D), positions.reshape(B)
+    rows = torch.arange(B, device=qkv.device)
     k_cache[rows, positions] = _rotate(k, cos, sin)
     v_cache[rows, positions] = v
-    return _rotate(q, cos, sin)
+    return _rotate(q, cos, sin), (positions + 1).long()
 
 
 if triton is not None:
 
     @triton.jit
+    def _rotate_and_store(src, dst, cos_row, sin_row, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """dst[0:D] = rot(src[0:D]) for one head, in float32, rounded once to dst's dtype."""
+        offs = tl.arange(0, BLOCK_HALF)
+        mask = offs < HALF
+        lo = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        cos_lo = tl.load(cos_row + offs, mask=mask, other=0.0).to(tl.float32)
+        cos_hi = tl.load(cos_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        sin_lo = tl.load(sin_row + offs, mask=mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst + offs, (lo * cos_lo - hi * sin_lo).to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF + offs, (hi * cos_hi + lo * sin_hi).to(dst.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rope_cache_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr,
+        qkv_ptr,  # (B, (H + 2 Hkv) D): q heads, then k heads, then v heads, each D contiguous
+        cos_ptr, sin_ptr,  # (B, D) rows
+        positions_ptr,  # (B,) rows, stride stride_pb
         q_out_ptr,  # (B, H, D) contiguous
-        k_cache_ptr, v_cache_ptr,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_sb,
+        lengths_ptr,  # (B,) out: positions + 1, the live keys decode attention reads next
+        k_cache_ptr, v_cache_ptr,  # (B, S, Hkv, D)
+        stride_xb, stride_cb, stride_sb, stride_pb,
         stride_kcb, stride_kcn, stride_kch, stride_vcb, stride_vcn, stride_vch,
         H: tl.constexpr,  # query heads: programs 0 .. H - 1 rotate q, H .. H + Hkv - 1 write k and v
+        HKV: tl.constexpr,
         D: tl.constexpr,
         BLOCK_HALF: tl.constexpr,  # D / 2 rounded up to a power of two
     ):
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         HALF: tl.constexpr = D // 2
-        offs = tl.arange(0, BLOCK_HALF)
-        mask = offs < HALF
-        cos_lo = tl.load(cos_ptr + b * stride_cb + offs, mask=mask, other=0.0).to(tl.float32)
-        cos_hi = tl.load(cos_ptr + b * stride_cb + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        sin_lo = tl.load(sin_ptr + b * stride_sb + offs, mask=mask, other=0.0).to(tl.float32)
-        sin_hi = tl.load(sin_ptr + b * stride_sb + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        row = qkv_ptr + b * stride_xb
+        # Each store's address is computed from a kernel argument inside its own branch, so
+        # torch.compile's analysis of what the kernel writes sees exactly q_out and the two caches.
         if head < H:
-            src = q_ptr + b * stride_qb + head * stride_qh
-            dst = q_out_ptr + (b * H + head) * D
+            _rotate_and_store(row + head * D, q_out_ptr + (b * H + head) * D, cos_ptr + b * stride_cb,
+                              sin_ptr + b * stride_sb, HALF, BLOCK_HALF)
         else:
             h = head - H
-            position = tl.load(positions_ptr + b).to(tl.int64)
-            src = k_ptr + b * stride_kb + h * stride_kh
-            dst = k_cache_ptr + b * stride_kcb + position * stride_kcn + h * stride_kch
-            v_src = v_ptr + b * stride_vb + h * stride_vh
-            v_dst = v_cache_ptr + b * stride_vcb + position * stride_vcn + h * stride_vch
-            tl.store(v_dst + offs, tl.load(v_src + offs, mask=mask), mask=mask)
-            tl.store(v_dst + HALF + offs, tl.load(v_src + HALF + offs, mask=mask), mask=mask)
-        lo = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        out_lo = lo * cos_lo - hi * sin_lo
-        out_hi = hi * cos_hi + lo * sin_hi
-        tl.store(dst + offs, out_lo.to(dst.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF + offs, out_hi.to(dst.dtype.element_ty), mask=mask)
+            position = tl.load(positions_ptr + b * stride_pb).to(tl.int64)
+            _rotate_and_store(row + (H + h) * D, k_cache_ptr + b * stride_kcb + position * stride_kcn + h * stride_kch,
+                              cos_ptr + b * stride_cb, sin_ptr + b * stride_sb, HALF, BLOCK_HALF)
+            offs = tl.arange(0, 2 * BLOCK_HALF)
+            mask = offs < D
+            v = tl.load(row + (H + HKV + h) * D + offs, mask=mask)
+            tl.store(v_cache_ptr + b * stride_vcb + position * stride_vcn + h * stride_vch + offs, v, mask=mask)
+            if h == 0:
+                tl.store(lengths_ptr + b, position + 1)
 
 
-def _rope_cache_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    B, H, D = q.shape
-    Hkv = k.shape[1]
-    q_out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    wrap_triton(_rope_cache_kernel)[(H + Hkv, B)](
-        q, k, v, cos, sin, positions, q_out, k_cache, v_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+def _rope_cache_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B = qkv.shape[0]
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    q_out = torch.empty((B, n_heads, D), dtype=qkv.dtype, device=qkv.device)
+    lengths = torch.empty((B,), dtype=torch.int64, device=qkv.device)
+    wrap_triton(_rope_cache_kernel)[(n_heads + Hkv, B)](
+        qkv, cos, sin, positions, q_out, lengths, k_cache, v_cache,
+        qkv.stride(0), cos.stride(0), sin.stride(0), positions.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2),
-        H=H, D=D, BLOCK_HALF=triton.next_power_of_2(D // 2),
+        H=n_heads, HKV=Hkv, D=D, BLOCK_HALF=triton.next_power_of_2(D // 2),
     )  # fmt: skip
-    return q_out
+    return q_out, lengths
 
 
 if triton is not None:
     _MUTATES = ("k_cache", "v_cache")
     if _INTERPRET:  # interpreted kernels cannot be traced: an opaque op (see decode_attention.py)
         torch.library.custom_op("blitzgen::rope_cache_write", _rope_cache_op, mutates_args=_MUTATES)
-        torch.library.register_fake("blitzgen::rope_cache_write")(lambda q, *_: torch.empty_like(q).contiguous())
+        torch.library.register_fake("blitzgen::rope_cache_write")(
+            lambda qkv, cos, sin, positions, k_cache, v_cache, n_heads: (
+                qkv.new_empty((qkv.shape[0], n_heads, k_cache.shape[3])),
+                positions.new_empty((qkv.shape[0],), dtype=torch.int64)))
     else:
         torch.library.triton_op("blitzgen::rope_cache_write", _rope_cache_op, mutates_args=_MUTATES)
 
 
-def rope_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache) -> torch.Tensor:
+def rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on the new token's q and k and its K/V cache write (see the module docstring) -> rotated
-    q (B, H, D). The Triton kernel on CUDA (and on CPU under TRITON_INTERPRET=1), else the reference."""
-    B, H, D = q.shape
-    Hkv = k.shape[1]
-    if (k.shape != (B, Hkv, D) or v.shape != k.shape or cos.shape != (B, D) or sin.shape != (B, D)
-            or positions.shape != (B,) or k_cache.shape[0] != B or k_cache.shape[2:] != (Hkv, D)
-            or v_cache.shape != k_cache.shape or D % 2):
+    q (B, H, D) and lengths (B,) int64. The Triton kernel on CUDA (and on CPU under
+    TRITON_INTERPRET=1), else the reference."""
+    B, Hkv, D = qkv.shape[0], k_cache.shape[2], k_cache.shape[3]
+    N = (n_heads + 2 * Hkv) * D
+    if (qkv.numel() != B * N or qkv.shape[-1] != N or cos.numel() != B * D or cos.shape[-1] != D
+            or sin.shape != cos.shape or positions.numel() != B or positions.shape[0] != B
+            or k_cache.shape[0] != B or v_cache.shape != k_cache.shape or D % 2):
         raise BlitzgenError(
-            f"rope_cache_write: shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-            f"cos {tuple(cos.shape)}, positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
-    if triton is None or not (q.is_cuda or (_INTERPRET and q.device.type == "cpu")):
-        return rope_cache_write_ref(q, k, v, cos, sin, positions, k_cache, v_cache)
-    if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_cache, v_cache)):
+            f"rope_cache_write: shapes do not fit: qkv {tuple(qkv.shape)} for {n_heads} heads, cos {tuple(cos.shape)}, "
+            f"sin {tuple(sin.shape)}, positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
+    if triton is None or not (qkv.is_cuda or (_INTERPRET and qkv.device.type == "cpu")):
+        return rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
+    if any(t.stride(-1) != 1 for t in (qkv, cos, sin, k_cache, v_cache)):
         raise BlitzgenError("rope_cache_write: every tensor's last dim must be contiguous")
-    return torch.ops.blitzgen.rope_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache)
+    return torch.ops.blitzgen.rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
