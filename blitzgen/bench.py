@@ -272,7 +272,8 @@ def run(args) -> dict:
 
         def generator(compile=True):
             gen = Generator(model, NullTokenizer(), compile=compile,
-                            attention_kernel=False if args.masked_attention else None)
+                            attention_kernel=False if args.masked_attention else None,
+                            rope_kernel=args.rope_kernel)
             if args.compile_scope:
                 gen.compile_scope = args.compile_scope
             return gen

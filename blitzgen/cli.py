@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--masked-attention", action="store_true",
                    help="decode attention over the whole cache under a length mask (the plain-PyTorch twin "
                         "of the split-KV kernel, which is the default on CUDA), for comparison")
+    b.add_argument("--rope-kernel", action="store_true",
+                   help="a decode step's RoPE and K/V cache write as one Triton kernel (not yet the default)")
     b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")
     b.add_argument("--ceiling-gib", type=float, help="buffer size for the bandwidth ceilings (default 4 on cuda)")
     b.add_argument("--max-context", type=int, default=1 << 30, help="skip prompt lengths beyond this")

@@ -304,6 +304,7 @@ class Generator:
         compile: bool | None = None,
         max_seq_len: int | None = None,
         attention_kernel: bool | None = None,
+        rope_kernel: bool = False,
     ):
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
@@ -315,6 +316,10 @@ class Generator:
         # faster than the kernel interpreted.
         for layer in model.layers:
             layer.attention.decode_kernel = (self.device.type == "cuda") if attention_kernel is None else attention_kernel
+            # One kernel for a decode step's RoPE + K/V write (kernels/rope_cache.py), with the split-KV
+            # kernel only. Off by default: its first version measured slower on an H200 (Inductor copied
+            # its view inputs); this one takes whole tensors and is not measured yet (BENCHMARKS.md).
+            layer.attention.rope_kernel = rope_kernel
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

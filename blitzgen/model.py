@@ -70,6 +70,9 @@ class Attention(nn.Module):
         # live keys; off, through its plain-PyTorch twin over the whole cache under a length mask.
         # Generator turns it on for CUDA (interpreted on a CPU under TRITON_INTERPRET=1: tests only).
         self.decode_kernel = False
+        # With decode_kernel: RoPE and the K/V cache write of a decode step as one Triton kernel
+        # (kernels/rope_cache.py) instead of Inductor's four; off until measured (Generator(rope_kernel=)).
+        self.rope_kernel = False
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = nn.Linear(config.dim, qkv_out, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.o_bias)
@@ -95,7 +98,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
-        if T == 1 and self.decode_kernel and rows is None and self.q_norm is None:
+        if T == 1 and self.decode_kernel and self.rope_kernel and rows is None and self.q_norm is None:
             # The decode step with the kernels on: one kernel rotates q and k and writes k and v to the
             # cache (kernels/rope_cache.py), then the split-KV kernel reads only the live keys.
             q1, lengths = rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, H)  # (B, H, D), (B,)
@@ -124,7 +127,7 @@ class Attention(nn.Module):
             # one captured graph serves every length. The kernel reads only those; the reference
             # reads all kv_len under a mask.
             lengths = positions[:, 0] + 1  # (B,)
-            if self.decode_kernel:  # gathered rows (a batched prefill of one-token prompts), or q/k norms
+            if self.decode_kernel:
                 k_src, v_src = (keys, values) if gathered else (k_cache, v_cache)
                 out = decode_attention(q[:, 0], k_src, v_src, lengths, self.sliding_window)  # (B, H, D)
             else:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import blitzgen.generate
+import blitzgen.model
 from blitzgen.errors import BlitzgenError
 from blitzgen.generate import load
 from blitzgen.sampling import SamplingParams
@@ -389,14 +390,25 @@ def test_sequences_joining_a_running_batch_match_generating_alone(tiny_models, h
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa2", "mistral_window", "qwen3"])
-def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models, hf_greedy, variant):
+@pytest.mark.parametrize("rope_kernel", [False, True])
+def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models, hf_greedy, variant, rope_kernel,
+                                                                    monkeypatch):
     """The decode step with the Triton split-KV kernel (interpreted on CPU; tests/conftest.py sets
-    TRITON_INTERPRET=1 without CUDA) gives transformers' greedy tokens, eager and compiled."""
+    TRITON_INTERPRET=1 without CUDA), and with the RoPE + cache-write kernel too (qwen3's q/k norms
+    keep the Inductor path), gives transformers' greedy tokens, eager and compiled."""
     hf_model, path = tiny_models(variant)
     prompts = make_prompts()[:2]
+    calls, fused = [], blitzgen.model.rope_cache_write
     for compile in (False, True):
-        done = generator_for(path, attention_kernel=True, compile=compile).generate(prompts, greedy(12))
+        gen = generator_for(path, attention_kernel=True, compile=compile)
+        for layer in gen.model.layers:
+            layer.attention.rope_kernel = rope_kernel
+        with monkeypatch.context() as patch:
+            if not compile:  # count the fused calls eagerly (a patched global would make Dynamo recompile)
+                patch.setattr(blitzgen.model, "rope_cache_write", lambda *a: calls.append(1) or fused(*a))
+            done = gen.generate(prompts, greedy(12))
         assert [c.token_ids for c in done] == [hf_greedy(hf_model, p, 12) for p in prompts], compile
+    assert bool(calls) == (rope_kernel and variant != "qwen3")
 
 
 # ---- batched prefill ---------------------------------------------------------------------------
