@@ -246,6 +246,8 @@ def run(args) -> dict:
             "dtype": dtype_name,
             "model": args.arch or str(args.model or DEFAULT_MODEL),
             "quantize": args.quantize,
+            "rope_kernel": args.rope_kernel,
+            "inductor_options": dict(args.inductor or []),
         }
         phase("ceilings")
         res.update(ceilings(device, args.ceiling_gib))
@@ -276,6 +278,7 @@ def run(args) -> dict:
                             rope_kernel=args.rope_kernel)
             if args.compile_scope:
                 gen.compile_scope = args.compile_scope
+            gen.inductor_options = dict(args.inductor or [])
             return gen
 
         phase("cold start: compile + capture")
@@ -355,7 +358,9 @@ def format_table(res: dict) -> str:
     lines = [
         f"{res['model']} ({res['weights_gb']:.2f} GB of weights, {res['dtype']}"
         + (f", quantized {res['quantize']}" if res.get("quantize") else "") + f") on {res['device']}, "
-        f"torch {res['torch']}, {res['date']}",
+        f"torch {res['torch']}, {res['date']}"
+        + (", RoPE + cache-write kernel" if res.get("rope_kernel") else "")
+        + "".join(f", {k}={v}" for k, v in res.get("inductor_options", {}).items()),
         f"ceilings: streaming read {res['read_tbps']:.2f} TB/s, copy {res['copy_tbps']:.2f} TB/s",
         f"load {res['load_s']:.1f} s; compile + capture + first token {res['compile_s']:.1f} s; "
         f"cold start {res['cold_start_s']:.1f} s"

@@ -142,6 +142,19 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _inductor_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE for torch.compile's options; VALUE true / false / an integer / a float / text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def cmd_bench(args):
     import torch
 
@@ -285,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the split-KV kernel, which is the default on CUDA), for comparison")
     b.add_argument("--rope-kernel", action="store_true",
                    help="a decode step's RoPE and K/V cache write as one Triton kernel (not yet the default)")
+    b.add_argument("--inductor", type=_inductor_option, action="append", metavar="KEY=VALUE",
+                   help="an extra torch.compile option for the decode step, e.g. combo_kernels=true (repeatable)")
     b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")
     b.add_argument("--ceiling-gib", type=float, help="buffer size for the bandwidth ceilings (default 4 on cuda)")
     b.add_argument("--max-context", type=int, default=1 << 30, help="skip prompt lengths beyond this")

@@ -328,6 +328,7 @@ class Generator:
         self.slot_tokens: list[list[int]] = []  # tokens whose K/V each cache slot holds, from position 0
         self._compiled = None
         self.compile_scope = "block"  # or "step"; see _compiled_decode_step
+        self.inductor_options: dict = {}  # extra torch.compile options for the step (blitzgen bench --inductor)
         self.coordinate_descent_tuning = self.device.type == "cuda"  # Inductor tunes its GEMV reductions
         # (greedy-only or sampling, top_logprobs) variants, built on first use
         self._steps: dict[tuple[bool, int | None], _DecodeStep] = {}
@@ -475,7 +476,7 @@ class Generator:
         The figures behind the default are in benchmarks/BENCHMARKS.md.
         """
         if self._compiled is None:
-            options = {"coordinate_descent_tuning": self.coordinate_descent_tuning}
+            options = {"coordinate_descent_tuning": self.coordinate_descent_tuning, **self.inductor_options}
             if self.coordinate_descent_tuning:
                 inductor_fix.install()  # torch < 2.13: a warm start would tune every GEMV again
             if self.compile_scope == "step":

@@ -3,6 +3,7 @@ consistent with each other (the GPU figures themselves live in benchmarks/BENCHM
 
 import json
 
+import pytest
 import torch
 
 from blitzgen.cli import main
@@ -84,3 +85,27 @@ def test_bench_counts_the_bytes_of_a_quantized_checkpoint(tmp_path, capsys):
     on_the_fly = tmp_path / "fly.json"
     assert main(["bench", *args, "--quantize", "int8", "--json", str(on_the_fly)]) == 0
     assert json.loads(on_the_fly.read_text())["weights_gb"] == quantized["weights_gb"]
+
+
+def test_inductor_options_parse_and_bad_ones_are_clear_errors(capsys):
+    from blitzgen.cli import _inductor_option
+
+    assert _inductor_option("combo_kernels=true") == ("combo_kernels", True)
+    assert _inductor_option("triton.enable_pdl=False") == ("triton.enable_pdl", False)
+    assert _inductor_option("realize_reads_threshold=1") == ("realize_reads_threshold", 1)
+    assert _inductor_option("x=0.5") == ("x", 0.5) and _inductor_option("mode=fast") == ("mode", "fast")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--device", "cpu", "--inductor", "combo_kernels"])
+    assert exit_info.value.code == 2
+    assert "expected KEY=VALUE, got 'combo_kernels'" in capsys.readouterr().err
+
+
+def test_generator_hands_inductor_options_to_torch_compile(monkeypatch):
+    import blitzgen.generate
+
+    seen = []
+    monkeypatch.setattr(blitzgen.generate.torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
+    gen = blitzgen.generate.load(device="cpu", compile=True)
+    gen.inductor_options = {"combo_kernels": True}
+    gen._compiled_decode_step()
+    assert seen == [{"coordinate_descent_tuning": False, "combo_kernels": True}]
