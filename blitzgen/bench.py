@@ -175,9 +175,11 @@ def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, st
     return statistics.median(times)
 
 
-def profile_step(gen: Generator, prompt_len: int, steps: int, top: int = 15) -> list[dict]:
+def profile_step(gen: Generator, prompt_len: int, steps: int, top: int = 15) -> tuple[list[dict], dict]:
     """Where a batch-1 decode step's time goes: the kernels (CUDA) or operators (CPU) of `steps`
-    replayed steps, by total time, as time per step and share of the step."""
+    replayed steps, by total time, as time per step and share of the step; and the totals over all
+    of them (time and launches per step), which a step time above their time says is spent between
+    kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     step = prepare_decode(gen, 1, prompt_len, steps + 1)
@@ -191,8 +193,9 @@ def profile_step(gen: Generator, prompt_len: int, steps: int, top: int = 15) -> 
     time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events = sorted((e for e in prof.key_averages() if time_of(e) > 0), key=time_of, reverse=True)
     total = sum(time_of(e) for e in events) or 1
-    return [{"name": e.key[:80], "calls_per_step": e.count / steps, "us_per_step": time_of(e) / steps,
+    rows = [{"name": e.key[:80], "calls_per_step": e.count / steps, "us_per_step": time_of(e) / steps,
              "share": 100 * time_of(e) / total} for e in events[:top]]
+    return rows, {"us_per_step": total / steps, "launches_per_step": sum(e.count for e in events) / steps}
 
 
 def cache_counts() -> dict[str, int]:
@@ -348,7 +351,7 @@ def run(args) -> dict:
                 progress.update()
         if args.profile:
             phase("profile")
-            res["profile"] = profile_step(generator(), args.prompt_len, steps=20)
+            res["profile"], res["profile_totals"] = profile_step(generator(), args.prompt_len, steps=20)
         progress.update(bool(args.profile))
         res["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         return res
@@ -388,6 +391,9 @@ def format_table(res: dict) -> str:
         lines += ["", "| kernel (batch 1 decode step) | calls per step | us per step | share |", "|---|---|---|---|"]
         lines += [f"| {r['name']} | {r['calls_per_step']:g} | {r['us_per_step']:.1f} | {r['share']:.1f}% |"
                   for r in res["profile"]]
+        totals, step_us = res["profile_totals"], 1000 * res["decode"][0]["step_ms"]
+        lines.append(f"all kernels: {totals['us_per_step']:.0f} us and {totals['launches_per_step']:.0f} launches "
+                     f"per step; the timed batch-{res['decode'][0]['batch']} step: {step_us:.0f} us")
     for r in res["eager"]:
         lines.append(f"eager (uncompiled, no CUDA graph), batch {r['batch']}: {r['tokens_per_s']:.1f} tokens/s "
                      f"per sequence, {r['pct_of_read']:.0f}% of read")

@@ -28,8 +28,11 @@ def test_bench_reports_every_phase(tmp_path, capsys):
     assert 0 < len(res["profile"]) <= 15 and all(r["us_per_step"] > 0 for r in res["profile"])
     shares = [r["share"] for r in res["profile"]]
     assert shares == sorted(shares, reverse=True) and sum(shares) <= 100 + 1e-6
+    totals = res["profile_totals"]
+    assert totals["us_per_step"] >= sum(r["us_per_step"] for r in res["profile"]) - 1e-6
+    assert totals["launches_per_step"] >= sum(r["calls_per_step"] for r in res["profile"]) - 1e-6
     table = capsys.readouterr().out
-    assert "| kernel (batch 1 decode step) |" in table
+    assert "| kernel (batch 1 decode step) |" in table and "all kernels: " in table
     assert "| 1 |" in table and "| 2 |" in table and "streaming read" in table
 
 
