@@ -2,22 +2,27 @@
 
 Tiny random Llama / Qwen3 / Mistral (sliding window) models saved by transformers: blitzgen's
 compiled, CUDA-graphed greedy decode (fp32, TF32 off) must give exactly transformers' generate()
-tokens, and a seed must repeat its sampled tokens. Speed is `blitzgen bench`'s job.
+tokens, and a seed must repeat its sampled tokens. Each model runs with the masked attention, with
+the split-KV kernel, and with the split-KV kernel plus the RoPE + cache-write kernel; `--inductor
+KEY=VALUE` (as `blitzgen bench --inductor`) compiles every step with that option too, to check one
+before it is measured. Speed is `blitzgen bench`'s job.
 
-    python scripts/gpu_check.py
+    python scripts/gpu_check.py [--inductor combo_kernels=true]
 """
 
+import argparse
 import tempfile
 
 import torch
 
 from blitzgen.bench import NullTokenizer
 from blitzgen.checkpoint import load_model
+from blitzgen.cli import _inductor_option
 from blitzgen.generate import Generator
 from blitzgen.sampling import SamplingParams
 
 
-def check_correctness():
+def check_correctness(inductor_options: dict):
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -37,9 +42,11 @@ def check_correctness():
             model = load_model(d, device="cuda", dtype=torch.float32)
         hf = hf.cuda()
         prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 23, 40)]
-        for kernel in (False, True):
-            check_generator(name + (" +attention-kernel" if kernel else ""), hf, prompts,
-                            Generator(model, NullTokenizer(), compile=True, attention_kernel=kernel))
+        for kernel, rope in ((False, False), (True, False), (True, True)):
+            gen = Generator(model, NullTokenizer(), compile=True, attention_kernel=kernel, rope_kernel=rope)
+            gen.inductor_options = inductor_options
+            check_generator(name + (" +attention-kernel" if kernel else "") + (" +rope-kernel" if rope else ""),
+                            hf, prompts, gen)
 
 
 def check_generator(name, hf, prompts, gen):
@@ -59,4 +66,8 @@ def check_generator(name, hf, prompts, gen):
 
 
 if __name__ == "__main__":
-    check_correctness()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inductor", type=_inductor_option, action="append", metavar="KEY=VALUE",
+                        help="an extra torch.compile option for every decode step (repeatable)")
+    args = parser.parse_args()
+    check_correctness(dict(args.inductor or []))
