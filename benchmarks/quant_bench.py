@@ -39,6 +39,7 @@ import triton  # noqa: E402
 from blitzgen.bench import NullTokenizer  # noqa: E402
 from blitzgen.config import ModelConfig  # noqa: E402
 from blitzgen.generate import Generator  # noqa: E402
+from blitzgen.kernels import int4_gemv as int4_kernels  # noqa: E402
 from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref  # noqa: E402
 from blitzgen.kernels.int8_gemv import int8_gemv, int8_gemv_ref  # noqa: E402
 from blitzgen.model import Transformer  # noqa: E402
@@ -144,16 +145,18 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
         linear = random_linear(N, K, device)
         m8, m4 = Int8Linear.from_float(linear), Int4Linear.from_float(linear, 128)
         for M in (1, 8):
-            # The dry run checks 8 rows in fp16: Triton 3.9's interpreter gets bf16 tl.dot wrong.
-            dtype = torch.float16 if device.type == "cpu" and M > 1 else torch.bfloat16
+            # The dry run checks in fp16 where a tl.dot runs: Triton 3.9's interpreter gets bf16 tl.dot wrong.
+            dtype = torch.float16 if device.type == "cpu" else torch.bfloat16
             x = torch.randn(M, K, device=device, dtype=dtype)
             y8, r8 = int8_gemv(x, m8.weight, m8.scales), int8_gemv_ref(x, m8.weight, m8.scales)
             y4, r4 = int4_gemv(x, m4.packed, m4.scales, m4.zeros), int4_gemv_ref(x, m4.packed, m4.scales, m4.zeros)
             err8 = ((y8.float() - r8.float()).abs().max() / r8.float().abs().max()).item()
             err4 = ((y4.float() - r4.float()).abs().max() / r4.float().abs().max()).item()
+            y4tc = int4_gemv(x, m4.packed, m4.scales, m4.zeros, tensor_cores=True)
+            err4tc = ((y4tc.float() - r4.float()).abs().max() / r4.float().abs().max()).item()
             # bf16 outputs (and, with 8 rows, bf16 weights into the tensor-core dot): ~1e-2 at most.
-            ok = "ok" if max(err8, err4) < 2e-2 else "MISMATCH"
-            check_rows.append(f"| {name} | {M} | {err8:.1e} | {err4:.1e} | {ok} |")
+            ok = "ok" if max(err8, err4, err4tc) < 2e-2 else "MISMATCH"
+            check_rows.append(f"| {name} | {M} | {err8:.1e} | {err4:.1e} | {err4tc:.1e} | {ok} |")
         log(f"checked {name}")
 
         formats = {
@@ -163,6 +166,8 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             # Codes cast one by one (the path before int32 words), to compare.
             "int8 cast": (module_bytes(m8), lambda w, x: int8_gemv(x, *w, words=False), (m8.weight, m8.scales)),
             "int4 cast": (module_bytes(m4), lambda w, x: int4_gemv(x, *w, words=False), (m4.packed, m4.scales, m4.zeros)),
+            # Codes to 16-bit floats by bit pattern, then tensor-core dots (int4_gemv.TENSOR_CORES, off by default).
+            "int4 tc": (module_bytes(m4), lambda w, x: int4_gemv(x, *w, tensor_cores=True), (m4.packed, m4.scales, m4.zeros)),
         }
         if inductor:  # the same products as plain expressions, compiled as the decode step compiles them
             formats["bf16 Inductor"] = (module_bytes(linear), lambda w, x: BF16_COMPILED(x, w[0]), (linear.weight,))
@@ -262,7 +267,7 @@ def main():
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--no-inductor", action="store_true",
                         help="skip the Inductor-compiled plain expressions (GEMV columns, one-row decode rows)")
-    parser.add_argument("--models", default="bf16,int8,int4 g128,int8 Inductor 1-row,int4 g128 Inductor 1-row",
+    parser.add_argument("--models", default="bf16,int8,int4 g128,int4 g128 tc,int8 Inductor 1-row,int4 g128 Inductor 1-row",
                         help="decode rows to measure, comma-separated")
     args = parser.parse_args()
     dry = args.dry_run
@@ -285,7 +290,8 @@ def main():
     check_rows, speed_rows, sweep_rows, columns = gemv_tables(shapes, device, ceiling, reps, sweep=not args.no_sweep,
                                                      inductor=inductor)
     print("Kernels against their references (bf16 activations; max |kernel - ref| / max |ref|):\n")
-    print("| shape (N x K) | rows | int8_gemv | int4_gemv g128 | |\n|---|---|---|---|---|")
+    print("| shape (N x K) | rows | int8_gemv | int4_gemv g128 | int4_gemv g128, tensor cores | |\n"
+          "|---|---|---|---|---|---|")
     print("\n".join(check_rows) + "\n")
     print("GEMV, bytes of the weight format read / time: GB/s (% of ceiling), time per call:\n")
     print("| shape (N x K) | rows | " + " | ".join("bf16 cuBLAS" if c == "bf16" else c for c in columns)
@@ -309,9 +315,10 @@ def main():
             quantize_model(model, "int4", 128)
         log(f"built {label}")
         quant.ONE_ROW_BY_INDUCTOR = by_inductor
+        int4_kernels.TENSOR_CORES = label.endswith(" tc")
         rows, prefill = measure_model(model, config, device, label, [1] if by_inductor else batch_sizes,
                                       new_tokens, runs, ceiling, dry)
-        quant.ONE_ROW_BY_INDUCTOR = False
+        quant.ONE_ROW_BY_INDUCTOR = int4_kernels.TENSOR_CORES = False
         if not by_inductor:
             prefills[label] = prefill
         decode_rows += rows
