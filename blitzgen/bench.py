@@ -250,6 +250,7 @@ def run(args) -> dict:
             "model": args.arch or str(args.model or DEFAULT_MODEL),
             "quantize": args.quantize,
             "rope_kernel": args.rope_kernel,
+            "fused_norm": args.fused_norm,
             "inductor_options": dict(args.inductor or []),
         }
         phase("ceilings")
@@ -278,7 +279,7 @@ def run(args) -> dict:
         def generator(compile=True):
             gen = Generator(model, NullTokenizer(), compile=compile,
                             attention_kernel=False if args.masked_attention else None,
-                            rope_kernel=args.rope_kernel)
+                            rope_kernel=args.rope_kernel, fused_norm=args.fused_norm)
             if args.compile_scope:
                 gen.compile_scope = args.compile_scope
             gen.inductor_options = dict(args.inductor or [])
@@ -363,6 +364,7 @@ def format_table(res: dict) -> str:
         + (f", quantized {res['quantize']}" if res.get("quantize") else "") + f") on {res['device']}, "
         f"torch {res['torch']}, {res['date']}"
         + (", RoPE + cache-write kernel" if res.get("rope_kernel") else "")
+        + (", RMSNorm in the products" if res.get("fused_norm") else "")
         + "".join(f", {k}={v}" for k, v in res.get("inductor_options", {}).items()),
         f"ceilings: streaming read {res['read_tbps']:.2f} TB/s, copy {res['copy_tbps']:.2f} TB/s",
         f"load {res['load_s']:.1f} s; compile + capture + first token {res['compile_s']:.1f} s; "

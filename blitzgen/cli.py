@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the split-KV kernel, which is the default on CUDA), for comparison")
     b.add_argument("--rope-kernel", action="store_true",
                    help="a decode step's RoPE and K/V cache write as one Triton kernel (not yet the default)")
+    b.add_argument("--fused-norm", action="store_true",
+                   help="one-row steps normalize inside the first product of each half (not yet the default)")
     b.add_argument("--inductor", type=_inductor_option, action="append", metavar="KEY=VALUE",
                    help="an extra torch.compile option for the decode step, e.g. combo_kernels=true (repeatable)")
     b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")
