@@ -158,21 +158,73 @@ def prepare_decode(gen: Generator, batch_size: int, prompt_len: int, steps: int)
     return gen._step(greedy=True)
 
 
+def time_steps(gen: Generator, step, batch_size: int, prompt_len: int, steps: int) -> float:
+    """Seconds per decode step of a prepared step over `steps` steps from `prompt_len` live tokens."""
+    timer = Timer(gen.device)
+    gen.cache.lengths[:batch_size] = prompt_len
+    kv_len = prompt_len
+    step.run(kv_len + 1)  # not timed: first replay after a reset
+    timer.start()
+    for _ in range(steps):
+        kv_len += 1
+        step.run(kv_len + 1)
+    return timer.stop() / steps
+
+
 def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, steps: int, runs: int) -> float:
     """Median over runs of the time per decode step, prefill excluded, host streaming excluded."""
     step = prepare_decode(gen, batch_size, prompt_len, steps)
-    timer, times = Timer(gen.device), []
-    for _ in range(runs):
-        gen.cache.lengths[:batch_size] = prompt_len
-        kv_len = prompt_len
-        step.run(kv_len + 1)  # not timed: first replay after a reset
-        timer.start()
-        for _ in range(steps):
-            kv_len += 1
-            step.run(kv_len + 1)
-        times.append(timer.stop() / steps)
+    times = [time_steps(gen, step, batch_size, prompt_len, steps) for _ in range(runs)]
     gen.reset()
     return statistics.median(times)
+
+
+# bench --variants: what each named variant changes in the Generator; "a+b" applies both. "base" is the
+# command line's own settings.
+VARIANTS = {
+    "base": {},
+    "rope-kernel": {"rope_kernel": True},
+    "fused-norm": {"fused_norm": True},
+    "combo-kernels": {"inductor_options": {"combo_kernels": True}},
+}
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """'base,rope-kernel+fused-norm' -> [(name, Generator settings)]; unknown names are a BlitzgenError."""
+    out = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        settings = {}
+        for piece in name.split("+"):
+            if piece not in VARIANTS:
+                raise BlitzgenError(f"--variants: unknown variant {piece!r}; expected {', '.join(VARIANTS)} "
+                                    "or several joined by '+'")
+            for key, value in VARIANTS[piece].items():
+                settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
+        out.append((name, settings))
+    return out
+
+
+def compare_variants(make_generator, variants: list[tuple[str, dict]], prompt_len: int, steps: int,
+                     runs: int) -> list[dict]:
+    """Batch-1 decode of each variant in this one process, the runs interleaved (A B C A B C ...), so
+    that a difference between variants is not one between processes or machines (on an H200 the same
+    code measured 3.99-4.26 ms a step across processes). Also each variant's kernel totals."""
+    built = []
+    for name, settings in variants:
+        gen = make_generator(**settings)
+        built.append((name, gen, prepare_decode(gen, 1, prompt_len, steps)))
+    times = {name: [] for name, _, _ in built}
+    for _ in range(runs):
+        for name, gen, step in built:
+            times[name].append(time_steps(gen, step, 1, prompt_len, steps))
+    rows = []
+    for name, gen, _ in built:
+        seconds = statistics.median(times[name])
+        _, totals = profile_step(gen, prompt_len, steps=10)
+        rows.append({"variant": name, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds,
+                     "runs_ms": [1000 * t for t in times[name]], "kernel_us_per_step": totals["us_per_step"],
+                     "launches_per_step": totals["launches_per_step"]})
+    return rows
 
 
 def profile_step(gen: Generator, prompt_len: int, steps: int, top: int = 15) -> tuple[list[dict], dict]:
@@ -229,7 +281,9 @@ def run(args) -> dict:
     batch_sizes = sorted(set(args.batch_size or [1]))
     if any(b < 1 for b in batch_sizes) or args.new_tokens < 2 or args.runs < 1:
         raise BlitzgenError("--batch-size, --runs must be >= 1 and --new-tokens >= 2")
-    phases = 4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths) + bool(args.profile)
+    variants = parse_variants(args.variants) if args.variants else []
+    phases = (4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths) + bool(args.profile)
+              + bool(variants))
     # The bar closes (and clears) before any error is printed: `with`, and leave=False.
     with tqdm(total=phases, desc="bench", unit="phase", leave=False) as progress:
 
@@ -276,13 +330,13 @@ def run(args) -> dict:
         res["weights_gb"] = bytes_per_token(model, 0, 1) / 1e9
         progress.update()
 
-        def generator(compile=True):
+        def generator(compile=True, rope_kernel=args.rope_kernel, fused_norm=args.fused_norm, inductor_options=None):
             gen = Generator(model, NullTokenizer(), compile=compile,
                             attention_kernel=False if args.masked_attention else None,
-                            rope_kernel=args.rope_kernel, fused_norm=args.fused_norm)
+                            rope_kernel=rope_kernel, fused_norm=fused_norm)
             if args.compile_scope:
                 gen.compile_scope = args.compile_scope
-            gen.inductor_options = dict(args.inductor or [])
+            gen.inductor_options = {**dict(args.inductor or []), **(inductor_options or {})}
             return gen
 
         phase("cold start: compile + capture")
@@ -354,6 +408,14 @@ def run(args) -> dict:
             phase("profile")
             res["profile"], res["profile_totals"] = profile_step(generator(), args.prompt_len, steps=20)
         progress.update(bool(args.profile))
+        if variants:
+            phase("variants")
+            res["variants"] = compare_variants(generator, variants, args.prompt_len, args.new_tokens,
+                                               max(args.runs, 3))
+            base = res["variants"][0]["step_ms"]
+            for row in res["variants"]:
+                row["vs_first"] = base / row["step_ms"]
+        progress.update(bool(variants))
         res["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         return res
 
@@ -399,6 +461,12 @@ def format_table(res: dict) -> str:
     for r in res["eager"]:
         lines.append(f"eager (uncompiled, no CUDA graph), batch {r['batch']}: {r['tokens_per_s']:.1f} tokens/s "
                      f"per sequence, {r['pct_of_read']:.0f}% of read")
+    if res.get("variants"):
+        lines += ["", "| variant (batch 1, one process, runs interleaved) | step ms | tokens/s | speed vs first "
+                  "| all kernels us per step | launches per step | each run, ms |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | {r['vs_first']:.3f}x | "
+                  f"{r['kernel_us_per_step']:.0f} | {r['launches_per_step']:.0f} | "
+                  + ", ".join(f"{t:.3f}" for t in r["runs_ms"]) + " |" for r in res["variants"]]
     return "\n".join(lines)
 
 

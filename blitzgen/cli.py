@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a decode step's RoPE and K/V cache write as one Triton kernel (not yet the default)")
     b.add_argument("--fused-norm", action="store_true",
                    help="one-row steps normalize inside the first product of each half (not yet the default)")
+    b.add_argument("--variants", metavar="A,B+C,...",
+                   help="also time batch-1 decode of these variants in this one process, runs interleaved: "
+                        "base (the command line's settings), rope-kernel, fused-norm, combo-kernels, or "
+                        "several joined by '+'")
     b.add_argument("--inductor", type=_inductor_option, action="append", metavar="KEY=VALUE",
                    help="an extra torch.compile option for the decode step, e.g. combo_kernels=true (repeatable)")
     b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")

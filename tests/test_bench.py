@@ -112,3 +112,23 @@ def test_generator_hands_inductor_options_to_torch_compile(monkeypatch):
     gen.inductor_options = {"combo_kernels": True}
     gen._compiled_decode_step()
     assert seen == [{"coordinate_descent_tuning": False, "combo_kernels": True}]
+
+
+def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--device", "cpu", "--prompt-len", "8", "--prompt-lengths", "8", "--new-tokens", "4",
+                 "--runs", "1", "--ceiling-gib", "0.01", "--variants", "base,fused-norm,rope-kernel+fused-norm",
+                 "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["variants"]
+    assert [r["variant"] for r in rows] == ["base", "fused-norm", "rope-kernel+fused-norm"]
+    for r in rows:
+        assert len(r["runs_ms"]) == 3  # at least 3 interleaved runs whatever --runs says
+        assert abs(r["step_ms"] * r["tokens_per_s"] - 1000) < 1e-6 and r["launches_per_step"] > 0
+    assert rows[0]["vs_first"] == 1.0
+    assert "| variant (batch 1, one process, runs interleaved) |" in capsys.readouterr().out
+
+
+def test_bench_unknown_variant_is_a_clear_error(capsys):
+    assert main(["bench", "--device", "cpu", "--variants", "base,fast"]) == 2
+    assert "--variants: unknown variant 'fast'; expected base, rope-kernel" in capsys.readouterr().err
