@@ -15,6 +15,7 @@ products of these shapes allow before attention, norms and sampling; optionally 
 uncompiled (--compare-eager).
 """
 
+import argparse
 import gc
 import json
 import statistics
@@ -179,8 +180,8 @@ def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, st
     return statistics.median(times)
 
 
-# bench --variants: what each named variant changes in the Generator; "a+b" applies both. "base" is the
-# command line's own settings.
+# bench --variants: what each named variant changes in the Generator; "a+b" applies both;
+# "inductor:KEY=VALUE" adds one torch.compile option. "base" is the command line's own settings.
 VARIANTS = {
     "base": {},
     "rope-kernel": {"rope_kernel": True},
@@ -191,14 +192,24 @@ VARIANTS = {
 
 def parse_variants(text: str) -> list[tuple[str, dict]]:
     """'base,rope-kernel+fused-norm' -> [(name, Generator settings)]; unknown names are a BlitzgenError."""
+    from blitzgen.cli import inductor_option
+
     out = []
     for name in filter(None, (part.strip() for part in text.split(","))):
         settings = {}
         for piece in name.split("+"):
-            if piece not in VARIANTS:
-                raise BlitzgenError(f"--variants: unknown variant {piece!r}; expected {', '.join(VARIANTS)} "
-                                    "or several joined by '+'")
-            for key, value in VARIANTS[piece].items():
+            if piece.startswith("inductor:"):
+                try:
+                    key, value = inductor_option(piece.removeprefix("inductor:"))
+                except argparse.ArgumentTypeError as error:
+                    raise BlitzgenError(f"--variants: {piece!r}: {error}") from None
+                changes = {"inductor_options": {key: value}}
+            elif piece in VARIANTS:
+                changes = VARIANTS[piece]
+            else:
+                raise BlitzgenError(f"--variants: unknown variant {piece!r}; expected {', '.join(VARIANTS)}, "
+                                    "inductor:KEY=VALUE, or several joined by '+'")
+            for key, value in changes.items():
                 settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
         out.append((name, settings))
     return out

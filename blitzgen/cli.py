@@ -142,7 +142,7 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _inductor_option(text: str) -> tuple[str, object]:
+def inductor_option(text: str) -> tuple[str, object]:
     """KEY=VALUE for torch.compile's options; VALUE true / false / an integer / a float / text."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -302,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-row steps normalize inside the first product of each half (not yet the default)")
     b.add_argument("--variants", metavar="A,B+C,...",
                    help="also time batch-1 decode of these variants in this one process, runs interleaved: "
-                        "base (the command line's settings), rope-kernel, fused-norm, combo-kernels, or "
-                        "several joined by '+'")
-    b.add_argument("--inductor", type=_inductor_option, action="append", metavar="KEY=VALUE",
+                        "base (the command line's settings), rope-kernel, fused-norm, combo-kernels, "
+                        "inductor:KEY=VALUE, or several joined by '+'")
+    b.add_argument("--inductor", type=inductor_option, action="append", metavar="KEY=VALUE",
                    help="an extra torch.compile option for the decode step, e.g. combo_kernels=true (repeatable)")
     b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")
     b.add_argument("--ceiling-gib", type=float, help="buffer size for the bandwidth ceilings (default 4 on cuda)")

@@ -18,7 +18,7 @@ import torch
 
 from blitzgen.bench import NullTokenizer
 from blitzgen.checkpoint import load_model
-from blitzgen.cli import _inductor_option
+from blitzgen.cli import inductor_option
 from blitzgen.generate import Generator
 from blitzgen.sampling import SamplingParams
 
@@ -71,7 +71,7 @@ def check_generator(name, hf, prompts, gen, one_by_one=False):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inductor", type=_inductor_option, action="append", metavar="KEY=VALUE",
+    parser.add_argument("--inductor", type=inductor_option, action="append", metavar="KEY=VALUE",
                         help="an extra torch.compile option for every decode step (repeatable)")
     args = parser.parse_args()
     check_correctness(dict(args.inductor or []))

@@ -90,20 +90,20 @@ def test_bench_counts_the_bytes_of_a_quantized_checkpoint(tmp_path, capsys):
     assert json.loads(on_the_fly.read_text())["weights_gb"] == quantized["weights_gb"]
 
 
-def test_inductor_options_parse_and_bad_ones_are_clear_errors(capsys):
-    from blitzgen.cli import _inductor_option
+def testinductor_options_parse_and_bad_ones_are_clear_errors(capsys):
+    from blitzgen.cli import inductor_option
 
-    assert _inductor_option("combo_kernels=true") == ("combo_kernels", True)
-    assert _inductor_option("triton.enable_pdl=False") == ("triton.enable_pdl", False)
-    assert _inductor_option("realize_reads_threshold=1") == ("realize_reads_threshold", 1)
-    assert _inductor_option("x=0.5") == ("x", 0.5) and _inductor_option("mode=fast") == ("mode", "fast")
+    assert inductor_option("combo_kernels=true") == ("combo_kernels", True)
+    assert inductor_option("triton.enable_pdl=False") == ("triton.enable_pdl", False)
+    assert inductor_option("realize_reads_threshold=1") == ("realize_reads_threshold", 1)
+    assert inductor_option("x=0.5") == ("x", 0.5) and inductor_option("mode=fast") == ("mode", "fast")
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--device", "cpu", "--inductor", "combo_kernels"])
     assert exit_info.value.code == 2
     assert "expected KEY=VALUE, got 'combo_kernels'" in capsys.readouterr().err
 
 
-def test_generator_hands_inductor_options_to_torch_compile(monkeypatch):
+def test_generator_handsinductor_options_to_torch_compile(monkeypatch):
     import blitzgen.generate
 
     seen = []
@@ -117,11 +117,12 @@ def test_generator_hands_inductor_options_to_torch_compile(monkeypatch):
 def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--device", "cpu", "--prompt-len", "8", "--prompt-lengths", "8", "--new-tokens", "4",
-                 "--runs", "1", "--ceiling-gib", "0.01", "--variants", "base,fused-norm,rope-kernel+fused-norm",
+                 "--runs", "1", "--ceiling-gib", "0.01", "--variants",
+                 "base,fused-norm,rope-kernel+fused-norm+inductor:max_autotune=false",
                  "--json", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())["variants"]
-    assert [r["variant"] for r in rows] == ["base", "fused-norm", "rope-kernel+fused-norm"]
+    assert [r["variant"] for r in rows] == ["base", "fused-norm", "rope-kernel+fused-norm+inductor:max_autotune=false"]
     for r in rows:
         assert len(r["runs_ms"]) == 3  # at least 3 interleaved runs whatever --runs says
         assert abs(r["step_ms"] * r["tokens_per_s"] - 1000) < 1e-6 and r["launches_per_step"] > 0
@@ -132,3 +133,15 @@ def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):
 def test_bench_unknown_variant_is_a_clear_error(capsys):
     assert main(["bench", "--device", "cpu", "--variants", "base,fast"]) == 2
     assert "--variants: unknown variant 'fast'; expected base, rope-kernel" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--variants", "inductor:combo_kernels"]) == 2
+    assert "expected KEY=VALUE, got 'combo_kernels'" in capsys.readouterr().err
+
+
+def test_variants_join_their_settings():
+    from blitzgen.bench import parse_variants
+
+    assert parse_variants("base, combo-kernels+inductor:triton.enable_pdl=true+fused-norm") == [
+        ("base", {}),
+        ("combo-kernels+inductor:triton.enable_pdl=true+fused-norm",
+         {"inductor_options": {"combo_kernels": True, "triton.enable_pdl": True}, "fused_norm": True}),
+    ]
