@@ -94,21 +94,19 @@ def test_forward_matches_dequantize_matmul(kind, shape, dtype):
 
 
 @pytest.mark.skipif(not quant.HAVE_TRITON, reason="needs triton (its interpreter on CPU)")
-@pytest.mark.parametrize("kind", ["int8", "int4", "int8 tensor cores", "int4 tensor cores"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4 tensor cores"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 20, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_forward_kernel_paths(monkeypatch, kind, rows, dtype):
     # What forward() runs on CUDA (GEMV kernels up to DECODE_MAX_ROWS = 32 rows, int4's unpack kernel +
     # matmul past that), here under TRITON_INTERPRET=1 (no bf16: the interpreter's bf16 tl.dot is wrong).
-    # "... tensor cores": with TENSOR_CORES of that kernel on (16-bit activations; float32 keeps the CUDA cores).
+    # "int4 tensor cores": with int4_gemv.TENSOR_CORES on (16-bit activations; float32 keeps the CUDA cores).
     monkeypatch.setattr(quant, "_kernels_apply", lambda x: True)
-    if kind.endswith(" tensor cores"):
+    if kind == "int4 tensor cores":
         import blitzgen.kernels.int4_gemv
-        import blitzgen.kernels.int8_gemv
 
-        kind = kind.split()[0]
-        monkeypatch.setattr(blitzgen.kernels.int4_gemv if kind == "int4" else blitzgen.kernels.int8_gemv,
-                            "TENSOR_CORES", True)
+        monkeypatch.setattr(blitzgen.kernels.int4_gemv, "TENSOR_CORES", True)
+        kind = "int4"
     linear = random_linear(37, 128, bias=True, seed=rows)
     m = _module(kind, linear)
     m.bias = m.bias.to(dtype)

@@ -24,9 +24,7 @@ by bit pattern (see _byte_times: Hopper's int-to-float cast is quarter-rate; mea
 this lifts the one-row GEMV from 52-81% to 56-86% of the read ceiling); more rows use tl.dot on
 tensor cores with the rows padded to 16, so batch 8 reads the weights once, not eight times.
 (Feeding those dots from the same bit-pattern words, one dot per byte plane, was measured on an
-H100 and ran at half the speed of casting the bytes: removed.) tensor_cores=True (TENSOR_CORES, off
-by default until measured) sends one row through the dot path too, with the codes made fp16 by bit
-pattern instead of cast, and the activations rounded to fp16 by the launcher.
+H100 and ran at half the speed of casting the bytes: removed.)
 
 The op is registered with torch.library.triton_op (`torch.ops.blitzgen.int8_gemv`), so
 torch.compile traces it into the compiled, CUDA-graphed decode step.
@@ -73,7 +71,6 @@ def _int8_gemv_kernel(
     BLOCK_K: tl.constexpr,  # K elements per loop step (bytes per weight row per load)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
     WORDS: tl.constexpr,  # one row, w_ptr the codes as int32 words (4 per word): convert by bit pattern
-    FP16_CODES: tl.constexpr,  # tensor-core path: codes to fp16 by bit pattern, activations to fp16
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -133,13 +130,7 @@ def _int8_gemv_kernel(
                         other=0)  # (BLOCK_N, BLOCK_K) int8
             x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0)  # (BLOCK_M, BLOCK_K)
-            if FP16_CODES:
-                # u = b ^ 0x80 = b + 128 in [0, 255]; 0x6400 | u are the fp16 bits of 1024 + u, exactly, so
-                # b = that - 1152: a logic op and a paired half subtraction, no int-to-float cast.
-                bits = ((w.to(tl.int16) ^ 0x80) & 0xFF) | 0x6400
-                codes = (bits.to(tl.float16, bitcast=True) - 1152.0).to(tl.float16)
-                acc += tl.dot(x, tl.trans(codes))  # x is fp16 (the launcher rounds it)
-            elif DOT_IEEE:
+            if DOT_IEEE:
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
@@ -152,12 +143,9 @@ def _int8_gemv_kernel(
 @triton_op("blitzgen::int8_gemv", mutates_args=())
 def _int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                   split_k: int, block_m: int, block_n: int, block_k: int, num_warps: int,
-                  words: bool, fp16_codes: bool) -> torch.Tensor:
+                  words: bool) -> torch.Tensor:
     M, K = x.shape
     N = weight.shape[0]
-    dtype = x.dtype
-    if fp16_codes:  # rounded here, not per tile in the kernel: compiled, Inductor fuses this into x's producer
-        x = x.to(torch.float16)
     k_blocks = triton.cdiv(K, block_k)
     per_split = triton.cdiv(k_blocks, split_k)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
@@ -165,9 +153,9 @@ def _int8_gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     wrap_triton(_int8_gemv_kernel)[grid](
         x, weight.view(torch.int32) if words else weight, scales, partial, M, N, K, per_split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IEEE=x.dtype == torch.float32, WORDS=words,
-        FP16_CODES=fp16_codes, num_warps=num_warps,
+        num_warps=num_warps,
     )
-    return finish_partials(partial, bias, dtype)
+    return finish_partials(partial, bias, x.dtype)
 
 
 def finish_partials(partial: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -184,10 +172,6 @@ def finish_partials(partial: torch.Tensor, bias: torch.Tensor | None, dtype: tor
 # their sum cost more than the extra programs gain once there are about 2 tiles per SM).
 ONE_ROW = (1, 8, 1024, 4)
 MANY_ROWS = (16, 32, 256, 4)
-# tensor_cores=True (16-bit activations, any rows): the several-row dot path with codes made fp16 by bit
-# pattern and the activation tile rounded to fp16 (bf16's 8 bits are 11 in fp16; values past fp16's
-# 65504 would overflow). Off by default until quant_bench's "int8 tc" column measures it on a GPU.
-TENSOR_CORES = False
 # Split K until there are about this many programs per SM (or K runs out of blocks).
 PROGRAMS_PER_SM = 2
 
@@ -206,12 +190,11 @@ def plan_split_k(device: torch.device, n_tiles: int, k_blocks: int, programs_per
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
               *, blocks: tuple[int, int, int, int] | None = None, split_k: int | None = None,
-              words: bool = True, tensor_cores: bool | None = None) -> torch.Tensor:
+              words: bool = True) -> torch.Tensor:
     """y = (x @ weight.T) * scales + bias for x (M, K), weight (N, K) int8 -> (M, N) in x.dtype.
 
     blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
-    words=False turns off the one-row path that reads the codes as int32 words (for comparison);
-    tensor_cores (default TENSOR_CORES) runs every row count through the fp16-code dot path.
+    words=False turns off the one-row path that reads the codes as int32 words (for comparison).
     Falls back to int8_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -227,10 +210,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
         return int8_gemv_ref(x, weight, scales, bias)
     M, K = x.shape
     N = weight.shape[0]
-    tensor_cores = (TENSOR_CORES if tensor_cores is None else tensor_cores) and x.dtype != torch.float32
-    block_m, block_n, block_k, num_warps = blocks or (MANY_ROWS if tensor_cores or M > 1 else ONE_ROW)
-    if tensor_cores:
-        block_m = max(block_m, 16)
+    block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
     if (block_m & (block_m - 1)) or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"int8_gemv: blocks {block_m, block_n, block_k} must be powers of two")
     if split_k is None:
@@ -238,4 +218,4 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1 and K % 4 == 0 and block_k >= 4  # whole words per row and tile
     return torch.ops.blitzgen.int8_gemv(x.contiguous(), weight.contiguous(), scales, bias, split_k,
-                                        block_m, block_n, block_k, num_warps, words, tensor_cores)
+                                        block_m, block_n, block_k, num_warps, words)

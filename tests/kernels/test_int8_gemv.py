@@ -86,24 +86,3 @@ def test_compiles_as_one_graph():
     x, w, s, b = _inputs(3, 40, 96, torch.float32, bias=True)
     fn = torch.compile(lambda x: int8_gemv(x, w, s, b) * 2, fullgraph=True)
     _check(fn(x), int8_gemv_ref(x, w, s, b) * 2)
-
-
-# The tensor-core path with codes made fp16 by bit pattern: 1 row (padded to 16), 7, 40 (two tiles of
-# rows); K not a multiple of the tile; bf16 activations too (they are rounded to fp16 for the dot, which
-# the interpreter runs correctly, unlike a bf16 dot).
-@pytest.mark.parametrize("M", [1, 7, 40])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_tensor_core_path_matches_reference(M, dtype, split_k):
-    x, w, s, b = _inputs(M, 45, 300, dtype, bias=True, seed=M)
-    _check(int8_gemv(x, w, s, b, tensor_cores=True, split_k=split_k, blocks=(16, 32, 64, 4)),
-           int8_gemv_ref(x, w, s, b))
-
-
-def test_tensor_core_path_converts_every_code_exactly():
-    codes = torch.arange(-128, 128, dtype=torch.int8)
-    w = torch.zeros(256, 256, dtype=torch.int8)
-    w[torch.arange(256), torch.arange(256)] = codes
-    y = int8_gemv(torch.ones(1, 256, device=DEVICE, dtype=torch.float16), w.to(DEVICE),
-                  torch.ones(256, device=DEVICE, dtype=torch.float16), tensor_cores=True)
-    assert torch.equal(y[0].float().cpu(), codes.float())
