@@ -252,23 +252,21 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     M, K = x.shape
     N = packed.shape[0]
     group = K // scales.shape[1]
-    if tensor_cores:  # split_k counts groups here (block_k is one group)
-        per_split = triton.cdiv(K // group, split_k)
-        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)  # tensor cores: block_k is one group
+    partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
+    if tensor_cores:
         fp16 = x.dtype == torch.float16
-        wrap_triton(_int4_gemv_tc_kernel)[(triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))](
+        wrap_triton(_int4_gemv_tc_kernel)[grid](
             x, packed, scales, zeros, partial, M, N, K, per_split, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
             MAGIC_BITS=0x6400 if fp16 else 0x4300, MAGIC=1024.0 if fp16 else 128.0, num_warps=num_warps,
         )
-        return finish_partials(partial, bias, x.dtype)
-    per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
-    partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
-    wrap_triton(_int4_gemv_kernel)[grid](
-        x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
-        GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
-    )
+    else:
+        wrap_triton(_int4_gemv_kernel)[grid](
+            x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
+        )
     return finish_partials(partial, bias, x.dtype)
 
 
@@ -314,15 +312,12 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     if not triton_runs_on(x):
         return int4_gemv_ref(x, packed, scales, zeros, bias)
     tensor_cores = (TENSOR_CORES if tensor_cores is None else tensor_cores) and x.dtype != torch.float32
-    if tensor_cores:
+    if tensor_cores:  # one group per step, so split_k counts groups
         _, block_n, _, num_warps = blocks or TC_BLOCKS
         block_m = max(16, blocks[0] if blocks else triton.next_power_of_2(min(M, 64)))
-        if split_k is None:
-            split_k = plan_split_k(x.device, triton.cdiv(N, block_n), K // group, PROGRAMS_PER_SM)
-        return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias,
-                                            min(split_k, K // group), block_m, block_n, group, num_warps,
-                                            False, True)
-    block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
+        block_k = group
+    else:
+        block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
     block_k = max(block_k, group)
     if block_k % group or (block_m & (block_m - 1)) or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"int4_gemv: blocks {block_m, block_n, block_k} must be powers of two, block_k a "
@@ -332,4 +327,4 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1  # K / 2 bytes a row is a multiple of 16: whole words
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
-                                        block_m, block_n, block_k, num_warps, words, False)
+                                        block_m, block_n, block_k, num_warps, words, tensor_cores)
