@@ -49,23 +49,18 @@ except ImportError:  # a CPU-only install without Triton: the reference is the o
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, D), cos / sin (B, D): rotate-half RoPE."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
 def rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int):
     """Plain-PyTorch twin: returns rotated q (B, H, D) and lengths = positions + 1 (B,) int64; writes
-    rotated k and v into the caches."""
+    rotated k and v into the caches. The rotation is the model's own (model.apply_rope)."""
+    from blitzgen.model import apply_rope  # here: model.py imports this module
+
     B, D = qkv.shape[0], k_cache.shape[3]
-    q, k, v = qkv.reshape(B, -1, D).split([n_heads, k_cache.shape[2], k_cache.shape[2]], dim=1)
-    cos, sin, positions = cos.reshape(B, D), sin.reshape(B, D), positions.reshape(B)
+    q, k, v = qkv.reshape(B, 1, -1, D).split([n_heads, k_cache.shape[2], k_cache.shape[2]], dim=2)
+    cos, sin, positions = cos.reshape(B, 1, D), sin.reshape(B, 1, D), positions.reshape(B)
     rows = torch.arange(B, device=qkv.device)
-    k_cache[rows, positions] = _rotate(k, cos, sin)
-    v_cache[rows, positions] = v
-    return _rotate(q, cos, sin), (positions + 1).long()
+    k_cache[rows, positions] = apply_rope(k, cos, sin)[:, 0]
+    v_cache[rows, positions] = v[:, 0]
+    return apply_rope(q, cos, sin)[:, 0], (positions + 1).long()
 
 
 if triton is not None:
