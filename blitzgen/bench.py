@@ -185,13 +185,12 @@ def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, st
 VARIANTS = {
     "base": {},
     "rope-kernel": {"rope_kernel": True},
-    "fused-norm": {"fused_norm": True},
     "combo-kernels": {"inductor_options": {"combo_kernels": True}},
 }
 
 
 def parse_variants(text: str) -> list[tuple[str, dict]]:
-    """'base,rope-kernel+fused-norm' -> [(name, Generator settings)]; unknown names are a BlitzgenError."""
+    """'base,rope-kernel+combo-kernels' -> [(name, Generator settings)]; unknown names are a BlitzgenError."""
     from blitzgen.cli import inductor_option
 
     out = []
@@ -315,7 +314,6 @@ def run(args) -> dict:
             "model": args.arch or str(args.model or DEFAULT_MODEL),
             "quantize": args.quantize,
             "rope_kernel": args.rope_kernel,
-            "fused_norm": args.fused_norm,
             "inductor_options": dict(args.inductor or []),
         }
         phase("ceilings")
@@ -341,10 +339,10 @@ def run(args) -> dict:
         res["weights_gb"] = bytes_per_token(model, 0, 1) / 1e9
         progress.update()
 
-        def generator(compile=True, rope_kernel=args.rope_kernel, fused_norm=args.fused_norm, inductor_options=None):
+        def generator(compile=True, rope_kernel=args.rope_kernel, inductor_options=None):
             gen = Generator(model, NullTokenizer(), compile=compile,
                             attention_kernel=False if args.masked_attention else None,
-                            rope_kernel=rope_kernel, fused_norm=fused_norm)
+                            rope_kernel=rope_kernel)
             if args.compile_scope:
                 gen.compile_scope = args.compile_scope
             gen.inductor_options = {**dict(args.inductor or []), **(inductor_options or {})}
@@ -437,7 +435,6 @@ def format_table(res: dict) -> str:
         + (f", quantized {res['quantize']}" if res.get("quantize") else "") + f") on {res['device']}, "
         f"torch {res['torch']}, {res['date']}"
         + (", RoPE + cache-write kernel" if res.get("rope_kernel") else "")
-        + (", RMSNorm in the products" if res.get("fused_norm") else "")
         + "".join(f", {k}={v}" for k, v in res.get("inductor_options", {}).items()),
         f"ceilings: streaming read {res['read_tbps']:.2f} TB/s, copy {res['copy_tbps']:.2f} TB/s",
         f"load {res['load_s']:.1f} s; compile + capture + first token {res['compile_s']:.1f} s; "

@@ -305,7 +305,6 @@ class Generator:
         max_seq_len: int | None = None,
         attention_kernel: bool | None = None,
         rope_kernel: bool = False,
-        fused_norm: bool = False,
     ):
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
@@ -318,12 +317,9 @@ class Generator:
         for layer in model.layers:
             layer.attention.decode_kernel = (self.device.type == "cuda") if attention_kernel is None else attention_kernel
             # One kernel for a decode step's RoPE + K/V write (kernels/rope_cache.py), with the split-KV
-            # kernel only. Off by default: its first version measured slower on an H200 (Inductor copied
-            # its view inputs); this one takes whole tensors and is not measured yet (BENCHMARKS.md).
+            # kernel only. Off by default: on an H200 its first version measured slower (Inductor copied
+            # its view inputs) and this one, on whole tensors, no faster (BENCHMARKS.md, 2026-12-01).
             layer.attention.rope_kernel = rope_kernel
-            # RMSNorm inside the first product of each half of a one-row step (model.norm_linear), which
-            # lets Inductor drop the two statistics kernels a layer; not yet measured, so off by default.
-            layer.fused_norm = fused_norm
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

@@ -37,22 +37,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def norm_linear(x: torch.Tensor, norm: RMSNorm, linear: nn.Module) -> torch.Tensor:
-    """linear(norm(x)) for one row (B * T == 1), as rstd * (W @ (g * x)) + bias: the same function
-    up to rounding, written for the compiled CUDA step. There Inductor turns a one-row product into a
-    reduction over a (K, N) loop; the norm's sum of squares, spelt as a reduction over that same loop
-    (x^2 broadcast along N), is fused into the same kernel, where RMSNorm's mean over K alone is a
-    kernel of its own before it (two a layer). Eager, it computes the sum N times: correct, not fast.
-    Quantized linears take the normalized row into their own kernels."""
-    if type(linear) is not nn.Linear:
-        return linear(norm(x))
-    xf = x.float()
-    ss = (xf * xf).unsqueeze(-1).expand(*xf.shape, linear.out_features).sum(-2)  # (..., N), equal entries
-    y = F.linear((xf * norm.weight.float()).to(x.dtype), linear.weight)  # (..., N)
-    y = (y.float() * torch.rsqrt(ss / xf.shape[-1] + norm.eps)).to(x.dtype)
-    return y if linear.bias is None else y + linear.bias
-
-
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     """cos, sin (B, T, D) for integer positions (B, T), in rotate-half layout."""
     freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
@@ -110,11 +94,10 @@ class Attention(nn.Module):
         kv_len: int,  # how many cache positions to attend over (a host-side bound)
         rows: torch.Tensor | None = None,  # (B, 1): k_cache / v_cache are a whole layer and these are the
         # sequences' cache rows (a batched prefill of scattered slots); None: row b is sequence b
-        norm: RMSNorm | None = None,  # x is not normalized yet: norm_linear(x, norm, wqkv) (one row only)
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x) if norm is None else norm_linear(x, norm, self.wqkv)  # (B, T, (H + 2 Hkv) D)
+        qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
         if T == 1 and self.decode_kernel and self.rope_kernel and rows is None and self.q_norm is None:
             # The decode step with the kernels on: one kernel rotates q and k and writes k and v to the
             # cache (kernels/rope_cache.py), then the split-KV kernel reads only the live keys.
@@ -176,9 +159,8 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)  # gate and up, fused
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
-        gate_up = self.w13(x) if norm is None else norm_linear(x, norm, self.w13)  # norm: as in Attention
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # (B, T, I) each
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)  # (B, T, I) each
         return self.w2(F.silu(gate) * up)
 
 
@@ -189,14 +171,8 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
-        # One-row steps normalize inside the first product of each half (norm_linear); Generator(fused_norm=).
-        self.fused_norm = False
 
     def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None):
-        if self.fused_norm and x.shape[0] * x.shape[1] == 1:
-            h = x + self.attention(x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows,
-                                   norm=self.attention_norm)
-            return h + self.feed_forward(h, norm=self.ffn_norm)
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, k_cache, v_cache, mask, kv_len, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 

@@ -118,11 +118,11 @@ def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--device", "cpu", "--prompt-len", "8", "--prompt-lengths", "8", "--new-tokens", "4",
                  "--runs", "1", "--ceiling-gib", "0.01", "--variants",
-                 "base,fused-norm,rope-kernel+fused-norm+inductor:max_autotune=false",
+                 "base,rope-kernel,rope-kernel+combo-kernels+inductor:max_autotune=false",
                  "--json", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())["variants"]
-    assert [r["variant"] for r in rows] == ["base", "fused-norm", "rope-kernel+fused-norm+inductor:max_autotune=false"]
+    assert [r["variant"] for r in rows] == ["base", "rope-kernel", "rope-kernel+combo-kernels+inductor:max_autotune=false"]
     for r in rows:
         assert len(r["runs_ms"]) == 3  # at least 3 interleaved runs whatever --runs says
         assert abs(r["step_ms"] * r["tokens_per_s"] - 1000) < 1e-6 and r["launches_per_step"] > 0
@@ -140,8 +140,8 @@ def test_bench_unknown_variant_is_a_clear_error(capsys):
 def test_variants_join_their_settings():
     from blitzgen.bench import parse_variants
 
-    assert parse_variants("base, combo-kernels+inductor:triton.enable_pdl=true+fused-norm") == [
+    assert parse_variants("base, combo-kernels+inductor:triton.enable_pdl=true+rope-kernel") == [
         ("base", {}),
-        ("combo-kernels+inductor:triton.enable_pdl=true+fused-norm",
-         {"inductor_options": {"combo_kernels": True, "triton.enable_pdl": True}, "fused_norm": True}),
+        ("combo-kernels+inductor:triton.enable_pdl=true+rope-kernel",
+         {"inductor_options": {"combo_kernels": True, "triton.enable_pdl": True}, "rope_kernel": True}),
     ]

@@ -411,26 +411,6 @@ def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models
     assert bool(calls) == (rope_kernel and variant != "qwen3")
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa2", "llama_bias", "qwen2", "qwen3"])
-def test_fused_norm_step_matches_transformers(tiny_models, hf_greedy, variant, monkeypatch):
-    """Generator(fused_norm=True): one-row decode steps normalize inside the first product of each half
-    (model.norm_linear, with q/k/v and o biases where the model has them). One prompt at a time (the
-    path is for one row), eager and compiled, gives transformers' greedy tokens; and the path ran."""
-    hf_model, path = tiny_models(variant)
-    calls, fused = [], blitzgen.model.norm_linear
-    for compile in (False, True):
-        gen = generator_for(path, compile=compile)
-        for layer in gen.model.layers:
-            layer.fused_norm = True
-        for prompt in make_prompts()[:2]:
-            with monkeypatch.context() as patch:
-                if not compile:  # count eagerly (a patched global would make Dynamo recompile)
-                    patch.setattr(blitzgen.model, "norm_linear", lambda *a: calls.append(1) or fused(*a))
-                done = gen.generate([prompt], greedy(12))
-            assert done[0].token_ids == hf_greedy(hf_model, prompt, 12), (compile, prompt)
-    assert calls
-
-
 # ---- batched prefill ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["llama_gqa2", "mistral_window", "qwen3"])
