@@ -39,7 +39,8 @@ import triton  # noqa: E402
 from blitzgen.bench import NullTokenizer  # noqa: E402
 from blitzgen.config import ModelConfig  # noqa: E402
 from blitzgen.generate import Generator  # noqa: E402
-from blitzgen.kernels import int4_gemv as int4_kernels  # noqa: E402
+from blitzgen.kernels.gemv_a8 import (gemv_a8, gemv_a8_codes, int4_gemv_a8_ref, int8_gemv_a8_ref,  # noqa: E402
+                                      quantize_activations)
 from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref  # noqa: E402
 from blitzgen.kernels.int8_gemv import int8_gemv, int8_gemv_ref  # noqa: E402
 from blitzgen.model import Transformer  # noqa: E402
@@ -59,6 +60,8 @@ SWEEP = {  # (block_m, block_n, block_k, num_warps); split-K: the launcher's pla
         (16, 32, 256, 4)],
     8: [(16, 64, 128, 4), (16, 32, 256, 4), (16, 64, 256, 8), (16, 128, 128, 8), (16, 32, 128, 4)],
 }
+SWEEP_A8 = [(16, 512, 4), (16, 1024, 4), (32, 512, 4), (8, 1024, 4), (32, 256, 4), (64, 256, 8), (16, 512, 8),
+            (8, 2048, 4)]  # gemv_a8: (block_n, block_k, num_warps), any row count
 L2_FLUSH_BYTES = 256 << 20  # weight copies per timed graph: more than the H100's 50 MB L2
 
 
@@ -138,6 +141,13 @@ INT8_COMPILED = torch.compile(_int8_product, fullgraph=True, dynamic=False, opti
 INT4_COMPILED = torch.compile(_int4_product, fullgraph=True, dynamic=False, options=_OPTIONS)
 
 
+A8_X = {}  # (rows, int4 group or None) -> quantize_activations(x) of the GEMV being timed
+
+
+def rel_err(y, ref) -> float:
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
 def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
     """Correctness at real shapes, GB/s per shape and rows, and the block-size sweep."""
     check_rows, speed_rows, sweep_rows = [], [], []
@@ -152,11 +162,18 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             y4, r4 = int4_gemv(x, m4.packed, m4.scales, m4.zeros), int4_gemv_ref(x, m4.packed, m4.scales, m4.zeros)
             err8 = ((y8.float() - r8.float()).abs().max() / r8.float().abs().max()).item()
             err4 = ((y4.float() - r4.float()).abs().max() / r4.float().abs().max()).item()
-            y4tc = int4_gemv(x, m4.packed, m4.scales, m4.zeros, tensor_cores=True)
-            err4tc = ((y4tc.float() - r4.float()).abs().max() / r4.float().abs().max()).item()
+            # The activation-int8 kernels against their own (exact-integer) references, and how far
+            # those are from the weight-only products (the cost of rounding x to 8 bits per 32).
+            xw8, xs8, _ = quantize_activations(x)
+            a8 = int8_gemv_a8_ref(xw8, xs8, m8.weight, m8.scales, dtype=torch.float32)
+            e8a = rel_err(gemv_a8(x, m8.weight, m8.scales), a8)
+            xw4, xs4, xsum4 = quantize_activations(x, 128)
+            a4 = int4_gemv_a8_ref(xw4, xs4, xsum4, m4.packed, m4.scales, m4.zeros, dtype=torch.float32)
+            e4a = rel_err(gemv_a8(x, m4.packed, m4.scales, m4.zeros), a4)
             # bf16 outputs (and, with 8 rows, bf16 weights into the tensor-core dot): ~1e-2 at most.
-            ok = "ok" if max(err8, err4, err4tc) < 2e-2 else "MISMATCH"
-            check_rows.append(f"| {name} | {M} | {err8:.1e} | {err4:.1e} | {err4tc:.1e} | {ok} |")
+            ok = "ok" if max(err8, err4, e8a, e4a) < 2e-2 else "MISMATCH"
+            check_rows.append(f"| {name} | {M} | {err8:.1e} | {err4:.1e} | {e8a:.1e} | {e4a:.1e} | "
+                              f"{rel_err(a8, r8):.1e} | {rel_err(a4, r4):.1e} | {ok} |")
         log(f"checked {name}")
 
         formats = {
@@ -166,10 +183,11 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             # Codes cast one by one (the path before int32 words), to compare.
             "int8 cast": (module_bytes(m8), lambda w, x: int8_gemv(x, *w, words=False), (m8.weight, m8.scales)),
             "int4 cast": (module_bytes(m4), lambda w, x: int4_gemv(x, *w, words=False), (m4.packed, m4.scales, m4.zeros)),
-            # Codes to 16-bit floats by bit pattern, then tensor-core dots (int4_gemv.TENSOR_CORES, off by
-            # default). int8 has no such column: its several-row dot path at one row is that already
-            # (the compiler turns int8 into bf16 by bit pattern there), timed by the sweep's 16-row blocks.
-            "int4 tc": (module_bytes(m4), lambda w, x, **kw: int4_gemv(x, *w, tensor_cores=True, **kw),
+            # Activations rounded to int8, integer dot products (kernels/gemv_a8.py): the kernel alone, on
+            # activations quantized beforehand (in the decode step Inductor fuses that into x's producer).
+            "int8 a8": (module_bytes(m8), lambda w, x, **kw: gemv_a8_codes(*A8_X[x.shape[0], None], *w, **kw),
+                        (m8.weight, m8.scales)),
+            "int4 a8": (module_bytes(m4), lambda w, x, **kw: gemv_a8_codes(*A8_X[x.shape[0], 128], *w, **kw),
                         (m4.packed, m4.scales, m4.zeros)),
         }
         if inductor:  # the same products as plain expressions, compiled as the decode step compiles them
@@ -179,6 +197,7 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
                                         (m4.packed, m4.scales, m4.zeros))
         for M in (1, 8):
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            A8_X[M, None], A8_X[M, 128] = quantize_activations(x), quantize_activations(x, 128)
             cells, best = [], {}
             for fmt, (nbytes, fn, tensors) in formats.items():
                 copies = max(1, -(-L2_FLUSH_BYTES // nbytes)) if device.type == "cuda" else 2
@@ -186,9 +205,10 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
                 seconds = seconds_per_call(lambda i: fn(weights[i], x), copies, device, reps)
                 cells.append(f"{nbytes / seconds / 1e9:.0f} ({100 * nbytes / seconds / ceiling:.0f}%), "
                              f"{seconds * 1e6:.1f} µs")
-                if sweep and fmt in ("int8", "int4", "int4 tc"):
+                if sweep and fmt in ("int8", "int4", "int8 a8", "int4 a8"):
                     results = []
-                    for blocks in SWEEP[8 if fmt.endswith(" tc") else M]:  # tensor cores: 16-row tiles
+                    entries = SWEEP_A8 if fmt.endswith(" a8") else SWEEP[M]
+                    for blocks in entries[:1] if device.type == "cpu" else entries:  # the dry run: one each
                         for split in (None, 1):
                             s = seconds_per_call(lambda i: fn(weights[i], x, blocks=blocks, split_k=split), copies,
                                                  device, reps)
@@ -270,7 +290,7 @@ def main():
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--no-inductor", action="store_true",
                         help="skip the Inductor-compiled plain expressions (GEMV columns, one-row decode rows)")
-    parser.add_argument("--models", default="bf16,int8,int4 g128,int4 g128 tc,int8 Inductor 1-row,"
+    parser.add_argument("--models", default="bf16,int8,int4 g128,int8 a8,int4 g128 a8,int8 Inductor 1-row,"
                         "int4 g128 Inductor 1-row",
                         help="decode rows to measure, comma-separated")
     args = parser.parse_args()
@@ -294,8 +314,8 @@ def main():
     check_rows, speed_rows, sweep_rows, columns = gemv_tables(shapes, device, ceiling, reps, sweep=not args.no_sweep,
                                                      inductor=inductor)
     print("Kernels against their references (bf16 activations; max |kernel - ref| / max |ref|):\n")
-    print("| shape (N x K) | rows | int8_gemv | int4_gemv g128 | int4_gemv g128, tensor cores | |\n"
-          "|---|---|---|---|---|---|")
+    print("| shape (N x K) | rows | int8_gemv | int4_gemv g128 | int8 a8 kernel | int4 a8 kernel | "
+          "int8 a8 ref vs int8 ref | int4 a8 ref vs int4 ref | |\n|---|---|---|---|---|---|---|---|---|")
     print("\n".join(check_rows) + "\n")
     print("GEMV, bytes of the weight format read / time: GB/s (% of ceiling), time per call:\n")
     print("| shape (N x K) | rows | " + " | ".join("bf16 cuBLAS" if c == "bf16" else c for c in columns)
@@ -319,10 +339,10 @@ def main():
             quantize_model(model, "int4", 128)
         log(f"built {label}")
         quant.ONE_ROW_BY_INDUCTOR = by_inductor
-        int4_kernels.TENSOR_CORES = label.endswith(" tc")
+        quant.ACTIVATIONS_INT8 = label.endswith(" a8")
         rows, prefill = measure_model(model, config, device, label, [1] if by_inductor else batch_sizes,
                                       new_tokens, runs, ceiling, dry)
-        quant.ONE_ROW_BY_INDUCTOR = int4_kernels.TENSOR_CORES = False
+        quant.ONE_ROW_BY_INDUCTOR = quant.ACTIVATIONS_INT8 = False
         if not by_inductor:
             prefills[label] = prefill
         decode_rows += rows

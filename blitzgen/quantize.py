@@ -45,6 +45,7 @@ try:  # CUDA builds of torch ship Triton; CPU-only installs run the plain-PyTorc
     from blitzgen.kernels.int4_dequantize import int4_dequantize
     from blitzgen.kernels.int4_gemv import int4_gemv
     from blitzgen.kernels.int8_gemv import int8_gemv
+    from blitzgen.kernels.gemv_a8 import MAX_ROWS as A8_MAX_ROWS, gemv_a8
 
     HAVE_TRITON = True
 except ImportError:
@@ -115,6 +116,17 @@ def int4_one_row(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     return (xs[..., 0] * w_even + xs[..., 1] * w_odd).sum((-1, -2))
 
 
+# Decode steps of 1..8 rows in bf16 / fp16 on CUDA: round the activations to int8 blocks of 32 and
+# multiply with integer dot products (kernels/gemv_a8.py) instead of the weight-only kernels, which are
+# bound by their int-to-float work at these sizes. Changes the numerics (x to 8 bits per block of 32);
+# BENCHMARKS.md has what it costs and buys.
+ACTIVATIONS_INT8 = False
+
+
+def _a8(x: torch.Tensor, rows: int) -> bool:
+    return ACTIVATIONS_INT8 and rows <= A8_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _by_inductor(x: torch.Tensor, rows: int) -> bool:
     return ONE_ROW_BY_INDUCTOR and rows == 1 and x.is_cuda and torch.compiler.is_compiling()
 
@@ -166,7 +178,11 @@ class Int8Linear(nn.Module):
             y = y if self.bias is None else y + self.bias.float()
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if _kernels_apply(x) and rows <= DECODE_MAX_ROWS:
-            y = int8_gemv(x.reshape(rows, self.in_features), self.weight, self.scales, self.bias)
+            x2 = x.reshape(rows, self.in_features)
+            if _a8(x, rows):
+                y = gemv_a8(x2, self.weight, self.scales, bias=self.bias)
+            else:
+                y = int8_gemv(x2, self.weight, self.scales, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         # Per-channel scales commute with the product: scale the (T, N) output, not the matrix.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -255,7 +271,11 @@ class Int4Linear(nn.Module):
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if _kernels_apply(x):
             if rows <= DECODE_MAX_ROWS:
-                y = int4_gemv(x.reshape(rows, self.in_features), self.packed, self.scales, self.zeros, self.bias)
+                x2 = x.reshape(rows, self.in_features)
+                if _a8(x, rows):
+                    y = gemv_a8(x2, self.packed, self.scales, self.zeros, self.bias)
+                else:
+                    y = int4_gemv(x2, self.packed, self.scales, self.zeros, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
             weight = int4_dequantize(self.packed, self.scales, self.zeros, x.dtype)
         else:

@@ -114,6 +114,30 @@ def test_forward_kernel_paths(monkeypatch, kind, rows, dtype):
     _compare(m(x), F.linear(x.float(), m.dequantize(), m.bias.float()).to(dtype))
 
 
+@pytest.mark.skipif(not quant.HAVE_TRITON, reason="needs triton (its interpreter on CPU)")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float16), (8, torch.bfloat16), (9, torch.float16),
+                                        (2, torch.float32)])
+def test_forward_activations_int8(monkeypatch, kind, rows, dtype):
+    # ACTIVATIONS_INT8: 16-bit decode steps of 1..8 rows take gemv_a8 (x rounded to int8 blocks), so
+    # they equal its reference exactly-computed; 9 rows or float32 keep the weight-only kernels.
+    from blitzgen.kernels.gemv_a8 import int4_gemv_a8_ref, int8_gemv_a8_ref, quantize_activations
+
+    monkeypatch.setattr(quant, "_kernels_apply", lambda x: True)
+    monkeypatch.setattr(quant, "ACTIVATIONS_INT8", True)
+    linear = random_linear(37, 128, bias=True, seed=rows)
+    m = _module(kind, linear)
+    m.bias = m.bias.to(dtype)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    if rows > 8 or dtype == torch.float32:
+        want = F.linear(x.float(), m.dequantize(), m.bias.float()).to(dtype)
+    elif kind == "int8":
+        want = int8_gemv_a8_ref(*quantize_activations(x)[:2], m.weight, m.scales, m.bias, dtype)
+    else:
+        want = int4_gemv_a8_ref(*quantize_activations(x, 32), m.packed, m.scales, m.zeros, m.bias, dtype)
+    _compare(m(x), want)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_one_row_expressions_match_dequantize_matmul(kind, compiled):
