@@ -60,8 +60,8 @@ SWEEP = {  # (block_m, block_n, block_k, num_warps); split-K: the launcher's pla
         (16, 32, 256, 4)],
     8: [(16, 64, 128, 4), (16, 32, 256, 4), (16, 64, 256, 8), (16, 128, 128, 8), (16, 32, 128, 4)],
 }
-SWEEP_A8 = [(16, 512, 4), (16, 1024, 4), (32, 512, 4), (8, 1024, 4), (32, 256, 4), (64, 256, 8), (16, 512, 8),
-            (8, 2048, 4)]  # gemv_a8: (block_n, block_k, num_warps), any row count
+SWEEP_A8 = [(8, 2048, 4), (16, 1024, 4), (8, 1024, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 4), (8, 2048, 2),
+            (16, 2048, 4), (16, 2048, 8), (8, 4096, 8)]  # gemv_a8: (block_n, block_k, num_warps)
 L2_FLUSH_BYTES = 256 << 20  # weight copies per timed graph: more than the H100's 50 MB L2
 
 
@@ -339,10 +339,12 @@ def main():
             quantize_model(model, "int4", 128)
         log(f"built {label}")
         quant.ONE_ROW_BY_INDUCTOR = by_inductor
-        quant.ACTIVATIONS_INT8 = label.endswith(" a8")
+        defaults = quant.INT8_ACTIVATIONS_INT8, quant.INT4_ACTIVATIONS_INT8
+        quant.INT8_ACTIVATIONS_INT8, quant.INT4_ACTIVATIONS_INT8 = label == "int8 a8", label == "int4 g128 a8"
         rows, prefill = measure_model(model, config, device, label, [1] if by_inductor else batch_sizes,
                                       new_tokens, runs, ceiling, dry)
-        quant.ONE_ROW_BY_INDUCTOR = quant.ACTIVATIONS_INT8 = False
+        quant.ONE_ROW_BY_INDUCTOR = False
+        quant.INT8_ACTIVATIONS_INT8, quant.INT4_ACTIVATIONS_INT8 = defaults
         if not by_inductor:
             prefills[label] = prefill
         decode_rows += rows

@@ -455,6 +455,8 @@ def run_sweep(device, ceiling):
         "block_n 128, 1 program/SM": dict(block_n=128, split_min=256, programs_per_sm=1),
         "stages 4, 4 programs/SM": dict(num_stages=4, programs_per_sm=4),
         "block_n 32, stages 4, 4 programs/SM": dict(block_n=32, split_min=64, num_stages=4, programs_per_sm=4),
+        "split_min 32, 4 programs/SM": dict(split_min=32, programs_per_sm=4),
+        "block_n 64, 4 programs/SM": dict(block_n=64, split_min=128, programs_per_sm=4),
     }
     sizes = [(1, 1 * K), (1, 8 * K), (1, 32 * K), (1, 128 * K), (8, 8 * K), (8, 32 * K)]
     capacity = 128 * K

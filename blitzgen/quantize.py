@@ -45,7 +45,7 @@ try:  # CUDA builds of torch ship Triton; CPU-only installs run the plain-PyTorc
     from blitzgen.kernels.int4_dequantize import int4_dequantize
     from blitzgen.kernels.int4_gemv import int4_gemv
     from blitzgen.kernels.int8_gemv import int8_gemv
-    from blitzgen.kernels.gemv_a8 import MAX_ROWS as A8_MAX_ROWS, gemv_a8
+    from blitzgen.kernels.gemv_a8 import gemv_a8
 
     HAVE_TRITON = True
 except ImportError:
@@ -116,15 +116,18 @@ def int4_one_row(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     return (xs[..., 0] * w_even + xs[..., 1] * w_odd).sum((-1, -2))
 
 
-# Decode steps of 1..8 rows in bf16 / fp16 on CUDA: round the activations to int8 blocks of 32 and
-# multiply with integer dot products (kernels/gemv_a8.py) instead of the weight-only kernels, which are
-# bound by their int-to-float work at these sizes. Changes the numerics (x to 8 bits per block of 32);
-# BENCHMARKS.md has what it costs and buys.
-ACTIVATIONS_INT8 = False
+# One-row decode steps in bf16 / fp16 on CUDA can round the activations to int8 blocks of 32 and multiply
+# with integer dot products (kernels/gemv_a8.py) instead of the weight-only kernels, which are bound by
+# their int-to-float work at one row. It changes the numerics (x to 8 bits per block of 32). Measured on
+# an H200 (BENCHMARKS.md, 2026-12-01 session 5): int4 g128 decode 340.7 against 256.8 tokens/s, so on
+# for int4; int8 325.6 against 324.4, no gain, so off (its activations stay exact). One row only: at 8
+# rows the kernel's unrolled row loop measured 2-4x slower than the weight-only tensor-core path.
+INT8_ACTIVATIONS_INT8 = False
+INT4_ACTIVATIONS_INT8 = True
 
 
-def _a8(x: torch.Tensor, rows: int) -> bool:
-    return ACTIVATIONS_INT8 and rows <= A8_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+def _a8(enabled: bool, x: torch.Tensor, rows: int) -> bool:
+    return enabled and rows == 1 and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _by_inductor(x: torch.Tensor, rows: int) -> bool:
@@ -179,7 +182,7 @@ class Int8Linear(nn.Module):
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if _kernels_apply(x) and rows <= DECODE_MAX_ROWS:
             x2 = x.reshape(rows, self.in_features)
-            if _a8(x, rows):
+            if _a8(INT8_ACTIVATIONS_INT8, x, rows):
                 y = gemv_a8(x2, self.weight, self.scales, bias=self.bias)
             else:
                 y = int8_gemv(x2, self.weight, self.scales, self.bias)
@@ -272,7 +275,7 @@ class Int4Linear(nn.Module):
         if _kernels_apply(x):
             if rows <= DECODE_MAX_ROWS:
                 x2 = x.reshape(rows, self.in_features)
-                if _a8(x, rows):
+                if _a8(INT4_ACTIVATIONS_INT8, x, rows):
                     y = gemv_a8(x2, self.packed, self.scales, self.zeros, self.bias)
                 else:
                     y = int4_gemv(x2, self.packed, self.scales, self.zeros, self.bias)

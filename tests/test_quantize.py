@@ -101,7 +101,9 @@ def test_forward_kernel_paths(monkeypatch, kind, rows, dtype):
     # What forward() runs on CUDA (GEMV kernels up to DECODE_MAX_ROWS = 32 rows, int4's unpack kernel +
     # matmul past that), here under TRITON_INTERPRET=1 (no bf16: the interpreter's bf16 tl.dot is wrong).
     # "int4 tensor cores": with int4_gemv.TENSOR_CORES on (16-bit activations; float32 keeps the CUDA cores).
+    # The weight-only kernels: int4's one-row int8-activation path is test_forward_activations_int8's.
     monkeypatch.setattr(quant, "_kernels_apply", lambda x: True)
+    monkeypatch.setattr(quant, "INT4_ACTIVATIONS_INT8", False)
     if kind == "int4 tensor cores":
         import blitzgen.kernels.int4_gemv
 
@@ -116,20 +118,21 @@ def test_forward_kernel_paths(monkeypatch, kind, rows, dtype):
 
 @pytest.mark.skipif(not quant.HAVE_TRITON, reason="needs triton (its interpreter on CPU)")
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("rows,dtype", [(1, torch.float16), (8, torch.bfloat16), (9, torch.float16),
-                                        (2, torch.float32)])
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float16), (1, torch.bfloat16), (8, torch.float16),
+                                        (1, torch.float32)])
 def test_forward_activations_int8(monkeypatch, kind, rows, dtype):
-    # ACTIVATIONS_INT8: 16-bit decode steps of 1..8 rows take gemv_a8 (x rounded to int8 blocks), so
-    # they equal its reference exactly-computed; 9 rows or float32 keep the weight-only kernels.
+    # *_ACTIVATIONS_INT8: 16-bit one-row steps take gemv_a8 (x rounded to int8 blocks), so they equal its
+    # exactly computed reference; several rows or float32 keep the weight-only kernels.
     from blitzgen.kernels.gemv_a8 import int4_gemv_a8_ref, int8_gemv_a8_ref, quantize_activations
 
     monkeypatch.setattr(quant, "_kernels_apply", lambda x: True)
-    monkeypatch.setattr(quant, "ACTIVATIONS_INT8", True)
+    monkeypatch.setattr(quant, "INT8_ACTIVATIONS_INT8", True)  # off by default; int4's is on
+    monkeypatch.setattr(quant, "INT4_ACTIVATIONS_INT8", True)
     linear = random_linear(37, 128, bias=True, seed=rows)
     m = _module(kind, linear)
     m.bias = m.bias.to(dtype)
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
-    if rows > 8 or dtype == torch.float32:
+    if rows > 1 or dtype == torch.float32:
         want = F.linear(x.float(), m.dequantize(), m.bias.float()).to(dtype)
     elif kind == "int8":
         want = int8_gemv_a8_ref(*quantize_activations(x)[:2], m.weight, m.scales, m.bias, dtype)

@@ -236,9 +236,11 @@ else:
 
 
 # (block_n, block_k, num_warps) per format; split-K as planned with PROGRAMS_PER_SM programs per SM.
-# Starting points, to be set from benchmarks/quant_bench.py's sweep on the GPU.
-INT8_BLOCKS = (16, 512, 4)
-INT4_BLOCKS = (16, 1024, 4)
+# The one-row best of benchmarks/quant_bench.py's sweep on an H200 at Llama-2-7B shapes (BENCHMARKS.md,
+# 2026-12-01 session 5; int4: best at 4 of 5 shapes, int8: the most common best): few output channels
+# and long stretches of K per program.
+INT8_BLOCKS = (4, 2048, 4)
+INT4_BLOCKS = (4, 4096, 4)
 PROGRAMS_PER_SM = 4
 
 
