@@ -118,16 +118,19 @@ def int4_one_row(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 
 # One-row decode steps in bf16 / fp16 on CUDA can round the activations to int8 blocks of 32 and multiply
 # with integer dot products (kernels/gemv_a8.py) instead of the weight-only kernels, which are bound by
-# their int-to-float work at one row. It changes the numerics (x to 8 bits per block of 32). Measured on
-# an H200 (BENCHMARKS.md, 2026-12-01 session 5): int4 g128 decode 340.7 against 256.8 tokens/s, so on
-# for int4; int8 325.6 against 324.4, no gain, so off (its activations stay exact). One row only: at 8
-# rows the kernel's unrolled row loop measured 2-4x slower than the weight-only tensor-core path.
-INT8_ACTIVATIONS_INT8 = False
+# their int-to-float work at one row. It changes the numerics (x to 8 bits per block of 32: +0.01%
+# perplexity for either format on the default model, scripts/a8_quality.py). Measured on an H200
+# (BENCHMARKS.md, 2026-12-01 session 5), Llama-2-7B batch 1: int4 g128 364.7 against 262.9 tokens/s in
+# one run; int8 343.3, against 324.4-328.0 for the weight-only kernels in two other runs, and faster
+# than them at every GEMV shape of the same run. One row only: at 8 rows the kernel's unrolled row loop
+# measured 2-4x slower than the weight-only kernels' tensor-core path. Set False for exact activations.
+INT8_ACTIVATIONS_INT8 = True
 INT4_ACTIVATIONS_INT8 = True
 
 
 def _a8(enabled: bool, x: torch.Tensor, rows: int) -> bool:
-    return enabled and rows == 1 and x.dtype in (torch.bfloat16, torch.float16)
+    # gemv_a8 needs K in whole blocks of 32 (true of every real model; tiny test models may differ).
+    return enabled and rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] % 32 == 0
 
 
 def _by_inductor(x: torch.Tensor, rows: int) -> bool:

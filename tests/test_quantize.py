@@ -94,21 +94,16 @@ def test_forward_matches_dequantize_matmul(kind, shape, dtype):
 
 
 @pytest.mark.skipif(not quant.HAVE_TRITON, reason="needs triton (its interpreter on CPU)")
-@pytest.mark.parametrize("kind", ["int8", "int4", "int4 tensor cores"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 20, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_forward_kernel_paths(monkeypatch, kind, rows, dtype):
     # What forward() runs on CUDA (GEMV kernels up to DECODE_MAX_ROWS = 32 rows, int4's unpack kernel +
     # matmul past that), here under TRITON_INTERPRET=1 (no bf16: the interpreter's bf16 tl.dot is wrong).
-    # "int4 tensor cores": with int4_gemv.TENSOR_CORES on (16-bit activations; float32 keeps the CUDA cores).
-    # The weight-only kernels: int4's one-row int8-activation path is test_forward_activations_int8's.
+    # The weight-only kernels: the one-row int8-activation paths are test_forward_activations_int8's.
     monkeypatch.setattr(quant, "_kernels_apply", lambda x: True)
+    monkeypatch.setattr(quant, "INT8_ACTIVATIONS_INT8", False)
     monkeypatch.setattr(quant, "INT4_ACTIVATIONS_INT8", False)
-    if kind == "int4 tensor cores":
-        import blitzgen.kernels.int4_gemv
-
-        monkeypatch.setattr(blitzgen.kernels.int4_gemv, "TENSOR_CORES", True)
-        kind = "int4"
     linear = random_linear(37, 128, bias=True, seed=rows)
     m = _module(kind, linear)
     m.bias = m.bias.to(dtype)
@@ -126,7 +121,7 @@ def test_forward_activations_int8(monkeypatch, kind, rows, dtype):
     from blitzgen.kernels.gemv_a8 import int4_gemv_a8_ref, int8_gemv_a8_ref, quantize_activations
 
     monkeypatch.setattr(quant, "_kernels_apply", lambda x: True)
-    monkeypatch.setattr(quant, "INT8_ACTIVATIONS_INT8", True)  # off by default; int4's is on
+    monkeypatch.setattr(quant, "INT8_ACTIVATIONS_INT8", True)  # the defaults, set here for the test's sake
     monkeypatch.setattr(quant, "INT4_ACTIVATIONS_INT8", True)
     linear = random_linear(37, 128, bias=True, seed=rows)
     m = _module(kind, linear)

@@ -58,7 +58,7 @@ from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k, triton_runs_on
 
 BLOCK = 32  # activation entries per int8 scale
-MAX_ROWS = 8  # rows per program: all of them (decode at batch 1..8)
+MAX_ROWS = 8  # one program takes every row; quantize.py calls it with one (several measured slower)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

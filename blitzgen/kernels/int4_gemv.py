@@ -29,14 +29,11 @@ the kernel dequantizes one (BLOCK_N, BLOCK_K) tile at a time in registers, never
 the low and high nibbles become the even and odd columns of the tile, scaled per group, and are
 multiplied by the even and odd activations (tl.split of the activation tile, which is cheap).
 Split-K, the one-row CUDA-core path and the several-row tensor-core path are as in int8_gemv.py.
-
-A third path (_int4_gemv_tc_kernel, `tensor_cores=True` or TENSOR_CORES; 16-bit activations, any
-row count, rows padded to 16) works one quantization group per step: codes become fp16 / bf16 values
-by bit pattern (two per 32-bit logic op after vectorisation; no int-to-float cast), tl.dot on tensor
-cores multiplies them by the group's activations in fp32, and scale and zero point are applied once
-per group and output. Measured on an H200, the two paths above are compute-bound at one row (17-29%
-of the read ceiling, BENCHMARKS.md 2026-12-01); this one is built to take the multiply-adds off the
-CUDA cores, and stays off by default until quant_bench's "int4 tc" column says it wins.
+On an H200 the one-row path reads only 17-33% of the bandwidth (compute-bound): one-row bf16 / fp16
+decode takes gemv_a8.py instead (activations rounded to int8, integer dot products; quantize.py's
+INT4_ACTIVATIONS_INT8), and this kernel serves several rows, float32 and exact activations. (A
+one-row tensor-core variant, codes made 16-bit floats by bit pattern and rows padded to 16, was
+measured there at 12-24% and removed: BENCHMARKS.md, 2026-12-01 session 5.)
 Registered as `torch.ops.blitzgen.int4_gemv` (torch.library.triton_op) for torch.compile.
 """
 
@@ -188,85 +185,20 @@ def _int4_gemv_kernel(
         tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
-def _codes_to_half(codes, MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
-    """Codes 0..15 (an integer tensor) -> the same values in the 16-bit float DTYPE, by bit pattern:
-    MAGIC_BITS | q are the bits of MAGIC + q (0x6400 | q = 1024 + q in fp16, 0x4300 | q = 128 + q in
-    bf16), exactly, so the conversion is a logic op and a subtraction, not a quarter-rate cast."""
-    bits = codes.to(tl.int16) | MAGIC_BITS
-    return (bits.to(DTYPE, bitcast=True) - MAGIC).to(DTYPE)
-
-
-@triton.jit
-def _int4_gemv_tc_kernel(
-    x_ptr,  # (M, K) fp16 or bf16 activations, contiguous
-    w_ptr,  # (N, K / 2) uint8, two 4-bit codes per byte (even k low nibble, odd k high nibble)
-    s_ptr,  # (N, K / GROUP) scales
-    z_ptr,  # (N, K / GROUP) zero points (the value of code 0)
-    out_ptr,  # (SPLIT_K, M, N) fp32 partial sums
-    M, N, K,
-    groups_per_split,  # groups of K each program reduces
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # >= 16: rows padded to the smallest tensor-core tile (masked, never read)
-    BLOCK_N: tl.constexpr,
-    MAGIC_BITS: tl.constexpr,  # see _codes_to_half: 0x6400 for fp16, 0x4300 for bf16
-    MAGIC: tl.constexpr,  # 1024.0 for fp16, 128.0 for bf16
-):
-    """Tensor-core int4 GEMV, one group of K per loop step: the codes become x's 16-bit dtype by bit
-    pattern, tl.dot multiplies them with the activations, and scale and zero point are applied once
-    per group and output: y += s_g * (x_g . q_g) + z_g * sum(x_g)."""
-    HALF: tl.constexpr = GROUP // 2
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    n_groups = K // GROUP
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_h = tl.arange(0, HALF)
-    offs_k = tl.arange(0, GROUP)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(groups_per_split):
-        g = pid_k * groups_per_split + i  # past the last group (a short last split): all masked, adds 0
-        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + g * HALF + offs_h[None, :],
-                         mask=n_mask[:, None] & (g * HALF + offs_h < K // 2)[None, :], other=0)  # (BLOCK_N, HALF)
-        x = tl.load(x_ptr + offs_m[:, None] * K + g * GROUP + offs_k[None, :],
-                    mask=m_mask[:, None] & (g * GROUP + offs_k < K)[None, :], other=0.0)  # (BLOCK_M, GROUP)
-        lo = _codes_to_half(packed & 0xF, MAGIC_BITS, MAGIC, x_ptr.dtype.element_ty)  # codes of even k
-        hi = _codes_to_half(packed >> 4, MAGIC_BITS, MAGIC, x_ptr.dtype.element_ty)  # codes of odd k
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
-        qx = tl.dot(x_even, tl.trans(lo)) + tl.dot(x_odd, tl.trans(hi))  # (BLOCK_M, BLOCK_N) fp32
-        g_read = tl.minimum(g, n_groups - 1)  # in bounds; a masked group's codes and x are 0 anyway
-        s = tl.load(s_ptr + offs_n * n_groups + g_read, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n * n_groups + g_read, mask=n_mask, other=0.0).to(tl.float32)
-        acc += qx * s[None, :] + tl.sum(x.to(tl.float32), axis=1)[:, None] * z[None, :]
-    out = out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
-    tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
-
-
 @triton_op("blitzgen::int4_gemv", mutates_args=())
 def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   bias: torch.Tensor | None, split_k: int, block_m: int, block_n: int, block_k: int,
-                  num_warps: int, words: bool, tensor_cores: bool) -> torch.Tensor:
+                  num_warps: int, words: bool) -> torch.Tensor:
     M, K = x.shape
     N = packed.shape[0]
-    group = K // scales.shape[1]
-    per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)  # tensor cores: block_k is one group
+    per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
-    if tensor_cores:
-        fp16 = x.dtype == torch.float16
-        wrap_triton(_int4_gemv_tc_kernel)[grid](
-            x, packed, scales, zeros, partial, M, N, K, per_split, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
-            MAGIC_BITS=0x6400 if fp16 else 0x4300, MAGIC=1024.0 if fp16 else 128.0, num_warps=num_warps,
-        )
-    else:
-        wrap_triton(_int4_gemv_kernel)[grid](
-            x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
-        )
+    wrap_triton(_int4_gemv_kernel)[grid](
+        x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
+        GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
+    )
     return finish_partials(partial, bias, x.dtype)
 
 
@@ -276,21 +208,15 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 ONE_ROW = (1, 64, 128, 4)
 MANY_ROWS = (16, 32, 128, 4)
 PROGRAMS_PER_SM = 8
-# The tensor-core path (_int4_gemv_tc_kernel): off by default until an H200 run measures it against
-# the paths above (benchmarks/quant_bench.py's "int4 tc" column); its (block_m, block_n, -, num_warps).
-TENSOR_CORES = False
-TC_BLOCKS = (16, 64, 0, 4)
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               bias: torch.Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
-              split_k: int | None = None, words: bool = True, tensor_cores: bool | None = None) -> torch.Tensor:
+              split_k: int | None = None, words: bool = True) -> torch.Tensor:
     """y = x @ W.T + bias for x (M, K) and W the int4 matrix (packed, scales, zeros) -> (M, N) in x.dtype.
 
     blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
     words=False turns off the one-row path that reads the codes as int32 words (for comparison).
-    tensor_cores=True (fp16 / bf16 activations; default TENSOR_CORES) runs _int4_gemv_tc_kernel for
-    any number of rows: one group per step, blocks[0] raised to 16, blocks[2] ignored, split_k in groups.
     Falls back to int4_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or packed.dim() != 2 or 2 * packed.shape[1] != x.shape[1]:
@@ -311,13 +237,7 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         raise BlitzgenError(f"int4_gemv: bias {tuple(bias.shape)} must be (N,) = ({N},)")
     if not triton_runs_on(x):
         return int4_gemv_ref(x, packed, scales, zeros, bias)
-    tensor_cores = (TENSOR_CORES if tensor_cores is None else tensor_cores) and x.dtype != torch.float32
-    if tensor_cores:  # one group per step, so split_k counts groups
-        _, block_n, _, num_warps = blocks or TC_BLOCKS
-        block_m = max(16, blocks[0] if blocks else triton.next_power_of_2(min(M, 64)))
-        block_k = group
-    else:
-        block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
+    block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
     block_k = max(block_k, group)
     if block_k % group or (block_m & (block_m - 1)) or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"int4_gemv: blocks {block_m, block_n, block_k} must be powers of two, block_k a "
@@ -327,4 +247,4 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1  # K / 2 bytes a row is a multiple of 16: whole words
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
-                                        block_m, block_n, block_k, num_warps, words, tensor_cores)
+                                        block_m, block_n, block_k, num_warps, words)

@@ -26,6 +26,10 @@ tensor cores with the rows padded to 16, so batch 8 reads the weights once, not 
 (Feeding those dots from the same bit-pattern words, one dot per byte plane, was measured on an
 H100 and ran at half the speed of casting the bytes: removed.)
 
+On an H200 the one-row path reads 45-76% of the bandwidth; one-row bf16 / fp16 decode takes
+gemv_a8.py instead (51-87%: activations rounded to int8, integer dot products; quantize.py's
+INT8_ACTIVATIONS_INT8), and this kernel serves several rows, float32 and exact activations.
+
 The op is registered with torch.library.triton_op (`torch.ops.blitzgen.int8_gemv`), so
 torch.compile traces it into the compiled, CUDA-graphed decode step.
 """

@@ -55,36 +55,6 @@ def test_split_k_and_blocks(split_k, blocks, words):
            int4_gemv_ref(x, packed, scales, zeros, b))
 
 
-# The tensor-core path: rows 1 (padded to 16), 5 and 40 (over one 32-row tile: two programs along M);
-# K splits that leave the last split short of groups (7 groups in 3 splits); N not a multiple of a tile.
-@pytest.mark.parametrize("M", [1, 5, 40])
-@pytest.mark.parametrize("N,K,G,split_k", [(37, 224, 32, 3), (70, 384, 128, 2), (9, 640, 64, None)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_tensor_core_path_matches_reference(M, N, K, G, split_k, dtype):
-    if INTERPRETED and dtype == torch.bfloat16:
-        pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
-    x, packed, scales, zeros, b = _inputs(M, N, K, G, dtype, bias=N != 9, seed=M)
-    blocks = (32, 32, 0, 4) if M == 40 else None
-    _check(int4_gemv(x, packed, scales, zeros, b, tensor_cores=True, blocks=blocks, split_k=split_k),
-           int4_gemv_ref(x, packed, scales, zeros, b))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_tensor_core_path_converts_every_code_exactly(dtype):
-    """Codes become 16-bit floats by bit pattern: each of the 16 codes at each of the 2 nibbles,
-    alone in its row with scale 1 and zero point 0, comes out exactly (integers <= 15 are exact)."""
-    if INTERPRETED and dtype == torch.bfloat16:
-        pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
-    N, K = 32, 64  # row n holds code n % 16 at column n // 16 (low nibble, then high nibble)
-    codes = torch.zeros(N, K, dtype=torch.uint8)
-    codes[torch.arange(N), torch.arange(N) // 16] = torch.arange(N, dtype=torch.uint8) % 16
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(DEVICE)
-    ones = torch.ones(N, 2, dtype=torch.bfloat16, device=DEVICE)
-    y = int4_gemv(torch.ones(1, K, device=DEVICE, dtype=dtype), packed, ones, torch.zeros_like(ones),
-                  tensor_cores=True)
-    assert torch.equal(y[0].float().cpu(), (torch.arange(N) % 16).float())
-
-
 def test_every_code_in_every_position_converts_exactly():
     """Codes are turned into floats by bit pattern: each of the 16 codes at each of the 8 positions of
     a 32-bit word, alone in its row with scale 1 and zero point 0, comes out exactly."""
