@@ -161,8 +161,10 @@ def _gemv_a8_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_bw = tl.arange(0, NB)[:, None] * WPB + tl.arange(0, WPB)[None, :]  # (NB, WPB) word in the tile
     k_begin = pid_k * tiles_per_split * BLOCK_K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, BLOCK_K // GROUP if INT4 else NB), dtype=tl.float32)
+    # Per row, partial sums per activation block (int8) or group (int4) kept across tiles: no reduction
+    # across threads inside the loop, one at the end.
+    C: tl.constexpr = BLOCK_K // GROUP if INT4 else NB
+    acc = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
     for i in range(tiles_per_split):
         k0 = k_begin + i * BLOCK_K
         offs_w = k0 // CODES + offs_bw  # (NB, WPB) word index along the row
@@ -198,16 +200,15 @@ def _gemv_a8_kernel(
                 xsum = tl.load(xsum_ptr + m * n_groups + offs_g, mask=g_mask, other=0.0)  # (GROUPS,)
                 tg = tl.sum(tl.reshape(t, (BLOCK_N, GROUPS, NB // GROUPS)), axis=2)  # (BLOCK_N, GROUPS)
                 t = tg * s + z * xsum[None, :]
-            if M == 1:  # one row: partials kept per block (group) across tiles, reduced across threads once
-                acc1 += t
+            if M == 1:
+                acc += t[None, :, :]
             else:
-                acc = tl.where(offs_m[:, None] == m, acc + tl.sum(t, axis=1)[None, :], acc)  # row m
-    if M == 1:
-        acc = tl.sum(acc1, axis=1)[None, :]
+                acc = tl.where((offs_m == m)[:, None, None], acc + t[None, :, :], acc)  # row m
+    y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     if not INT4:
-        acc *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
-    tl.store(out, acc, mask=(offs_m < M)[:, None] & n_mask[None, :])
+    tl.store(out, y, mask=(offs_m < M)[:, None] & n_mask[None, :])
 
 
 def _gemv_a8_op(xw: torch.Tensor, xs: torch.Tensor, xsum: torch.Tensor | None, weight: torch.Tensor,
