@@ -15,7 +15,9 @@ its code: |w - w_hat| <= s / 2.
 
 forward(): a decode step (at most DECODE_MAX_ROWS = 32 activation rows) on CUDA calls
 the Triton GEMV kernels (blitzgen/kernels/int8_gemv.py, int4_gemv.py), which read the packed
-weights once and never build a dequantized matrix. Longer inputs (prefill) are compute-bound
+weights once and never build a dequantized matrix; a one-row bf16 / fp16 step takes
+kernels/gemv_a8.py instead, which rounds the activations to int8 for integer dot products
+(INT8_ACTIVATIONS_INT8, INT4_ACTIVATIONS_INT8 below). Longer inputs (prefill) are compute-bound
 and run cuBLAS on a dense matrix made for the call: int8 multiplies by the int8 codes cast to
 the activation dtype and scales the output channels afterwards (the scale is per output
 channel, so no scaled matrix is needed); int4 unpacks with one Triton pass
