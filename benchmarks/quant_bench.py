@@ -343,7 +343,8 @@ def main():
         log(f"built {label}")
         quant.ONE_ROW_BY_INDUCTOR = by_inductor
         defaults = quant.INT8_ACTIVATIONS_INT8, quant.INT4_ACTIVATIONS_INT8
-        quant.INT8_ACTIVATIONS_INT8, quant.INT4_ACTIVATIONS_INT8 = label == "int8 a8", label == "int4 g128 a8"
+        # "a8": int8 activations in one-row steps, as by default (int4's int8 output projection too); else none.
+        quant.INT8_ACTIVATIONS_INT8 = quant.INT4_ACTIVATIONS_INT8 = label.endswith(" a8")
         rows, prefill = measure_model(model, config, device, label, [1] if by_inductor else batch_sizes,
                                       new_tokens, runs, ceiling, dry)
         quant.ONE_ROW_BY_INDUCTOR = False
