@@ -161,8 +161,7 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             x = torch.randn(M, K, device=device, dtype=dtype)
             y8, r8 = int8_gemv(x, m8.weight, m8.scales), int8_gemv_ref(x, m8.weight, m8.scales)
             y4, r4 = int4_gemv(x, m4.packed, m4.scales, m4.zeros), int4_gemv_ref(x, m4.packed, m4.scales, m4.zeros)
-            err8 = ((y8.float() - r8.float()).abs().max() / r8.float().abs().max()).item()
-            err4 = ((y4.float() - r4.float()).abs().max() / r4.float().abs().max()).item()
+            err8, err4 = rel_err(y8, r8), rel_err(y4, r4)
             # The activation-int8 kernels against their own (exact-integer) references, and how far
             # those are from the weight-only products (the cost of rounding x to 8 bits per 32).
             xw8, xs8, _ = quantize_activations(x)
