@@ -223,16 +223,16 @@ def compare_variants(make_generator, variants: list[tuple[str, dict]], prompt_le
     for name, settings in variants:
         gen = make_generator(**settings)
         built.append((name, gen, prepare_decode(gen, 1, prompt_len, steps)))
-    times = {name: [] for name, _, _ in built}
+    times = [[] for _ in built]  # by position: a name may repeat ("base,base" times two captures)
     for _ in range(runs):
-        for name, gen, step in built:
-            times[name].append(time_steps(gen, step, 1, prompt_len, steps))
+        for i, (_, gen, step) in enumerate(built):
+            times[i].append(time_steps(gen, step, 1, prompt_len, steps))
     rows = []
-    for name, gen, _ in built:
-        seconds = statistics.median(times[name])
+    for (name, gen, _), runs_s in zip(built, times):
+        seconds = statistics.median(runs_s)
         _, totals = profile_step(gen, prompt_len, steps=10)
         rows.append({"variant": name, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds,
-                     "runs_ms": [1000 * t for t in times[name]], "kernel_us_per_step": totals["us_per_step"],
+                     "runs_ms": [1000 * t for t in runs_s], "kernel_us_per_step": totals["us_per_step"],
                      "launches_per_step": totals["launches_per_step"]})
     return rows
 

@@ -130,6 +130,15 @@ def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):
     assert "| variant (batch 1, one process, runs interleaved) |" in capsys.readouterr().out
 
 
+def test_bench_repeated_variant_keeps_its_own_runs(tmp_path):
+    """"base,base" times two captures of the same code: each row has its own 3 runs, not both rows' 6."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--prompt-len", "8", "--prompt-lengths", "8", "--new-tokens", "4",
+                 "--runs", "1", "--ceiling-gib", "0.01", "--variants", "base,base", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["variants"]
+    assert [len(r["runs_ms"]) for r in rows] == [3, 3]
+
+
 def test_bench_unknown_variant_is_a_clear_error(capsys):
     assert main(["bench", "--device", "cpu", "--variants", "base,fast"]) == 2
     assert "--variants: unknown variant 'fast'; expected base, rope-kernel" in capsys.readouterr().err
