@@ -18,10 +18,8 @@ the Triton GEMV kernels (blitzgen/kernels/int8_gemv.py, int4_gemv.py), which rea
 weights once and never build a dequantized matrix; a one-row bf16 / fp16 step takes
 kernels/gemv_a8.py instead, which rounds the activations to int8 for integer dot products
 (INT8_ACTIVATIONS_INT8, INT4_ACTIVATIONS_INT8 below). Longer inputs (prefill) are compute-bound
-and run cuBLAS on a dense matrix made for the call: int8 multiplies by the int8 codes cast to
-the activation dtype and scales the output channels afterwards (the scale is per output
-channel, so no scaled matrix is needed); int4 unpacks with one Triton pass
-(kernels/int4_dequantize.py). On CPU both formats use the plain-PyTorch path.
+and run cuBLAS on a dense matrix made for the call by one Triton pass over the codes
+(kernels/dequantize.py). On CPU both formats use the plain-PyTorch path.
 
 What quantize_model() quantizes, and why:
 - Every transformer block's linears (fused q/k/v, attention output, fused gate/up, down): ~97% of
@@ -44,7 +42,7 @@ from tqdm import tqdm
 from blitzgen.errors import BlitzgenError
 
 try:  # CUDA builds of torch ship Triton; CPU-only installs run the plain-PyTorch path everywhere.
-    from blitzgen.kernels.int4_dequantize import int4_dequantize
+    from blitzgen.kernels.dequantize import int4_dequantize, int8_dequantize
     from blitzgen.kernels.int4_gemv import int4_gemv
     from blitzgen.kernels.int8_gemv import int8_gemv
     from blitzgen.kernels.gemv_a8 import gemv_a8
@@ -192,6 +190,8 @@ class Int8Linear(nn.Module):
             else:
                 y = int8_gemv(x2, self.weight, self.scales, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
+        if _kernels_apply(x):
+            return F.linear(x, int8_dequantize(self.weight, self.scales, x.dtype), self.bias)
         # Per-channel scales commute with the product: scale the (T, N) output, not the matrix.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias

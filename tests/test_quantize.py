@@ -98,7 +98,7 @@ def test_forward_matches_dequantize_matmul(kind, shape, dtype):
 @pytest.mark.parametrize("rows", [1, 3, 8, 20, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_forward_kernel_paths(monkeypatch, kind, rows, dtype):
-    # What forward() runs on CUDA (GEMV kernels up to DECODE_MAX_ROWS = 32 rows, int4's unpack kernel +
+    # What forward() runs on CUDA (GEMV kernels up to DECODE_MAX_ROWS = 32 rows, the dequantize kernels +
     # matmul past that), here under TRITON_INTERPRET=1 (no bf16: the interpreter's bf16 tl.dot is wrong).
     # The weight-only kernels: the one-row int8-activation paths are test_forward_activations_int8's.
     monkeypatch.setattr(quant, "_kernels_apply", lambda x: True)
@@ -154,7 +154,7 @@ def test_one_row_expressions_match_dequantize_matmul(kind, compiled):
 
 @pytest.mark.skipif(not quant.HAVE_TRITON, reason="needs triton")
 def test_kernel_references_agree_with_the_modules():
-    from blitzgen.kernels.int4_dequantize import int4_dequantize_ref
+    from blitzgen.kernels.dequantize import int4_dequantize_ref, int8_dequantize_ref
     from blitzgen.kernels.int8_gemv import int8_gemv_ref
 
     linear = random_linear(37, 256, bias=True)
@@ -162,6 +162,7 @@ def test_kernel_references_agree_with_the_modules():
     x = torch.randn(3, 256)
     _compare(int8_gemv_ref(x, m8.weight, m8.scales, m8.bias), F.linear(x, m8.dequantize(), m8.bias))
     assert torch.equal(int4_dequantize_ref(m4.packed, m4.scales, m4.zeros), m4.dequantize())
+    assert torch.equal(int8_dequantize_ref(m8.weight, m8.scales), m8.dequantize())
 
 
 def test_bad_modes_and_group_sizes():

@@ -9,7 +9,7 @@ Nothing is imported here: import the module of the op you need.
     int8_gemv.py        weight-only int8 (per-channel scales) x a few activation rows, split-K
     int4_gemv.py        weight-only int4 (groups of 32/64/128, scale + zero point), same scheme
     gemv_a8.py          int8 / int4 x one activation row rounded to int8 blocks: dp4a integer dots
-    int4_dequantize.py  packed int4 -> dense matrix in one pass (prefill; eager, not an op)
+    dequantize.py       int8 / packed int4 -> dense matrix in one pass (prefill; eager, not an op)
     decode_attention.py split-KV decode attention over device-side lengths, graph-safe
     rope_cache.py       a decode step's RoPE + K/V cache write in one launch (Generator(rope_kernel=True))
 """

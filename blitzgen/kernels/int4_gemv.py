@@ -43,7 +43,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels.int4_dequantize import int4_dequantize_ref
+from blitzgen.kernels.dequantize import int4_dequantize_ref
 from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k, triton_runs_on
 
 GROUP_SIZES = (32, 64, 128)

@@ -84,7 +84,7 @@ def test_activation_rounding_is_what_it_costs():
     err8 = (int8_gemv_a8_ref(xw, xs, w, s) - int8_gemv_ref(x, w, s)).abs()
     assert (err8 <= bound8 * 1.001 + 1e-5).all()
     assert err8.max() > 0  # the rounding is real: the bound is not met trivially by equality
-    from blitzgen.kernels.int4_dequantize import int4_dequantize_ref
+    from blitzgen.kernels.dequantize import int4_dequantize_ref
     xw, xs, xsum = quantize_activations(x, 64)
     bound4 = half_step @ int4_dequantize_ref(packed, scales, zeros).abs().t()
     err4 = (int4_gemv_a8_ref(xw, xs, xsum, packed, scales, zeros) - int4_gemv_ref(x, packed, scales, zeros)).abs()

@@ -1,19 +1,27 @@
-"""Unpack a group-wise int4 matrix to a dense float matrix in one pass (the prefill path of Int4Linear).
-
-Format: as in int4_gemv.py. Byte j of row n holds q[n, 2j] (low nibble) and q[n, 2j + 1] (high
-nibble); w[n, k] = q[n, k] * s[n, k // G] + z[n, k // G].
+"""Dense float matrices from the quantized formats in one pass (the prefill paths of Int8Linear and
+Int4Linear).
 
 A prompt of hundreds of tokens is compute-bound, so prefill multiplies by a dense matrix with
-cuBLAS; what must stay cheap is making that matrix. Done with PyTorch operations it takes half a
-dozen passes with fp32 temporaries; this kernel reads the packed bytes once and writes the
-output dtype once (2.5 bytes of traffic per weight in bf16), computing in fp32 and rounding once.
+cuBLAS; what must stay cheap is making that matrix. Done with PyTorch operations int4 takes half a
+dozen passes with fp32 temporaries, and even int8's single cast (`codes.to(bf16)`) runs PyTorch's
+unvectorised copy for that dtype pair, plus a second pass to scale the (T, N) output: int8 prefill
+of 1024 tokens measured 1.64x bf16 that way on an H200 against int4's 1.18x (BENCHMARKS.md, session
+6). These kernels read the codes once and write the output dtype once, computing in fp32 and
+rounding once: 3 bytes of traffic per weight for int8 in bf16, 2.5 for int4.
 
-Contract:
+Formats: int8 as in int8_gemv.py, w[n, k] = q[n, k] * s[n]. int4 as in int4_gemv.py: byte j of row
+n holds q[n, 2j] (low nibble) and q[n, 2j + 1] (high nibble); w[n, k] = q[n, k] * s[n, k // G] +
+z[n, k // G].
 
-    packed   (N, K / 2)  uint8, contiguous
-    scales   (N, K / G)  bf16 | fp16 | fp32; G in (32, 64, 128)
-    zeros    (N, K / G)  same dtype as scales
-    returns  (N, K)      in `dtype`
+Contracts:
+
+    int8_dequantize(weight (N, K) int8, scales (N,))                        -> (N, K) in `dtype`
+    int4_dequantize(packed (N, K / 2) uint8, scales (N, K / G), zeros (N, K / G), G in (32, 64, 128))
+                                                                             -> (N, K) in `dtype`
+    scales / zeros bf16 | fp16 | fp32
+
+Called eagerly on the prefill path only (never inside the compiled decode step), so they are plain
+launches rather than registered ops.
 """
 
 import torch
@@ -22,6 +30,45 @@ import triton.language as tl
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.int8_gemv import triton_runs_on
+
+
+def int8_dequantize_ref(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch twin of int8_dequantize, in fp32: (N, K) codes -> (N, K)."""
+    return weight.float() * scales.float()[:, None]
+
+
+@triton.jit
+def _int8_dequantize_kernel(
+    w_ptr,  # (N, K) int8 codes, contiguous
+    s_ptr,  # (N,) scales
+    out_ptr,  # (N, K) output, contiguous
+    N,  # rows
+    K,  # columns
+    BLOCK_N: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # columns per program
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    q = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0)
+    w = q.to(tl.float32) * s[:, None]
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def int8_dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) matrix in `dtype` from int8 codes and per-row scales; the reference where Triton cannot run."""
+    if weight.dtype != torch.int8 or weight.dim() != 2 or scales.shape != weight.shape[:1]:
+        raise BlitzgenError(f"int8_dequantize: expected (N, K) int8 and (N,) scales, got {weight.dtype} "
+                            f"{tuple(weight.shape)}, {tuple(scales.shape)}")
+    if not triton_runs_on(weight):
+        return int8_dequantize_ref(weight, scales).to(dtype)
+    N, K = weight.shape
+    out = torch.empty((N, K), dtype=dtype, device=weight.device)
+    block_n, block_k = 16, 256  # 4 KB of codes a program, 16-byte loads: a streaming copy
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
+    _int8_dequantize_kernel[grid](weight.contiguous(), scales, out, N, K, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
 
 
 def int4_dequantize_ref(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -68,11 +115,7 @@ def _int4_dequantize_kernel(
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, K) matrix in `dtype` from the packed int4 format; the reference where Triton cannot run.
-
-    Called eagerly on the prefill path only (never inside the compiled decode step), so it is a
-    plain launch rather than a registered op.
-    """
+    """(N, K) matrix in `dtype` from the packed int4 format; the reference where Triton cannot run."""
     N, half = packed.shape
     K = 2 * half
     if packed.dtype != torch.uint8 or scales.dim() != 2 or scales.shape[0] != N or zeros.shape != scales.shape:
