@@ -142,7 +142,7 @@ INT8_COMPILED = torch.compile(_int8_product, fullgraph=True, dynamic=False, opti
 INT4_COMPILED = torch.compile(_int4_product, fullgraph=True, dynamic=False, options=_OPTIONS)
 
 
-A8_X = {}  # (rows, int4 group or None) -> quantize_activations(x) of the GEMV being timed
+A8_X = {}  # (rows, block sums too: int4) -> quantize_activations(x) of the GEMV being timed
 
 
 def rel_err(y, ref) -> float:
@@ -167,8 +167,8 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             xw8, xs8, _ = quantize_activations(x)
             a8 = int8_gemv_a8_ref(xw8, xs8, m8.weight, m8.scales, dtype=torch.float32)
             e8a = rel_err(gemv_a8(x, m8.weight, m8.scales), a8)
-            xw4, xs4, xsum4 = quantize_activations(x, 128)
-            a4 = int4_gemv_a8_ref(xw4, xs4, xsum4, m4.packed, m4.scales, m4.zeros, dtype=torch.float32)
+            xw4, xs4, xbs4 = quantize_activations(x, sums=True)
+            a4 = int4_gemv_a8_ref(xw4, xs4, xbs4, m4.packed, m4.scales, m4.zeros, dtype=torch.float32)
             e4a = rel_err(gemv_a8(x, m4.packed, m4.scales, m4.zeros), a4)
             # bf16 outputs (and, with 8 rows, bf16 weights into the tensor-core dot): ~1e-2 at most.
             ok = "ok" if max(err8, err4, e8a, e4a) < 2e-2 else "MISMATCH"
@@ -185,9 +185,9 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             "int4 cast": (module_bytes(m4), lambda w, x: int4_gemv(x, *w, words=False), (m4.packed, m4.scales, m4.zeros)),
             # Activations rounded to int8, integer dot products (kernels/gemv_a8.py): the kernel alone, on
             # activations quantized beforehand (in the decode step Inductor fuses that into x's producer).
-            "int8 a8": (module_bytes(m8), lambda w, x, **kw: gemv_a8_codes(*A8_X[x.shape[0], None], *w, **kw),
+            "int8 a8": (module_bytes(m8), lambda w, x, **kw: gemv_a8_codes(*A8_X[x.shape[0], False], *w, **kw),
                         (m8.weight, m8.scales)),
-            "int4 a8": (module_bytes(m4), lambda w, x, **kw: gemv_a8_codes(*A8_X[x.shape[0], 128], *w, **kw),
+            "int4 a8": (module_bytes(m4), lambda w, x, **kw: gemv_a8_codes(*A8_X[x.shape[0], True], *w, **kw),
                         (m4.packed, m4.scales, m4.zeros)),
         }
         if inductor:  # the same products as plain expressions, compiled as the decode step compiles them
@@ -197,7 +197,7 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
                                         (m4.packed, m4.scales, m4.zeros))
         for M in (1, 8):
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
-            A8_X[M, None], A8_X[M, 128] = quantize_activations(x), quantize_activations(x, 128)
+            A8_X[M, False], A8_X[M, True] = quantize_activations(x), quantize_activations(x, sums=True)
             cells, best = [], {}
             for fmt, (nbytes, fn, tensors) in formats.items():
                 copies = max(1, -(-L2_FLUSH_BYTES // nbytes)) if device.type == "cuda" else 2

@@ -27,7 +27,7 @@ def a8_forward(self, x):
     if isinstance(self, quant.Int8Linear):
         y = int8_gemv_a8_ref(*quantize_activations(x2)[:2], self.weight, self.scales, self.bias, x.dtype)
     else:
-        y = int4_gemv_a8_ref(*quantize_activations(x2, self.group_size), self.packed, self.scales, self.zeros,
+        y = int4_gemv_a8_ref(*quantize_activations(x2, sums=True), self.packed, self.scales, self.zeros,
                              self.bias, x.dtype)
     return y.view(*x.shape[:-1], self.out_features)
 

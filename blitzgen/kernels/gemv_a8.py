@@ -18,23 +18,25 @@ in int32:
     int4 (group g of G >= 32: scale s, zero z, code q in [0, 15]):
         y[m, n] = sum_g (s[n, g] * sum_{b in g} a[m, b] * d[m, n, b] + z[n, g] * xsum[m, g])
 
-where xsum[m, g] is the sum of the unrounded x over group g (the zero-point term is exact). The
+where xsum[m, g] is the sum of the unrounded x over group g (the zero-point term is exact), added up
+from the block sums quantize_activations makes beside the scales. The
 only rounding beyond the weight format's is that of x to 8 bits per block of 32 (a relative error
 of at most 1/254 of the block's largest entry per entry); BENCHMARKS.md records what it costs in
 perplexity.
 
 Layout. Weights are the formats' own, read as int32 words: int8 (N, K / 4) words of 4 codes; int4
 (N, K / 8) words of 8 codes, byte j holding codes 2j (low nibble) and 2j + 1 (high nibble). So the
-low nibbles of a word are codes 0, 2, 4, 6 and the high ones 1, 3, 5, 7; quantize_activations
-lays out an int4 row's activation words to match: first the words of its even-indexed codes (word i
-holding x codes 8i, 8i + 2, 8i + 4, 8i + 6), then those of its odd-indexed codes, so both dp4a operands
-line up byte for byte and each is read with vector loads.
+low nibbles of an int4 word are codes 0, 2, 4, 6 and the high ones 1, 3, 5, 7. The activation codes
+are in k order, 4 to a word, for both formats: for int4 the kernel gathers each pair of activation
+words into the even-code and the odd-code word with two byte permutes (`prmt`), so that both dp4a
+operands line up byte for byte. (Session 5 laid the activations out in that order beforehand instead;
+the permuted copy cost Inductor two extra kernels per product, ~0.4 ms of a Llama-2-7B step.)
 
 Contract (gemv_a8; quantize_activations makes the first three):
 
-    xw      (M, K / 4)       int32, activation codes, 4 per word (int4: even words, then odd words)
+    xw      (M, K / 4)       int32, activation codes in k order, 4 per word
     xs      (M, K / 32)      float32 block scales a
-    xsum    (M, K / G)       float32, int4 only (None for int8)
+    xbs     (M, K / 32)      float32 block sums of the unrounded x, int4 only (None for int8)
     weight  int8: (N, K) int8; int4: (N, K / 2) uint8 packed codes
     scales  int8: (N,); int4: (N, K / G), with zeros (N, K / G)
     returns (M, N) in `dtype`; M <= MAX_ROWS, K a multiple of 32 (int4: of G)
@@ -62,49 +64,43 @@ MAX_ROWS = 8  # one program takes every row; quantize.py calls it with one (seve
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def quantize_activations(x: torch.Tensor, group: int | None = None):
-    """x (M, K) float -> (xw (M, K / 4) int32, xs (M, K / 32) float32, xsum (M, K / group) float32 or
-    None). group=None: the int8 weight layout (4 consecutive codes per word); a group size: the int4
-    layout (the row's even-indexed codes, 4 per word, then its odd-indexed ones) and the group sums.
-    Plain PyTorch, so inside the compiled step Inductor fuses it into the kernel producing x."""
+def quantize_activations(x: torch.Tensor, sums: bool = False):
+    """x (M, K) float -> (xw (M, K / 4) int32 codes in k order, xs (M, K / 32) float32 scales, xbs
+    (M, K / 32) float32 block sums if `sums` (int4 weights need them) else None). Plain PyTorch, so
+    inside the compiled step Inductor fuses it into the kernel producing x: all three are reductions
+    or maps over the same blocks of 32, one kernel."""
     M, K = x.shape
     xf = x.float().view(M, K // BLOCK, BLOCK)
     amax = xf.abs().amax(-1)  # (M, K / 32)
     xs = torch.where(amax > 0, amax / 127, 1.0)
     codes = torch.round(xf / xs[..., None]).to(torch.int8)  # |x / xs| <= 127: no clamp needed
-    if group is None:
-        return codes.view(M, K).view(torch.int32), xs, None
-    codes = codes.view(M, K // 8, 4, 2).permute(0, 3, 1, 2).contiguous()  # (M, [even, odd], K / 8, 4)
-    # Group sums from block sums: a reduction over the same 32 entries as amax's, which Inductor can fuse.
-    xsum = xf.sum(-1).view(M, K // group, group // BLOCK).sum(-1)
-    return codes.view(M, K).view(torch.int32), xs, xsum
+    return codes.view(M, K).view(torch.int32), xs, xf.sum(-1) if sums else None
 
 
-def _block_dots(xw: torch.Tensor, codes: torch.Tensor, int4: bool) -> torch.Tensor:
+def _block_dots(xw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """d[m, n, b] of the module docstring, in float64 (exact: |d| < 2^21), from the activation
     words and the weight codes (N, K) as integers."""
     M = xw.shape[0]
-    c = xw.contiguous().view(torch.int8).view(M, -1).double()  # (M, K) in word order
-    if int4:  # back to k order: (even words, odd words) -> interleaved
-        c = c.view(M, 2, -1, 4).permute(0, 2, 3, 1).reshape(M, -1)
+    c = xw.contiguous().view(torch.int8).view(M, -1).double()  # (M, K)
     K = c.shape[1]
     return torch.einsum("mbk,nbk->mnb", c.view(M, K // BLOCK, BLOCK), codes.double().view(-1, K // BLOCK, BLOCK))
 
 
 def int8_gemv_a8_ref(xw, xs, weight, scales, bias=None, dtype=torch.float32) -> torch.Tensor:
     """Plain-PyTorch twin of gemv_a8 for int8 weights, in float64."""
-    y = (_block_dots(xw, weight, int4=False) * xs.double()[:, None, :]).sum(-1) * scales.double()
+    y = (_block_dots(xw, weight) * xs.double()[:, None, :]).sum(-1) * scales.double()
     return (y if bias is None else y + bias.double()).to(dtype)
 
 
-def int4_gemv_a8_ref(xw, xs, xsum, packed, scales, zeros, bias=None, dtype=torch.float32) -> torch.Tensor:
+def int4_gemv_a8_ref(xw, xs, xbs, packed, scales, zeros, bias=None, dtype=torch.float32) -> torch.Tensor:
     """Plain-PyTorch twin of gemv_a8 for int4 weights, in float64."""
     codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)  # (N, K)
-    t = _block_dots(xw, codes, int4=True) * xs.double()[:, None, :]  # (M, N, K / 32)
+    t = _block_dots(xw, codes) * xs.double()[:, None, :]  # (M, N, K / 32)
     M, N, NB = t.shape
     groups = scales.shape[1]
     tg = t.view(M, N, groups, NB // groups).sum(-1)  # (M, N, K / G)
-    y = (tg * scales.double() + zeros.double() * xsum.double()[:, None, :]).sum(-1)
+    xsum = xbs.double().view(M, groups, NB // groups).sum(-1)  # (M, K / G)
+    y = (tg * scales.double() + zeros.double() * xsum[:, None, :]).sum(-1)
     return (y if bias is None else y + bias.double()).to(dtype)
 
 
@@ -129,10 +125,27 @@ def _dp4a(a, b, c, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _even_odd(a, b, ASM: tl.constexpr):
+    """From two words of 4 consecutive int8 codes (codes 0-3 in a, 4-7 in b), the word of codes 0, 2,
+    4, 6 and the word of codes 1, 3, 5, 7: the order of an int4 weight word's low and high nibbles."""
+    if ASM:
+        even = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x6420;", "=r,r,r", [a, b],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+        odd = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [a, b],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+        return even, odd
+    # The interpreter: the same bytes moved with masks and shifts (`(v >> 16) << 24` keeps byte 2 of v as
+    # the top byte without writing a mask that does not fit an int32).
+    even = (a & 0xFF) | ((a >> 8) & 0xFF00) | ((b & 0xFF) << 16) | ((b >> 16) << 24)
+    odd = ((a >> 8) & 0xFF) | ((a >> 16) & 0xFF00) | (((b >> 8) & 0xFF) << 16) | ((b >> 24) << 24)
+    return even, odd
+
+
+@triton.jit
 def _gemv_a8_kernel(
     xw_ptr,  # (M, K / 4) int32 activation words
     xs_ptr,  # (M, K / 32) float32 block scales
-    xsum_ptr,  # (M, K / GROUP) float32 group sums (int4; unused for int8)
+    xbs_ptr,  # (M, K / 32) float32 block sums (int4; unused for int8)
     w_ptr,  # int8: (N, K / 4) int32 words; int4: (N, K / 8) int32 words
     s_ptr,  # int8: (N,) scales; int4: (N, K / GROUP)
     z_ptr,  # int4: (N, K / GROUP) zero points (unused for int8)
@@ -187,9 +200,10 @@ def _gemv_a8_kernel(
         for m in tl.static_range(M):
             xrow = xw_ptr + m * x_stride
             xs = tl.load(xs_ptr + m * (K // 32) + offs_b, mask=b_mask, other=0.0)  # (NB,)
-            if INT4:  # the row's even-code words, then its odd-code words (quantize_activations)
-                x_even = tl.load(xrow + offs_w, mask=w_mask, other=0)  # (NB, WPB)
-                x_odd = tl.load(xrow + x_stride // 2 + offs_w, mask=w_mask, other=0)
+            if INT4:  # activation words 2i and 2i + 1 hold the codes of weight word i, in k order
+                # Read as int64, one per weight word, and split in two (the shifts are register moves).
+                pair = tl.load(xrow.to(tl.pointer_type(tl.int64)) + offs_w, mask=w_mask, other=0)  # (NB, WPB)
+                x_even, x_odd = _even_odd(pair.to(tl.int32), (pair >> 32).to(tl.int32), ASM)
                 d = _dp4a(lo, x_even[None, :, :], tl.zeros((BLOCK_N, NB, WPB), tl.int32), False, ASM)
                 d = _dp4a(hi, x_odd[None, :, :], d, False, ASM)
             else:
@@ -197,7 +211,10 @@ def _gemv_a8_kernel(
                 d = _dp4a(words, x[None, :, :], tl.zeros((BLOCK_N, NB, WPB), tl.int32), True, ASM)
             t = tl.sum(d, axis=2).to(tl.float32) * xs[None, :]  # (BLOCK_N, NB): a_b * d_b
             if INT4:
-                xsum = tl.load(xsum_ptr + m * n_groups + offs_g, mask=g_mask, other=0.0)  # (GROUPS,)
+                BPG: tl.constexpr = GROUP // 32  # activation blocks per group
+                xbs = tl.load(xbs_ptr + m * (K // 32) + offs_g[:, None] * BPG + tl.arange(0, BPG)[None, :],
+                              mask=g_mask[:, None], other=0.0)  # (GROUPS, BPG) block sums
+                xsum = tl.sum(xbs, axis=1)  # (GROUPS,)
                 tg = tl.sum(tl.reshape(t, (BLOCK_N, GROUPS, NB // GROUPS)), axis=2)  # (BLOCK_N, GROUPS)
                 t = tg * s + z * xsum[None, :]
             if M == 1:
@@ -211,7 +228,7 @@ def _gemv_a8_kernel(
     tl.store(out, y, mask=(offs_m < M)[:, None] & n_mask[None, :])
 
 
-def _gemv_a8_op(xw: torch.Tensor, xs: torch.Tensor, xsum: torch.Tensor | None, weight: torch.Tensor,
+def _gemv_a8_op(xw: torch.Tensor, xs: torch.Tensor, xbs: torch.Tensor | None, weight: torch.Tensor,
                 scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype,
                 split_k: int, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
     M, K = xw.shape[0], 4 * xw.shape[1]
@@ -221,7 +238,7 @@ def _gemv_a8_op(xw: torch.Tensor, xs: torch.Tensor, xsum: torch.Tensor | None, w
     per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=xw.device)
     wrap_triton(_gemv_a8_kernel)[(triton.cdiv(N, block_n), split_k)](
-        xw, xs, xsum if int4 else xs, weight.view(torch.int32), scales, zeros if int4 else scales, partial,
+        xw, xs, xbs if int4 else xs, weight.view(torch.int32), scales, zeros if int4 else scales, partial,
         N, K, K // 8 if int4 else K // 4, K // 4, per_split, M=M, BLOCK_M=triton.next_power_of_2(M), INT4=int4,
         GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, ASM=not _INTERPRET, num_warps=num_warps,
     )
@@ -233,7 +250,7 @@ if _INTERPRET:
     # (torch.compile traces a call to it through the fake below); on the GPU a triton_op Inductor sees into.
     torch.library.custom_op("blitzgen::gemv_a8", _gemv_a8_op, mutates_args=())
     torch.library.register_fake("blitzgen::gemv_a8")(
-        lambda xw, xs, xsum, weight, *args: xw.new_empty((xw.shape[0], weight.shape[0]), dtype=args[3]))
+        lambda xw, xs, xbs, weight, *args: xw.new_empty((xw.shape[0], weight.shape[0]), dtype=args[3]))
 else:
     triton_op("blitzgen::gemv_a8", _gemv_a8_op, mutates_args=())
 
@@ -264,11 +281,11 @@ def gemv_a8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: 
                             + (f" and of the group size {group}" if int4 else ""))
     if weight.shape[1] * (2 if int4 else 1) != K:
         raise BlitzgenError(f"gemv_a8: x {tuple(x.shape)} does not fit the weight {tuple(weight.shape)}")
-    xw, xs, xsum = quantize_activations(x, group)
-    return gemv_a8_codes(xw, xs, xsum, weight, scales, zeros, bias, x.dtype, blocks=blocks, split_k=split_k)
+    xw, xs, xbs = quantize_activations(x, sums=int4)
+    return gemv_a8_codes(xw, xs, xbs, weight, scales, zeros, bias, x.dtype, blocks=blocks, split_k=split_k)
 
 
-def gemv_a8_codes(xw, xs, xsum, weight, scales, zeros=None, bias=None, dtype=torch.bfloat16, *, blocks=None,
+def gemv_a8_codes(xw, xs, xbs, weight, scales, zeros=None, bias=None, dtype=torch.bfloat16, *, blocks=None,
                   split_k=None) -> torch.Tensor:
     """gemv_a8 on activations already quantized by quantize_activations (benchmarks time the kernel
     alone this way; shapes as gemv_a8 checked them) -> (M, N) in dtype."""
@@ -278,7 +295,7 @@ def gemv_a8_codes(xw, xs, xsum, weight, scales, zeros=None, bias=None, dtype=tor
     group = K // scales.shape[1] if int4 else None
     if not triton_runs_on(xw):
         if int4:
-            return int4_gemv_a8_ref(xw, xs, xsum, weight, scales, zeros, bias, dtype)
+            return int4_gemv_a8_ref(xw, xs, xbs, weight, scales, zeros, bias, dtype)
         return int8_gemv_a8_ref(xw, xs, weight, scales, bias, dtype)
     block_n, block_k, num_warps = blocks or (INT4_BLOCKS if int4 else INT8_BLOCKS)
     block_k = max(block_k, group or BLOCK)
@@ -288,5 +305,5 @@ def gemv_a8_codes(xw, xs, xsum, weight, scales, zeros=None, bias=None, dtype=tor
     if split_k is None:
         split_k = plan_split_k(xw.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k), PROGRAMS_PER_SM)
     split_k = min(split_k, triton.cdiv(K, block_k))
-    return torch.ops.blitzgen.gemv_a8(xw, xs, xsum, weight.contiguous(), scales, zeros, bias, dtype, split_k,
+    return torch.ops.blitzgen.gemv_a8(xw, xs, xbs, weight.contiguous(), scales, zeros, bias, dtype, split_k,
                                       block_n, block_k, num_warps)

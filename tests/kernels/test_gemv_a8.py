@@ -53,8 +53,8 @@ def test_int4_matches_reference(M, N, K, G, dtype):
     x = torch.randn(M, K, generator=g).to(dtype)
     packed, scales, zeros = _int4(N, K, G, g)
     x, packed, scales, zeros = (t.to(DEVICE) for t in (x, packed, scales, zeros))
-    xw, xs, xsum = quantize_activations(x, G)
-    _close(gemv_a8(x, packed, scales, zeros), int4_gemv_a8_ref(xw, xs, xsum, packed, scales, zeros, None, dtype))
+    xw, xs, xbs = quantize_activations(x, sums=True)
+    _close(gemv_a8(x, packed, scales, zeros), int4_gemv_a8_ref(xw, xs, xbs, packed, scales, zeros, None, dtype))
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3])
@@ -66,9 +66,9 @@ def test_split_k_and_blocks(split_k, blocks):
     packed, scales, zeros = (t.to(DEVICE) for t in _int4(41, 448, 64, g))
     xw, xs, _ = quantize_activations(x)
     _close(gemv_a8(x, w, s, blocks=blocks, split_k=split_k), int8_gemv_a8_ref(xw, xs, w, s))
-    xw, xs, xsum = quantize_activations(x, 64)
+    xw, xs, xbs = quantize_activations(x, sums=True)
     _close(gemv_a8(x, packed, scales, zeros, blocks=blocks, split_k=split_k),
-           int4_gemv_a8_ref(xw, xs, xsum, packed, scales, zeros))
+           int4_gemv_a8_ref(xw, xs, xbs, packed, scales, zeros))
 
 
 def test_activation_rounding_is_what_it_costs():
@@ -85,21 +85,22 @@ def test_activation_rounding_is_what_it_costs():
     assert (err8 <= bound8 * 1.001 + 1e-5).all()
     assert err8.max() > 0  # the rounding is real: the bound is not met trivially by equality
     from blitzgen.kernels.dequantize import int4_dequantize_ref
-    xw, xs, xsum = quantize_activations(x, 64)
+    xw, xs, xbs = quantize_activations(x, sums=True)
     bound4 = half_step @ int4_dequantize_ref(packed, scales, zeros).abs().t()
-    err4 = (int4_gemv_a8_ref(xw, xs, xsum, packed, scales, zeros) - int4_gemv_ref(x, packed, scales, zeros)).abs()
+    err4 = (int4_gemv_a8_ref(xw, xs, xbs, packed, scales, zeros) - int4_gemv_ref(x, packed, scales, zeros)).abs()
     assert (err4 <= bound4 * 1.001 + 1e-5).all() and err4.max() > 0
 
 
 def test_quantize_activations_layout():
-    """int4 layout: the row's even-indexed codes, 4 to a word, then its odd-indexed ones."""
-    x = torch.arange(1, 33, dtype=torch.float32)[None] * 127 / 32  # block scale 1: codes = round(x)
-    xw, xs, xsum = quantize_activations(x, 32)
-    codes = xw.view(torch.int8).view(-1).tolist()
-    want = torch.round(x[0]).to(torch.int8).tolist()
-    assert codes[:16] == want[0::2] and codes[16:] == want[1::2]
-    assert torch.allclose(xs, torch.tensor([[1.0]])) and torch.allclose(xsum, x.sum(1, keepdim=True))
-    assert quantize_activations(x)[0].view(torch.int8).view(-1).tolist() == want
+    """Codes in k order, 4 to a word, one scale and (if asked) one sum of the unrounded x per block of 32."""
+    x = torch.arange(1, 65, dtype=torch.float32)[None] * 127 / 64  # block scales 1/2 and 1
+    x[0, 32:] = x[0, :32]  # the second block again: scale 0.5, same codes
+    xw, xs, xbs = quantize_activations(x, sums=True)
+    assert xw.shape == (1, 16) and xw.dtype == torch.int32
+    want = torch.round(x[0, :32] * 2).to(torch.int8).tolist()
+    assert xw.view(torch.int8).view(-1).tolist() == want * 2
+    assert torch.equal(xs, torch.tensor([[0.5, 0.5]])) and torch.equal(xbs, x.view(1, 2, 32).sum(-1))
+    assert quantize_activations(x)[2] is None
 
 
 def test_bad_shapes():
