@@ -167,6 +167,7 @@ def _gemv_a8_kernel(
     CODES: tl.constexpr = 8 if INT4 else 4  # codes per weight word
     WPB: tl.constexpr = 32 // CODES  # weight words per activation block
     NB: tl.constexpr = BLOCK_K // 32  # activation blocks per tile
+    BPG: tl.constexpr = GROUP // 32  # activation blocks per int4 group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,7 +212,6 @@ def _gemv_a8_kernel(
                 d = _dp4a(words, x[None, :, :], tl.zeros((BLOCK_N, NB, WPB), tl.int32), True, ASM)
             t = tl.sum(d, axis=2).to(tl.float32) * xs[None, :]  # (BLOCK_N, NB): a_b * d_b
             if INT4:
-                BPG: tl.constexpr = GROUP // 32  # activation blocks per group
                 xbs = tl.load(xbs_ptr + m * (K // 32) + offs_g[:, None] * BPG + tl.arange(0, BPG)[None, :],
                               mask=g_mask[:, None], other=0.0)  # (GROUPS, BPG) block sums
                 xsum = tl.sum(xbs, axis=1)  # (GROUPS,)
