@@ -24,6 +24,7 @@ Targets (issue 6): int8 decode >= 85% of the ceiling (>= 380 tokens/s at batch 1
 """
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -267,7 +268,11 @@ def measure_model(model, config, device, label, batch_sizes, new_tokens, runs, c
         rows.append(f"| {label} | {weights_gb:.2f} | {bs} | {rate:.1f} | {rate * bs:.0f} | {gbps:.0f} | "
                     f"{100 * gbps * 1e9 / ceiling:.0f}% | {first:.1f} s |")
         log(f"{label} decode batch {bs}: {rate:.1f} tokens/s per sequence")
+    # A Generator is a reference cycle (its captured steps refer back to it): collect it now, or the
+    # collector may run during the host-timed prefill below (session 6 saw int8 prefill read 1.64-1.78x
+    # bf16 here against 1.12x in a process of its own).
     del gen
+    gc.collect()
     # Prefill: eager, with its own cache; time to first token of a fresh 1024-token prompt.
     gen = Generator(model, NullTokenizer(), compile=False)
     prompt = torch.randint(1, config.vocab_size, (1024,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -352,6 +357,7 @@ def main():
             prefills[label] = prefill
         decode_rows += rows
         del model
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"Decode, random-weight {'tiny' if dry else 'Llama-2-7B'}, prompt 100, {new_tokens} new tokens, greedy, "
