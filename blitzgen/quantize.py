@@ -120,9 +120,9 @@ def int4_one_row(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 # with integer dot products (kernels/gemv_a8.py) instead of the weight-only kernels, which are bound by
 # their int-to-float work at one row. It changes the numerics (x to 8 bits per block of 32: +0.01%
 # perplexity for either format on the default model, scripts/a8_quality.py). Measured on an H200
-# (BENCHMARKS.md, 2026-12-01 session 5), Llama-2-7B batch 1: int4 g128 364.7 against 262.9 tokens/s in
-# one run; int8 343.3, against 324.4-328.0 for the weight-only kernels in two other runs, and faster
-# than them at every GEMV shape of the same run. One row only: at 8 rows the kernel's unrolled row loop
+# (BENCHMARKS.md, 2026-12-01 sessions 5-6), Llama-2-7B batch 1: int4 g128 364.7 against 262.9 tokens/s in
+# one run (401-413 since session 6's k-order activations); int8 343.3, against 324.4-328.0 for the
+# weight-only kernels in two other runs, and faster than them at every GEMV shape of the same run. One row only: at 8 rows the kernel's unrolled row loop
 # measured 2-4x slower than the weight-only kernels' tensor-core path. Set False for exact activations.
 INT8_ACTIVATIONS_INT8 = True
 INT4_ACTIVATIONS_INT8 = True

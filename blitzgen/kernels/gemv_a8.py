@@ -30,7 +30,8 @@ low nibbles of an int4 word are codes 0, 2, 4, 6 and the high ones 1, 3, 5, 7. T
 are in k order, 4 to a word, for both formats: for int4 the kernel gathers each pair of activation
 words into the even-code and the odd-code word with two byte permutes (`prmt`), so that both dp4a
 operands line up byte for byte. (Session 5 laid the activations out in that order beforehand instead;
-the permuted copy cost Inductor two extra kernels per product, ~0.4 ms of a Llama-2-7B step.)
+the permuted copy and the group sums cost Inductor two extra kernels per product, and an int4 Llama-2-7B
+step was 15% slower for it on an H200, BENCHMARKS.md session 6.)
 
 Contract (gemv_a8; quantize_activations makes the first three):
 
