@@ -1,0 +1,82 @@
+"""Compile every Triton kernel launch of blitzgen/kernels for an H100/H200 (sm_90) on a machine with no GPU.
+
+Run as a script by test_compiles_for_sm90.py, in a process without TRITON_INTERPRET: the interpreter runs
+the kernels' Python, so it misses what only the compiler rejects (a constexpr assigned twice inside an
+unrolled loop failed every several-row gemv_a8 launch on the GPU while the interpreted tests passed), and
+it never sees the inline-PTX paths. Here each launcher runs on small CPU tensors with Triton's driver
+replaced by one that reports an sm_90 target, and every launch is compiled (to a cubin, by the ptxas
+that ships with Triton) instead of run. Prints one line per compiled kernel configuration.
+"""
+
+import torch
+import triton  # noqa: F401  (the driver must be replaced before any kernel is launched)
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+
+class SM90Driver:
+    """What JITFunction.run asks of the driver before a launch, answered for an sm_90 device."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+driver.set_active(SM90Driver())
+COMPILED = []
+_run = JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)  # warmup: compile, do not launch
+    COMPILED.append(f"{self.fn.__name__} {kernel.metadata.num_warps} warps")
+    return kernel
+
+
+JITFunction.run = _compile_only
+
+from blitzgen.kernels import dequantize, gemv_a8, int4_gemv, int8_gemv  # noqa: E402
+from blitzgen.kernels.decode_attention import _decode_attention_triton  # noqa: E402
+from blitzgen.kernels.rope_cache import _rope_cache_op  # noqa: E402
+
+for module in (dequantize, gemv_a8, int4_gemv, int8_gemv):
+    module.triton_runs_on = lambda x: True  # the launchers' "is this a CUDA tensor" test
+
+
+def main():
+    g = torch.Generator().manual_seed(0)
+    N, K = 64, 512
+    w8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    s8 = torch.rand(N, generator=g).bfloat16()
+    w4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    s4, z4 = torch.rand(N, K // 128, generator=g).bfloat16(), torch.rand(N, K // 128, generator=g).bfloat16()
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (1, 5):  # one row (the one-row paths) and several (the tiles, the unrolled row loops)
+            x = torch.randn(rows, K, generator=g).to(dtype)
+            int8_gemv.int8_gemv(x, w8, s8)
+            int4_gemv.int4_gemv(x, w4, s4, z4)
+            gemv_a8.gemv_a8(x, w8, s8)
+            gemv_a8.gemv_a8(x, w4, s4, z4)
+        dequantize.int8_dequantize(w8, s8, dtype)
+        dequantize.int4_dequantize(w4, s4, z4, dtype)
+    for dtype in (torch.bfloat16, torch.float32):
+        for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split
+            q = torch.randn(B, H, D).to(dtype)
+            cache = torch.randn(B, S, Hkv, D).to(dtype)
+            _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits)
+        B, H, Hkv, D = 2, 8, 2, 128
+        _rope_cache_op(torch.randn(B, 1, (H + 2 * Hkv) * D).to(dtype), torch.randn(B, 1, D).to(dtype),
+                       torch.randn(B, 1, D).to(dtype), torch.zeros(B, 1, dtype=torch.int64),
+                       torch.zeros(B, 16, Hkv, D, dtype=dtype), torch.zeros(B, 16, Hkv, D, dtype=dtype), H)
+    for line in COMPILED:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
