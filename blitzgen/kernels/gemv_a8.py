@@ -143,6 +143,23 @@ def _even_odd(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
+def _activation_words(xrow, offs_w, w_mask, WPB: tl.constexpr, ASM: tl.constexpr):
+    """The even-code and odd-code activation words for weight words offs_w (NB, WPB) of one row."""
+    # A block's 8 activation words as two (NB, WPB) halves of 4 contiguous words, the weights' own
+    # layout (one 16-byte load each); weight word j takes words 2j and 2j + 1 of its block.
+    first = tl.load(xrow + offs_w + (offs_w // WPB) * WPB, mask=w_mask, other=0)  # words 0-3 of each block
+    second = tl.load(xrow + offs_w + (offs_w // WPB + 1) * WPB, mask=w_mask, other=0)  # words 4-7
+    NB: tl.constexpr = offs_w.shape[0]
+    a0, b0 = tl.split(tl.reshape(first, (NB, WPB // 2, 2)))  # (NB, 2): words 0, 2 and 1, 3
+    a1, b1 = tl.split(tl.reshape(second, (NB, WPB // 2, 2)))
+    e0, o0 = _even_odd(a0, b0, ASM)  # for weight words 0, 1
+    e1, o1 = _even_odd(a1, b1, ASM)  # for weight words 2, 3
+    even = tl.reshape(tl.permute(tl.join(e0, e1), (0, 2, 1)), (NB, WPB))
+    odd = tl.reshape(tl.permute(tl.join(o0, o1), (0, 2, 1)), (NB, WPB))
+    return even, odd
+
+
+@triton.jit
 def _gemv_a8_kernel(
     xw_ptr,  # (M, K / 4) int32 activation words
     xs_ptr,  # (M, K / 32) float32 block scales
@@ -203,9 +220,7 @@ def _gemv_a8_kernel(
             xrow = xw_ptr + m * x_stride
             xs = tl.load(xs_ptr + m * (K // 32) + offs_b, mask=b_mask, other=0.0)  # (NB,)
             if INT4:  # activation words 2i and 2i + 1 hold the codes of weight word i, in k order
-                # Read as int64, one per weight word, and split in two (the shifts are register moves).
-                pair = tl.load(xrow.to(tl.pointer_type(tl.int64)) + offs_w, mask=w_mask, other=0)  # (NB, WPB)
-                x_even, x_odd = _even_odd(pair.to(tl.int32), (pair >> 32).to(tl.int32), ASM)
+                x_even, x_odd = _activation_words(xrow, offs_w, w_mask, WPB, ASM)
                 d = _dp4a(lo, x_even[None, :, :], tl.zeros((BLOCK_N, NB, WPB), tl.int32), False, ASM)
                 d = _dp4a(hi, x_odd[None, :, :], d, False, ASM)
             else:
