@@ -29,7 +29,9 @@ Layout. Weights are the formats' own, read as int32 words: int8 (N, K / 4) words
 low nibbles of an int4 word are codes 0, 2, 4, 6 and the high ones 1, 3, 5, 7. The activation codes
 are in k order, 4 to a word, for both formats: for int4 the kernel gathers each pair of activation
 words into the even-code and the odd-code word with two byte permutes (`prmt`), so that both dp4a
-operands line up byte for byte. (Session 5 laid the activations out in that order beforehand instead;
+operands line up byte for byte. It loads a block's 8 activation words as two halves of 4 in the
+weights' own register layout; an int64 load per weight word measured 2.3% slower (a shared-memory
+exchange each tile). (Session 5 laid the activations out in that order beforehand instead;
 the permuted copy and the group sums cost Inductor two extra kernels per product, and an int4 Llama-2-7B
 step was 15% slower for it on an H200, BENCHMARKS.md session 6.)
 
