@@ -122,8 +122,9 @@ def int4_one_row(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 # perplexity for either format on the default model, scripts/a8_quality.py). Measured on an H200
 # (BENCHMARKS.md, 2026-12-01 sessions 5-6), Llama-2-7B batch 1: int4 g128 364.7 against 262.9 tokens/s in
 # one run (401-413 since session 6's k-order activations); int8 343.3, against 324.4-328.0 for the
-# weight-only kernels in two other runs, and faster than them at every GEMV shape of the same run. One row only: at 8 rows the kernel's unrolled row loop
-# measured 2-4x slower than the weight-only kernels' tensor-core path. Set False for exact activations.
+# weight-only kernels in two other runs, and faster than them at every GEMV shape of the same run.
+# One row only: at 8 rows the kernel's unrolled row loop measured 2-4x slower than the weight-only
+# kernels' tensor-core path. Set False for exact activations.
 INT8_ACTIVATIONS_INT8 = True
 INT4_ACTIVATIONS_INT8 = True
 
@@ -183,14 +184,14 @@ class Int8Linear(nn.Module):
             y = int8_one_row(x.reshape(1, self.in_features), self.weight, self.scales)
             y = y if self.bias is None else y + self.bias.float()
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        if _kernels_apply(x) and rows <= DECODE_MAX_ROWS:
-            x2 = x.reshape(rows, self.in_features)
-            if _a8(INT8_ACTIVATIONS_INT8, x, rows):
-                y = gemv_a8(x2, self.weight, self.scales, bias=self.bias)
-            else:
-                y = int8_gemv(x2, self.weight, self.scales, self.bias)
-            return y.view(*x.shape[:-1], self.out_features)
         if _kernels_apply(x):
+            if rows <= DECODE_MAX_ROWS:
+                x2 = x.reshape(rows, self.in_features)
+                if _a8(INT8_ACTIVATIONS_INT8, x, rows):
+                    y = gemv_a8(x2, self.weight, self.scales, bias=self.bias)
+                else:
+                    y = int8_gemv(x2, self.weight, self.scales, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
             return F.linear(x, int8_dequantize(self.weight, self.scales, x.dtype), self.bias)
         # Per-channel scales commute with the product: scale the (T, N) output, not the matrix.
         y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
