@@ -90,7 +90,7 @@ def test_bench_counts_the_bytes_of_a_quantized_checkpoint(tmp_path, capsys):
     assert json.loads(on_the_fly.read_text())["weights_gb"] == quantized["weights_gb"]
 
 
-def testinductor_options_parse_and_bad_ones_are_clear_errors(capsys):
+def test_inductor_options_parse_and_bad_ones_are_clear_errors(capsys):
     from blitzgen.cli import inductor_option
 
     assert inductor_option("combo_kernels=true") == ("combo_kernels", True)
@@ -103,7 +103,7 @@ def testinductor_options_parse_and_bad_ones_are_clear_errors(capsys):
     assert "expected KEY=VALUE, got 'combo_kernels'" in capsys.readouterr().err
 
 
-def test_generator_handsinductor_options_to_torch_compile(monkeypatch):
+def test_generator_hands_inductor_options_to_torch_compile(monkeypatch):
     import blitzgen.generate
 
     seen = []
