@@ -185,6 +185,7 @@ def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, st
 VARIANTS = {
     "base": {},
     "rope-kernel": {"rope_kernel": True},
+    "gemv-kernels": {"gemv_kernels": True},
     "combo-kernels": {"inductor_options": {"combo_kernels": True}},
 }
 
@@ -339,10 +340,10 @@ def run(args) -> dict:
         res["weights_gb"] = bytes_per_token(model, 0, 1) / 1e9
         progress.update()
 
-        def generator(compile=True, rope_kernel=args.rope_kernel, inductor_options=None):
+        def generator(compile=True, rope_kernel=args.rope_kernel, inductor_options=None, gemv_kernels=False):
             gen = Generator(model, NullTokenizer(), compile=compile,
                             attention_kernel=False if args.masked_attention else None,
-                            rope_kernel=rope_kernel)
+                            rope_kernel=rope_kernel, gemv_kernels=gemv_kernels)
             if args.compile_scope:
                 gen.compile_scope = args.compile_scope
             gen.inductor_options = {**dict(args.inductor or []), **(inductor_options or {})}

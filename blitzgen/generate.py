@@ -305,6 +305,7 @@ class Generator:
         max_seq_len: int | None = None,
         attention_kernel: bool | None = None,
         rope_kernel: bool = False,
+        gemv_kernels: bool = False,
     ):
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
@@ -320,6 +321,10 @@ class Generator:
             # kernel only. Off by default: on an H200 its first version measured slower (Inductor copied
             # its view inputs) and this one, on whole tensors, no faster (BENCHMARKS.md, 2026-12-01).
             layer.attention.rope_kernel = rope_kernel
+            # A one-row decode step's products through kernels/gemv.py with norms, gate and residuals
+            # fused in (Block.one_row); quantized layers keep their own kernels.
+            products = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
+            layer.gemv_kernels = gemv_kernels and all(type(m) is torch.nn.Linear for m in products)
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from blitzgen.cache import KVCache
 from blitzgen.config import ModelConfig, rope_inv_freq
 from blitzgen.kernels.decode_attention import decode_attention, decode_attention_ref
+from blitzgen.kernels.gemv import gemv
 from blitzgen.kernels.rope_cache import rope_cache_write
 
 
@@ -82,9 +83,13 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
+    def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C): the q/k/v product, attend() and the output product."""
+        return self.wo(self.attend(self.wqkv(x), cos, sin, positions, k_cache, v_cache, mask, kv_len, rows))
+
+    def attend(
         self,
-        x: torch.Tensor,  # (B, T, C)
+        qkv: torch.Tensor,  # (B, T, (H + 2 Hkv) D), the output of wqkv
         cos: torch.Tensor,  # (B, T, D)
         sin: torch.Tensor,  # (B, T, D)
         positions: torch.Tensor,  # (B, T)
@@ -95,15 +100,15 @@ class Attention(nn.Module):
         rows: torch.Tensor | None = None,  # (B, 1): k_cache / v_cache are a whole layer and these are the
         # sequences' cache rows (a batched prefill of scattered slots); None: row b is sequence b
     ) -> torch.Tensor:
-        B, T, _ = x.shape
+        """RoPE, the cache write and attention over the cache -> (B, T, H D), before the output product."""
+        B, T, _ = qkv.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x)  # (B, T, (H + 2 Hkv) D)
         if T == 1 and self.decode_kernel and self.rope_kernel and rows is None and self.q_norm is None:
             # The decode step with the kernels on: one kernel rotates q and k and writes k and v to the
             # cache (kernels/rope_cache.py), then the split-KV kernel reads only the live keys.
             q1, lengths = rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, H)  # (B, H, D), (B,)
             out = decode_attention(q1, k_cache, v_cache, lengths, self.sliding_window)  # (B, H, D)
-            return self.wo(out.view(B, 1, H * D))
+            return out.view(B, 1, H * D)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D)
         k = k.view(B, T, Hkv, D)
@@ -114,7 +119,7 @@ class Attention(nn.Module):
 
         gathered = rows is not None
         if not gathered:
-            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            rows = torch.arange(B, device=qkv.device)[:, None]  # (B, 1)
         k_cache.index_put_((rows, positions), k)  # k_cache[rows[b], positions[b, t]] = k[b, t]
         v_cache.index_put_((rows, positions), v)
 
@@ -149,7 +154,7 @@ class Attention(nn.Module):
                 enable_gqa=keys.shape[1] != H,
             )  # (B, H, T, D)
             out = out.transpose(1, 2).reshape(B, T, H * D)
-        return self.wo(out)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -171,10 +176,28 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
+        # A one-row decode step's four products through kernels/gemv.py, with the norms, the SiLU gate
+        # and the residual adds fused into them (one_row below). Generator(gemv_kernels=) sets it, and
+        # only where all four are plain nn.Linear in a float dtype (not quantized).
+        self.gemv_kernels = False
 
     def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None):
+        if self.gemv_kernels and x.shape[0] * x.shape[1] == 1 and rows is None:
+            return self.one_row(x, cos, sin, positions, k_cache, v_cache, kv_len)
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, k_cache, v_cache, mask, kv_len, rows)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def one_row(self, x, cos, sin, positions, k_cache, v_cache, kv_len):
+        """forward for one sequence and one token, x (1, 1, C): the same math in four GEMV launches around
+        attention, where Inductor makes six to eight kernels of the products, norms and residual adds."""
+        att, ffn, C = self.attention, self.feed_forward, x.shape[-1]
+        x = x.view(1, C)
+        qkv = gemv(x, att.wqkv.weight, att.wqkv.bias, norm_weight=self.attention_norm.weight,
+                   eps=self.attention_norm.eps)  # (1, (H + 2 Hkv) D)
+        out = att.attend(qkv.view(1, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (1, 1, H D)
+        h = gemv(out.view(1, -1), att.wo.weight, att.wo.bias, residual=x)  # (1, C)
+        act = gemv(h, ffn.w13.weight, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, gate_up=True)
+        return gemv(act, ffn.w2.weight, residual=h).view(1, 1, C)
 
 
 class Transformer(nn.Module):

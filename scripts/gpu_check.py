@@ -3,7 +3,8 @@
 Tiny random Llama / Qwen3 / Mistral (sliding window) models saved by transformers: blitzgen's
 compiled, CUDA-graphed greedy decode (fp32, TF32 off) must give exactly transformers' generate()
 tokens, and a seed must repeat its sampled tokens. Each model runs with the masked attention, with
-the split-KV kernel, and with the split-KV kernel plus the RoPE + cache-write kernel; `--inductor
+the split-KV kernel, with the split-KV kernel plus the RoPE + cache-write kernel, and with the split-KV
+kernel plus the one-row GEMV kernels (each prompt alone, batch 1); `--inductor
 KEY=VALUE` (as `blitzgen bench --inductor`) compiles every step with that option too, to check one
 before it is measured. Speed is `blitzgen bench`'s job.
 
@@ -42,15 +43,19 @@ def check_correctness(inductor_options: dict):
             model = load_model(d, device="cuda", dtype=torch.float32)
         hf = hf.cuda()
         prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 23, 40)]
-        for kernel, rope in ((False, False), (True, False), (True, True)):
-            gen = Generator(model, NullTokenizer(), compile=True, attention_kernel=kernel, rope_kernel=rope)
+        for kernel, rope, gemv in ((False, False, False), (True, False, False), (True, True, False),
+                                   (True, False, True)):
+            gen = Generator(model, NullTokenizer(), compile=True, attention_kernel=kernel, rope_kernel=rope,
+                            gemv_kernels=gemv)
             gen.inductor_options = inductor_options
-            check_generator(name + (" +attention-kernel" if kernel else "") + (" +rope-kernel" if rope else ""),
-                            hf, prompts, gen)
+            check_generator(name + (" +attention-kernel" if kernel else "") + (" +rope-kernel" if rope else "")
+                            + (" +gemv-kernels, one prompt at a time" if gemv else ""), hf, prompts, gen, alone=gemv)
 
 
-def check_generator(name, hf, prompts, gen):
-    outs = gen.generate(prompts, SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True))
+def check_generator(name, hf, prompts, gen, alone=False):
+    """alone: each prompt decoded by itself (batch 1, the only shape the gemv kernels take)."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=32, ignore_eos=True)
+    outs = [gen.generate([p], greedy)[0] for p in prompts] if alone else gen.generate(prompts, greedy)
     same = []
     for p, o in zip(prompts, outs):
         ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, do_sample=False,

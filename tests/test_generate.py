@@ -14,7 +14,7 @@ import torch
 import blitzgen.generate
 import blitzgen.model
 from blitzgen.errors import BlitzgenError
-from blitzgen.generate import load
+from blitzgen.generate import Generator, load
 from blitzgen.sampling import SamplingParams
 from blitzgen.tokenizer import Tokenizer
 
@@ -409,6 +409,39 @@ def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models
             done = gen.generate(prompts, greedy(12))
         assert [c.token_ids for c in done] == [hf_greedy(hf_model, p, 12) for p in prompts], compile
     assert bool(calls) == (rope_kernel and variant != "qwen3")
+
+
+@pytest.mark.parametrize("variant", ["llama_bias", "mistral_window", "qwen3"])
+def test_one_row_gemv_kernels_in_the_model_match_transformers(tiny_models, hf_greedy, variant, monkeypatch):
+    """Generator(gemv_kernels=True): a one-sequence decode step's products go through kernels/gemv.py
+    (interpreted on CPU), the norms, gate and residual adds fused in (llama_bias: the q/k/v and output
+    biases in its epilogue too; qwen3: q/k norms between), and greedy tokens equal transformers', eager
+    and compiled. Several sequences take Block.forward's own path and match too."""
+    hf_model, path = tiny_models(variant)
+    prompts = make_prompts()[:2]
+    calls, fused = [], blitzgen.model.gemv
+    for compile in (False, True):
+        gen = load(path, device="cpu", dtype="fp32", compile=compile)
+        gen = Generator(gen.model, gen.tokenizer, compile=compile, attention_kernel=True, gemv_kernels=True)
+        assert all(layer.gemv_kernels for layer in gen.model.layers)
+        with monkeypatch.context() as patch:
+            if not compile:  # count the kernel calls eagerly (a patched global would make Dynamo recompile)
+                patch.setattr(blitzgen.model, "gemv", lambda *a, **k: calls.append(1) or fused(*a, **k))
+            one = gen.generate(prompts[:1], greedy(12))
+            assert one[0].token_ids == hf_greedy(hf_model, prompts[0], 12), compile
+            if not compile:  # 11 decode steps x 2 layers x 4 products; the prefill takes the batched path
+                assert len(calls) == 11 * 2 * 4
+            both = gen.generate(prompts, greedy(12))
+        assert [c.token_ids for c in both] == [hf_greedy(hf_model, p, 12) for p in prompts], compile
+
+
+def test_gemv_kernels_stay_off_for_quantized_layers(tiny_model):
+    from blitzgen.quantize import quantize_model
+
+    gen = generator_for(tiny_model[1])
+    quantize_model(gen.model, "int8")
+    gen = Generator(gen.model, gen.tokenizer, compile=False, gemv_kernels=True)
+    assert not any(layer.gemv_kernels for layer in gen.model.layers)
 
 
 # ---- batched prefill ---------------------------------------------------------------------------

@@ -41,11 +41,11 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 
 JITFunction.run = _compile_only
 
-from blitzgen.kernels import dequantize, gemv_a8, int4_gemv, int8_gemv  # noqa: E402
+from blitzgen.kernels import dequantize, gemv, gemv_a8, int4_gemv, int8_gemv  # noqa: E402
 from blitzgen.kernels.decode_attention import _decode_attention_triton  # noqa: E402
 from blitzgen.kernels.rope_cache import _rope_cache_op  # noqa: E402
 
-for module in (dequantize, gemv_a8, int4_gemv, int8_gemv):
+for module in (dequantize, gemv, gemv_a8, int4_gemv, int8_gemv):
     module.triton_runs_on = lambda x: True  # the launchers' "is this a CUDA tensor" test
 
 
@@ -64,6 +64,11 @@ def main():
             gemv_a8.gemv_a8(x, w8, s8)
             gemv_a8.gemv_a8(x, w4, s4, z4)
         dequantize.int8_dequantize(w8, s8, dtype)
+        x, wf, nw = torch.randn(1, K).to(dtype), torch.randn(2 * N, K).to(dtype), torch.rand(K).to(dtype)
+        gemv.gemv(x, wf, norm_weight=nw, eps=1e-5)  # every epilogue the decode step uses
+        gemv.gemv(x, wf, norm_weight=nw, eps=1e-5, gate_up=True)
+        gemv.gemv(x, wf, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype))
+        gemv._launch(gemv._gemv_kernel, x, wf, None, nw, 1e-5, True, None, 4, 256, 4, True)  # as a dependent launch
         dequantize.int4_dequantize(w4, s4, z4, dtype)
     for dtype in (torch.bfloat16, torch.float32):
         for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split

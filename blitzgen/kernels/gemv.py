@@ -1,0 +1,229 @@
+"""The bf16 / fp16 matrix-vector products of a batch-1 decode step, with their neighbours fused in.
+
+Why. At batch 1 a decode step is four products a layer, each reading a weight matrix once for one
+activation row. Inductor compiles them as reductions with the RMSNorm and the SiLU gate spelt into
+them, and on an H200 they read at 73-101% of the bandwidth depending on the shape and on what
+coordinate-descent tuning picked that compilation (BENCHMARKS.md, sessions 4-6); around them a layer
+has two more kernels for the norms' statistics and the residual adds. These kernels do each half of a
+layer's products in a fixed, tuned form:
+
+    norm + wqkv:          y = W (x * r * g)             r = rsqrt(mean(x^2) + eps), g the norm weight
+    wo + residual:        y = res + W a
+    norm + w13, gated:    y = silu(W1 n) * (W3 n)       n = x * r * g; W1, W3 the two halves of w13
+    w2 + residual:        y = res + W2 a
+
+The norm is folded in as a scalar: W (x * r * g) = r * (W (x * g)), so each program sums x^2 over
+the K it reads anyway and scales its outputs once at the end; no kernel computes the statistics
+first. The SiLU gate is applied where the gate and up rows are summed (a program owns the same
+BLOCK_N rows of both halves), so it is computed once per output instead of once per w2 row that
+reads it, which is what a gate fused into w2's reduction costs (an exp per weight element).
+
+Rounding. Everything is accumulated in fp32 and rounded to the activation dtype once, at the store.
+Hugging Face's RMSNorm rounds x * r to bf16 and multiplies by g in bf16 before the product, and the
+residual add is done in bf16 after rounding the product; so in bf16 the results differ from the
+reference implementations by a few bf16 ulps, and in fp32 by fp32 rounding only.
+
+Contract:
+    x           (1, K)   bf16 | fp16 | fp32, the one activation row
+    weight      (N, K)   x's dtype, contiguous (gate_up: (2 I, K), gate rows first, as FeedForward.w13)
+    bias        (N,)     or None (not with gate_up: no supported model has one there)
+    norm_weight (K,)     or None: RMSNorm of x with this weight and eps first
+    residual    (1, N)   or None: added to the product (not with gate_up)
+    returns     (1, N)   (gate_up: (1, I)) in x.dtype
+
+One program owns BLOCK_N output rows (with gate_up, the same rows of both halves) and reads them
+over all of K in tiles of BLOCK_K, multiplying into a (BLOCK_N, BLOCK_K) fp32 register tile that is
+summed across K once at the end. No split-K: the epilogues (norm scale, gate, residual) need whole
+sums, and small BLOCK_N already gives every SM several programs at these shapes.
+
+Registered with torch.library.triton_op (`torch.ops.blitzgen.gemv`) so torch.compile traces it into
+the CUDA-graphed decode step; under TRITON_INTERPRET=1 (the CPU tests) an opaque custom op instead.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from blitzgen.errors import BlitzgenError
+from blitzgen.kernels.int8_gemv import triton_runs_on
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+             norm_weight: torch.Tensor | None = None, eps: float = 0.0, gate_up: bool = False,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch twin of gemv (the CPU path and the test oracle), in fp32."""
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    y = xf @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    if gate_up:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _weight_tile(rows, N, K, offs_k, n_mask, GATE_UP: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) weight tile at columns offs_k (zeros past K), and with GATE_UP the up rows'."""
+    mask = n_mask[:, None] & (offs_k < K)[None, :]
+    # Each weight byte is read once: let it leave the L2 first, before the activation row every program reads.
+    w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    w_up = w
+    if GATE_UP:
+        w_up = tl.load(rows + N * K + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    return w, w_up
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # (K,) the activation row
+    g_ptr,  # (K,) norm weight (NORM)
+    w_ptr,  # (N, K) weight rows; with GATE_UP the up rows follow at w_ptr + N * K
+    b_ptr,  # (N,) bias (HAS_BIAS)
+    r_ptr,  # (N,) residual (HAS_RESIDUAL)
+    out_ptr,  # (N,)
+    N,  # output rows (with GATE_UP: rows of one half)
+    K,
+    eps,
+    NORM: tl.constexpr,
+    GATE_UP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper): see gemv()
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel's programs may start as SMs free up
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    # The tile of the next step is loaded one step ahead, so its bytes are in flight while this one is
+    # multiplied; the first is loaded before waiting on the previous kernel (weights are never written).
+    w, w_up = _weight_tile(rows, N, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # x, the residual and the output buffer are the previous kernels'
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        if NORM:
+            squares += x * x
+            x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        if GATE_UP:
+            acc_up += w_up.to(tl.float32) * x[None, :]
+        w, w_up = _weight_tile(rows, N, K, offs_k + BLOCK_K, n_mask, GATE_UP)  # past K: masked, no traffic
+    y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    if NORM:
+        scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        y *= scale
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if GATE_UP:
+        up = tl.sum(acc_up, axis=1)
+        if NORM:
+            up *= scale
+        y = y * tl.sigmoid(y) * up
+    if HAS_RESIDUAL:
+        y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _launch(kernel, x, weight, bias, norm_weight, eps, gate_up, residual, block_n, block_k, num_warps, pdl):
+    K = x.shape[1]
+    N = weight.shape[0] // 2 if gate_up else weight.shape[0]
+    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    kernel[(triton.cdiv(N, block_n),)](
+        x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
+        x if residual is None else residual, out, N, K, eps,
+        NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+             eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int, block_k: int,
+             num_warps: int) -> torch.Tensor:
+    return _launch(wrap_triton(_gemv_kernel), x, weight, bias, norm_weight, eps, gate_up, residual,
+                   block_n, block_k, num_warps, False)
+
+
+def _gemv_pdl_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                 eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int, block_k: int,
+                 num_warps: int) -> torch.Tensor:
+    return _launch(_gemv_kernel, x, weight, bias, norm_weight, eps, gate_up, residual,
+                   block_n, block_k, num_warps, True)
+
+
+def _gemv_fake(x, weight, bias, norm_weight, eps, gate_up, *_):
+    return x.new_empty((1, weight.shape[0] // 2 if gate_up else weight.shape[0]))
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Interpreted kernels run eagerly on CPU tensors and cannot be traced through: an opaque op there
+    # (the tests compile the model on the CPU), which torch.compile calls through the fake.
+    torch.library.custom_op("blitzgen::gemv", _gemv_op, mutates_args=())
+    torch.library.register_fake("blitzgen::gemv")(_gemv_fake)
+else:
+    triton_op("blitzgen::gemv", _gemv_op, mutates_args=())
+    # A programmatic dependent launch needs the launch attribute, which Inductor's call of a traced
+    # kernel does not pass: this op stays opaque to torch.compile and launches the kernel itself.
+    torch.library.custom_op("blitzgen::gemv_pdl", _gemv_pdl_op, mutates_args=())
+    torch.library.register_fake("blitzgen::gemv_pdl")(_gemv_fake)
+
+
+# (block_n, block_k, num_warps): placeholder until the H200 sweep (benchmarks/gemv_bench.py) picks them.
+BLOCKS = (4, 1024, 4)
+GATE_UP_BLOCKS = (4, 1024, 4)
+# Programmatic dependent launch on Hopper and later (blitzgen bench and gemv_bench turn it off to compare).
+PDL = True
+
+
+def pdl_applies(x: torch.Tensor) -> bool:
+    return PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0, gate_up: bool = False,
+         residual: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """One activation row times weight.T with the fusions of the module docstring -> (1, N) in x.dtype.
+
+    blocks (block_n, block_k, num_warps) overrides the defaults (tests, sweeps). Falls back to
+    gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
+    """
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise BlitzgenError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (1, K) and (N, K)")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != x.dtype:
+        raise BlitzgenError(f"gemv: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
+    N = weight.shape[0] // 2 if gate_up else weight.shape[0]
+    if gate_up and (weight.shape[0] % 2 or bias is not None or residual is not None):
+        raise BlitzgenError("gemv: gate_up needs an even number of weight rows and no bias or residual")
+    if bias is not None and bias.shape != (N,):
+        raise BlitzgenError(f"gemv: bias {tuple(bias.shape)} must be ({N},)")
+    if norm_weight is not None and norm_weight.shape != (x.shape[1],):
+        raise BlitzgenError(f"gemv: norm_weight {tuple(norm_weight.shape)} must be ({x.shape[1]},)")
+    if residual is not None and residual.shape != (1, N):
+        raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be (1, {N})")
+    if not triton_runs_on(x):
+        return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual)
+    block_n, block_k, num_warps = blocks or (GATE_UP_BLOCKS if gate_up else BLOCKS)
+    if (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
+        raise BlitzgenError(f"gemv: blocks {block_n, block_k} must be powers of two")
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    op = torch.ops.blitzgen.gemv_pdl if pdl_applies(x) else torch.ops.blitzgen.gemv
+    return op(x.contiguous(), weight.contiguous(), contiguous(bias), contiguous(norm_weight),
+                                   float(eps), gate_up, contiguous(residual), block_n, block_k, num_warps)

@@ -1,0 +1,108 @@
+"""gemv (Triton, under TRITON_INTERPRET=1 on CPU) against gemv_ref and against transformers' own Llama
+RMSNorm / MLP, at sizes that are multiples of no block."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from blitzgen.errors import BlitzgenError
+from blitzgen.kernels.gemv import gemv, gemv_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-5
+
+
+def _check(y, ref):
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    if ref.dtype == torch.float32:
+        # fp32 sums of a few hundred terms in another order: relative error ~1e-6 of the output scale.
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        # Both round an fp32 result to 8 (bf16) or 11 (fp16) bits: allow one unit in the last place.
+        eps = torch.finfo(ref.dtype).eps
+        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
+
+
+def _rand(*shape, dtype, seed, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale + offset).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("N,K", [(37, 300), (5, 1000), (130, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fusion", ["plain", "bias", "norm", "norm+bias", "residual", "bias+residual", "gate_up"])
+def test_matches_reference(N, K, dtype, fusion):
+    x = _rand(1, K, dtype=dtype, seed=0)
+    w = _rand(2 * N if fusion == "gate_up" else N, K, dtype=dtype, seed=1, scale=K ** -0.5)
+    kw = {}
+    if "bias" in fusion:
+        kw["bias"] = _rand(N, dtype=dtype, seed=2)
+    if "norm" in fusion or fusion == "gate_up":
+        kw.update(norm_weight=_rand(K, dtype=dtype, seed=3, scale=0.2, offset=1.0), eps=EPS)
+    if "residual" in fusion:
+        kw["residual"] = _rand(1, N, dtype=dtype, seed=4)
+    gate_up = fusion == "gate_up"
+    _check(gemv(x, w, gate_up=gate_up, **kw), gemv_ref(x, w, gate_up=gate_up, **kw))
+
+
+@pytest.mark.parametrize("blocks", [(1, 32, 1), (4, 64, 4), (16, 16, 2), (2, 512, 8)])
+def test_block_sizes(blocks):
+    # 45 rows, K = 252: every block size leaves a partial row block and a partial K tile.
+    x, w = _rand(1, 252, dtype=torch.float32, seed=5), _rand(90, 252, dtype=torch.float32, seed=6, scale=0.06)
+    nw = _rand(252, dtype=torch.float32, seed=7, scale=0.2, offset=1.0)
+    for kw in (dict(residual=_rand(1, 90, dtype=torch.float32, seed=8)), dict(norm_weight=nw, eps=EPS, gate_up=True)):
+        _check(gemv(x, w, blocks=blocks, **kw), gemv_ref(x, w, **kw))
+
+
+def _hf_layer_half(dim, inter, dtype):
+    config = LlamaConfig(hidden_size=dim, intermediate_size=inter, rms_norm_eps=EPS, hidden_act="silu")
+    torch.manual_seed(0)
+    norm, mlp = LlamaRMSNorm(dim, eps=EPS), LlamaMLP(config)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return norm.to(DEVICE, dtype), mlp.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dim,inter", [(64, 176), (96, 40)])
+def test_feed_forward_half_matches_transformers(dim, inter):
+    """h + LlamaMLP(LlamaRMSNorm(h)) in fp32, as the decode step computes it with two launches."""
+    norm, mlp = _hf_layer_half(dim, inter, torch.float32)
+    h = _rand(1, dim, dtype=torch.float32, seed=9)
+    w13 = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])  # (2 I, C): gate rows first, as FeedForward.w13
+    with torch.no_grad():
+        expected = h + mlp(norm(h))
+        act = gemv(h, w13, norm_weight=norm.weight, eps=EPS, gate_up=True)  # (1, I)
+        out = gemv(act, mlp.down_proj.weight, residual=h)
+    _check(out, expected)
+
+
+def test_norm_matches_transformers_in_bf16():
+    """In bf16 the norm is folded in after the product, where transformers rounds x * r to bf16 and scales
+    it by g in bf16 first: the outputs may differ by that rounding, a few bf16 ulps of each product."""
+    dim, N = 256, 64
+    norm, _ = _hf_layer_half(dim, 8, torch.bfloat16)
+    x = _rand(1, dim, dtype=torch.bfloat16, seed=10, scale=3.0)
+    w = _rand(N, dim, dtype=torch.bfloat16, seed=11, scale=dim ** -0.5)
+    with torch.no_grad():
+        expected = (norm(x).float() @ w.float().t())
+    y = gemv(x, w, norm_weight=norm.weight, eps=EPS).float()
+    # x * r is rounded to 8 bits (relative 2^-8) and scaled by g, rounded again: each product term carries
+    # a relative error up to ~2^-7, and a sum of `dim` terms of random sign grows like sqrt(dim) of them.
+    tol = 2 ** -7 * (w.float().abs() @ norm(x).float().abs().t()).max().item()
+    assert (y - expected).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x, w: gemv(x.expand(2, -1), w), "must be (1, K) and (N, K)"),
+    (lambda x, w: gemv(x, w.half()), "must share a float dtype"),
+    (lambda x, w: gemv(x, w[:5], gate_up=True), "even number of weight rows"),
+    (lambda x, w: gemv(x, w, bias=w[0]), "bias (64,) must be (8,)"),
+    (lambda x, w: gemv(x, w, norm_weight=x[0, :3]), "norm_weight (3,) must be (64,)"),
+    (lambda x, w: gemv(x, w, residual=x), "residual (1, 64) must be (1, 8)"),
+    (lambda x, w: gemv(x, w, blocks=(3, 64, 4)), "must be powers of two"),
+])
+def test_errors(call, message):
+    x, w = _rand(1, 64, dtype=torch.float32, seed=0), _rand(8, 64, dtype=torch.float32, seed=1)
+    with pytest.raises(BlitzgenError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(x, w)
