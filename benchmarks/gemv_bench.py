@@ -216,7 +216,7 @@ def main(argv=None):
                 s = seconds_per_call(lambda i: call(i, blocks), copies, device)
                 cells.append(f"{100 * nbytes / s / ceiling:.0f}%")
             print(f"| {name} | " + " | ".join(cells) + " |")
-        print(f"(defaults: {gemv_kernels.BLOCKS}, gated {gemv_kernels.GATE_UP_BLOCKS}; PDL on)")
+        print(f"(defaults: {gemv_kernels.BLOCKS}; PDL on)")
 
 
 if __name__ == "__main__":

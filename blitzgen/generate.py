@@ -305,7 +305,7 @@ class Generator:
         max_seq_len: int | None = None,
         attention_kernel: bool | None = None,
         rope_kernel: bool = False,
-        gemv_kernels: bool = False,
+        gemv_kernels: bool | None = None,
     ):
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
@@ -322,9 +322,12 @@ class Generator:
             # its view inputs) and this one, on whole tensors, no faster (BENCHMARKS.md, 2026-12-01).
             layer.attention.rope_kernel = rope_kernel
             # A one-row decode step's products through kernels/gemv.py with norms, gate and residuals
-            # fused in (Block.one_row); quantized layers keep their own kernels.
+            # fused in (Block.one_row), on CUDA by default: on an H200 a Llama-2-7B step took 3.86 against
+            # 4.21-4.35 ms through Inductor's products (BENCHMARKS.md, 2026-12-01 session 7). Quantized
+            # layers keep their own kernels.
             products = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
-            layer.gemv_kernels = gemv_kernels and all(type(m) is torch.nn.Linear for m in products)
+            on = (self.device.type == "cuda") if gemv_kernels is None else gemv_kernels
+            layer.gemv_kernels = on and all(type(m) is torch.nn.Linear for m in products)
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

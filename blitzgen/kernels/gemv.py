@@ -186,9 +186,11 @@ else:
     torch.library.register_fake("blitzgen::gemv_pdl")(_gemv_fake)
 
 
-# (block_n, block_k, num_warps): placeholder until the H200 sweep (benchmarks/gemv_bench.py) picks them.
-BLOCKS = (4, 1024, 4)
-GATE_UP_BLOCKS = (4, 1024, 4)
+# (block_n, block_k, num_warps) by fusion: the best of the H200 sweep over both Llama-2-7B and Llama-3.1-8B
+# shapes (benchmarks/gemv_bench.py; BENCHMARKS.md, 2026-12-01 session 7). The normed product without a
+# gate (wqkv) wants 16 rows a program: each program sums the squares of all of x again, and fewer
+# programs do that less often; 16 x 512 read 93% / 87% of the bandwidth there against 88% / 80% for 4 x 1024.
+BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 # Programmatic dependent launch on Hopper and later (blitzgen bench and gemv_bench turn it off to compare).
 PDL = True
 
@@ -220,7 +222,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be (1, {N})")
     if not triton_runs_on(x):
         return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual)
-    block_n, block_k, num_warps = blocks or (GATE_UP_BLOCKS if gate_up else BLOCKS)
+    kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
+    block_n, block_k, num_warps = blocks or BLOCKS[kind]
     if (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv: blocks {block_n, block_k} must be powers of two")
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
