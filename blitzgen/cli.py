@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a decode step's RoPE and K/V cache write as one Triton kernel (not yet the default)")
     b.add_argument("--variants", metavar="A,B+C,...",
                    help="also time batch-1 decode of these variants in this one process, runs interleaved: "
-                        "base (the command line's settings), rope-kernel, combo-kernels, "
+                        "base (the command line's settings), inductor-products (batch-1 products as Inductor compiles "
+                        "them, not kernels/gemv.py), rope-kernel, combo-kernels, "
                         "inductor:KEY=VALUE, or several joined by '+'")
     b.add_argument("--inductor", type=inductor_option, action="append", metavar="KEY=VALUE",
                    help="an extra torch.compile option for the decode step, e.g. combo_kernels=true (repeatable)")

@@ -3,7 +3,9 @@
 Follows Hugging Face transformers' modeling_llama / modeling_qwen3 (rotate-half RoPE, RMSNorm
 in float32, SiLU-gated FFN), which the tests compare against. Architectures differ only by
 ModelConfig flags. q/k/v and gate/up are stored fused (`wqkv`, `w13`) so a decode step reads
-each layer with three matrix products; checkpoint.py fuses them after loading.
+each layer with four matrix products; checkpoint.py fuses them after loading. For one sequence
+and one token, Block.one_row runs those four through kernels/gemv.py with the norms, the gate
+and the residual adds fused into them (the same math; on by default for CUDA, see Generator).
 
 Shape legend: B batch (cache slots in this call), T tokens this step, S cache length,
 H / Hkv query / key-value heads, G = H // Hkv, D head dim, C model width, I FFN width,

@@ -6,6 +6,7 @@ picks the grid and falls back to the reference where Triton cannot run. Each op 
 as `torch.ops.blitzgen.<op>` so torch.compile traces it into the CUDA-graphed decode step.
 Nothing is imported here: import the module of the op you need.
 
+    gemv.py             bf16 / fp16 x one row with RMSNorm, SiLU gate, bias, residual fused; PDL on Hopper
     int8_gemv.py        weight-only int8 (per-channel scales) x a few activation rows, split-K
     int4_gemv.py        weight-only int4 (groups of 32/64/128, scale + zero point), same scheme
     gemv_a8.py          int8 / int4 x one activation row rounded to int8 blocks: dp4a integer dots
