@@ -4,7 +4,7 @@ A kernel file holds, in order: the math and the shape/dtype contract, `<op>_ref`
 and the test oracle), the Triton kernels, and the launcher `<op>()` that validates, allocates,
 picks the grid and falls back to the reference where Triton cannot run. Each op is registered
 as `torch.ops.blitzgen.<op>` so torch.compile traces it into the CUDA-graphed decode step.
-Nothing is imported here: import the module of the op you need.
+No op is imported here: import the module of the op you need.
 
     gemv.py             bf16 / fp16 x one row with RMSNorm, SiLU gate, bias, residual fused; PDL on Hopper
     int8_gemv.py        weight-only int8 (per-channel scales) x a few activation rows, split-K
@@ -14,3 +14,12 @@ Nothing is imported here: import the module of the op you need.
     decode_attention.py split-KV decode attention over device-side lengths, graph-safe
     rope_cache.py       a decode step's RoPE + K/V cache write in one launch (Generator(rope_kernel=True))
 """
+
+import torch
+
+
+def hopper(x: torch.Tensor) -> bool:
+    """Whether x is on a GPU that takes programmatic dependent launches (PDL: sm_90 and later). The
+    decode kernels (gemv, decode_attention, rope_cache) launch that way there: each lets the next kernel
+    start while it finishes, and waits for the previous one (griddepcontrol) before reading its output."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9

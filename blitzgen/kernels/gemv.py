@@ -49,6 +49,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from blitzgen.errors import BlitzgenError
+from blitzgen.kernels import hopper
 from blitzgen.kernels.int8_gemv import triton_runs_on
 
 
@@ -195,8 +196,6 @@ BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 PDL = True
 
 
-def pdl_applies(x: torch.Tensor) -> bool:
-    return PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -227,6 +226,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv: blocks {block_n, block_k} must be powers of two")
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    op = torch.ops.blitzgen.gemv_pdl if pdl_applies(x) else torch.ops.blitzgen.gemv
+    op = torch.ops.blitzgen.gemv_pdl if PDL and hopper(x) else torch.ops.blitzgen.gemv
     return op(x.contiguous(), weight.contiguous(), contiguous(bias), contiguous(norm_weight),
                                    float(eps), gate_up, contiguous(residual), block_n, block_k, num_warps)

@@ -38,6 +38,7 @@ import os
 import torch
 
 from blitzgen.errors import BlitzgenError
+from blitzgen.kernels import hopper
 
 try:
     import triton
@@ -47,6 +48,7 @@ except ImportError:  # a CPU-only install without Triton: the reference is the o
     triton = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+PDL = True  # a programmatic dependent launch on Hopper and later (kernels/__init__.py)
 
 
 def rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int):
@@ -93,7 +95,11 @@ if triton is not None:
         HKV: tl.constexpr,
         D: tl.constexpr,
         BLOCK_HALF: tl.constexpr,  # D / 2 rounded up to a power of two
+        PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper; kernels/__init__.py)
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()  # qkv is the previous kernel's
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         HALF: tl.constexpr = D // 2
@@ -116,32 +122,47 @@ if triton is not None:
                 tl.store(lengths_ptr + b, position + 1)
 
 
-def _rope_cache_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_cache_launch(qkv, cos, sin, positions, k_cache, v_cache, n_heads, pdl):
     B = qkv.shape[0]
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     q_out = torch.empty((B, n_heads, D), dtype=qkv.dtype, device=qkv.device)
     lengths = torch.empty((B,), dtype=torch.int64, device=qkv.device)
-    wrap_triton(_rope_cache_kernel)[(n_heads + Hkv, B)](
+    # PDL needs a launch attribute that Inductor's call of a traced kernel does not pass: launched directly.
+    (_rope_cache_kernel if pdl else wrap_triton(_rope_cache_kernel))[(n_heads + Hkv, B)](
         qkv, cos, sin, positions, q_out, lengths, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), sin.stride(0), positions.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2),
-        H=n_heads, HKV=Hkv, D=D, BLOCK_HALF=triton.next_power_of_2(D // 2),
+        H=n_heads, HKV=Hkv, D=D, BLOCK_HALF=triton.next_power_of_2(D // 2), PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return q_out, lengths
+
+
+def _rope_cache_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_cache_launch(qkv, cos, sin, positions, k_cache, v_cache, n_heads, False)
+
+
+def _rope_cache_pdl_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_cache_launch(qkv, cos, sin, positions, k_cache, v_cache, n_heads, True)
+
+
+def _rope_cache_fake(qkv, cos, sin, positions, k_cache, v_cache, n_heads):
+    return (qkv.new_empty((qkv.shape[0], n_heads, k_cache.shape[3])),
+            positions.new_empty((qkv.shape[0],), dtype=torch.int64))
 
 
 if triton is not None:
     _MUTATES = ("k_cache", "v_cache")
     if _INTERPRET:  # interpreted kernels cannot be traced: an opaque op (see decode_attention.py)
         torch.library.custom_op("blitzgen::rope_cache_write", _rope_cache_op, mutates_args=_MUTATES)
-        torch.library.register_fake("blitzgen::rope_cache_write")(
-            lambda qkv, cos, sin, positions, k_cache, v_cache, n_heads: (
-                qkv.new_empty((qkv.shape[0], n_heads, k_cache.shape[3])),
-                positions.new_empty((qkv.shape[0],), dtype=torch.int64)))
+        torch.library.register_fake("blitzgen::rope_cache_write")(_rope_cache_fake)
     else:
         torch.library.triton_op("blitzgen::rope_cache_write", _rope_cache_op, mutates_args=_MUTATES)
+        torch.library.custom_op("blitzgen::rope_cache_write_pdl", _rope_cache_pdl_op, mutates_args=_MUTATES)
+        torch.library.register_fake("blitzgen::rope_cache_write_pdl")(_rope_cache_fake)
 
 
 def rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,4 +181,5 @@ def rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int) -
         return rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
     if any(t.stride(-1) != 1 for t in (qkv, cos, sin, k_cache, v_cache)):
         raise BlitzgenError("rope_cache_write: every tensor's last dim must be contiguous")
-    return torch.ops.blitzgen.rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
+    op = torch.ops.blitzgen.rope_cache_write_pdl if PDL and hopper(qkv) else torch.ops.blitzgen.rope_cache_write
+    return op(qkv, cos, sin, positions, k_cache, v_cache, n_heads)

@@ -43,7 +43,7 @@ JITFunction.run = _compile_only
 
 from blitzgen.kernels import dequantize, gemv, gemv_a8, int4_gemv, int8_gemv  # noqa: E402
 from blitzgen.kernels.decode_attention import _decode_attention_triton  # noqa: E402
-from blitzgen.kernels.rope_cache import _rope_cache_op  # noqa: E402
+from blitzgen.kernels.rope_cache import _rope_cache_launch  # noqa: E402
 
 for module in (dequantize, gemv, gemv_a8, int4_gemv, int8_gemv):
     module.triton_runs_on = lambda x: True  # the launchers' "is this a CUDA tensor" test
@@ -74,11 +74,13 @@ def main():
         for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split
             q = torch.randn(B, H, D).to(dtype)
             cache = torch.randn(B, S, Hkv, D).to(dtype)
-            _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits)
+            for pdl in (False, True):
+                _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits, pdl=pdl)
         B, H, Hkv, D = 2, 8, 2, 128
-        _rope_cache_op(torch.randn(B, 1, (H + 2 * Hkv) * D).to(dtype), torch.randn(B, 1, D).to(dtype),
-                       torch.randn(B, 1, D).to(dtype), torch.zeros(B, 1, dtype=torch.int64),
-                       torch.zeros(B, 16, Hkv, D, dtype=dtype), torch.zeros(B, 16, Hkv, D, dtype=dtype), H)
+        for pdl in (False, True):
+            _rope_cache_launch(torch.randn(B, 1, (H + 2 * Hkv) * D).to(dtype), torch.randn(B, 1, D).to(dtype),
+                               torch.randn(B, 1, D).to(dtype), torch.zeros(B, 1, dtype=torch.int64),
+                               torch.zeros(B, 16, Hkv, D, dtype=dtype), torch.zeros(B, 16, Hkv, D, dtype=dtype), H, pdl)
     for line in COMPILED:
         print(line)
 
