@@ -55,7 +55,6 @@ if __name__ == "__main__" and "--dry-run" in sys.argv and not torch.cuda.is_avai
 import torch.nn.functional as F  # noqa: E402
 
 from blitzgen.kernels import decode_attention as da  # noqa: E402
-from blitzgen.kernels import hopper  # noqa: E402
 from blitzgen.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from blitzgen.model import decode_attention_ref as model_decode_attention_ref  # noqa: E402
 
@@ -117,8 +116,7 @@ class Setup:
 
 # ---- backends: make(setup) -> fn(i) computing (B, H, D) on copy i -----------------------------------
 def make_ours(s, **launch):
-    if launch:  # tuning overrides (--sweep) go to the launcher directly, PDL as decode_attention() decides
-        launch = {"pdl": da.PDL and hopper(s.q), **launch}
+    if launch:  # tuning overrides (--sweep) go to the launcher directly
         return lambda i: da._decode_attention_triton(s.q, s.k(i), s.v(i), s.lengths, None, **launch)
     return lambda i: decode_attention(s.q, s.k(i), s.v(i), s.lengths)
 
@@ -443,7 +441,6 @@ def run_sweep(device, ceiling):
     """Our kernel's launch parameters, one change at a time from the defaults."""
     variants = {
         "defaults": {},
-        "no PDL": dict(pdl=False),  # the defaults launch both kernels as programmatic dependents on Hopper
         "block_n 64": dict(block_n=64, split_min=128),
         "block_n 128": dict(block_n=128, split_min=256),
         "stages 2": dict(num_stages=2),

@@ -66,7 +66,10 @@ The merge kernel (grid (H, B)) loads all of a head's splits at once, [BLOCK_SPLI
 the MAX_SPLITS cap. Merging inside the first kernel instead (the last split of a kv head to
 finish, found with an atomic counter, merges; one launch instead of two) was built and measured
 on an H100 and lost: 57% against 63% of the ceiling at batch 1, 8k, no gain elsewhere
-(benchmarks/results-attention-sweep2-h100.log), so it was removed.
+(benchmarks/results-attention-sweep2-h100.log), so it was removed. Launching both kernels as
+programmatic dependents (PDL, as kernels/gemv.py does; each waiting on its predecessor before the
+first read) was measured on an H200 and lost too: 19.2 against 14.3 us at batch 1, 8k, 47.5 against
+38.4 at 32k, and a Llama-2-7B step 1% slower (BENCHMARKS.md, 2026-12-01 session 7): removed.
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
@@ -95,7 +98,6 @@ from functools import lru_cache
 import torch
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import hopper
 
 try:
     import triton
@@ -112,9 +114,6 @@ SPLIT_MIN_TILES = 2  # fewest tiles per split
 PROGRAMS_PER_SM = 2  # target programs per SM when choosing NUM_SPLITS
 MAX_SPLITS = 128  # the merge kernel holds all splits of a head in registers
 NUM_STAGES = 3
-# Both kernels as programmatic dependent launches on Hopper and later: each lets the next kernel launch
-# while it runs, and waits for the previous one before its first read (measured: BENCHMARKS.md, session 7).
-PDL = True
 _INTERPRETER_SMS = 4  # the "SM count" used on the CPU interpreter: a few splits at test sizes
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -179,13 +178,7 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head), fixed on the host
         EXACT_DOT: tl.constexpr,  # float32 products in full precision ("ieee"), not TF32; for float32 inputs
         DOT_IN_FP32: tl.constexpr,  # the CPU interpreter only: it multiplies bf16 bit patterns as integers
-        PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper; see decode_attention)
     ):
-        if PDL:
-            # Let the merge (or whatever follows) launch now; wait for the kernel that wrote q and the
-            # newest key before reading anything.
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         split = tl.program_id(0)
         kv_head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride_kb can pass 2**31 for large caches
@@ -271,11 +264,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,  # as in _decode_attention_kernel
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
-        PDL: tl.constexpr,  # as in _decode_attention_kernel
     ):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()  # the partials are the previous kernel's
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
 
@@ -369,9 +358,8 @@ def _decode_attention_triton(
     programs_per_sm: int = PROGRAMS_PER_SM,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
-    pdl: bool = False,  # both kernels as programmatic dependent launches (Hopper)
 ) -> torch.Tensor:
-    """Launch the kernels (the body of the registered ops). Validates, allocates, picks the grid."""
+    """Launch the kernels (the body of the registered op). Validates, allocates, picks the grid."""
     _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
     _check_kernel_inputs(q, k_cache, v_cache, lengths)
     B, H, D = q.shape
@@ -395,11 +383,7 @@ def _decode_attention_triton(
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:  # the kernel writes `out` directly and never touches these
         part_out = part_lse = out
-    # A dependent launch needs a launch attribute that Inductor's call of a traced kernel does not pass:
-    # the PDL op is opaque to torch.compile and launches the kernels itself.
-    launch = (lambda kernel: kernel) if pdl else wrap_triton
-    extra = {"launch_pdl": True} if pdl else {}
-    launch(_decode_attention_kernel)[(num_splits, Hkv, B)](
+    wrap_triton(_decode_attention_kernel)[(num_splits, Hkv, B)](
         q, k_cache, v_cache, lengths, out, part_out, part_lse,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -415,14 +399,12 @@ def _decode_attention_triton(
         NUM_SPLITS=num_splits,
         EXACT_DOT=q.dtype == torch.float32 or dot_in_fp32,
         DOT_IN_FP32=dot_in_fp32,
-        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
-        **extra,
     )  # fmt: skip
     if num_splits > 1:
         block_splits = triton.next_power_of_2(num_splits)
-        launch(_decode_attention_merge_kernel)[(H, B)](
+        wrap_triton(_decode_attention_merge_kernel)[(H, B)](
             part_out, part_lse, lengths, out,
             out.stride(0), out.stride(1),
             S, window, split_min,
@@ -432,10 +414,8 @@ def _decode_attention_triton(
             BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
             BLOCK_SPLITS=block_splits,
-            PDL=pdl,
             num_warps=min(16, max(4, block_splits * block_d // 2048)),  # <= 64 float32 per thread
             num_stages=1,
-            **extra,
         )  # fmt: skip
     return out
 
@@ -446,12 +426,6 @@ def _decode_attention_op(
     return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window)
 
 
-def _decode_attention_pdl_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, sliding_window: int | None
-) -> torch.Tensor:
-    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window, pdl=True)
-
-
 if triton is not None:
     if _INTERPRET:
         # Interpreted kernels run eagerly on CPU tensors and cannot be traced through, so the
@@ -460,8 +434,6 @@ if triton is not None:
         torch.library.register_fake("blitzgen::decode_attention")(lambda q, *_: q.new_empty(q.shape))
     else:
         torch.library.triton_op("blitzgen::decode_attention", _decode_attention_op, mutates_args=())
-        torch.library.custom_op("blitzgen::decode_attention_pdl", _decode_attention_pdl_op, mutates_args=())
-        torch.library.register_fake("blitzgen::decode_attention_pdl")(lambda q, *_: q.new_empty(q.shape))
 
 
 def decode_attention(
@@ -476,6 +448,5 @@ def decode_attention(
     TRITON_INTERPRET=1; the plain-PyTorch reference otherwise."""
     _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
     if triton is not None and (q.is_cuda or _INTERPRET):
-        op = torch.ops.blitzgen.decode_attention_pdl if PDL and hopper(q) else torch.ops.blitzgen.decode_attention
-        return op(q, k_cache, v_cache, lengths, sliding_window)
+        return torch.ops.blitzgen.decode_attention(q, k_cache, v_cache, lengths, sliding_window)
     return decode_attention_ref(q, k_cache, v_cache, lengths, sliding_window)

@@ -74,8 +74,7 @@ def main():
         for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split
             q = torch.randn(B, H, D).to(dtype)
             cache = torch.randn(B, S, Hkv, D).to(dtype)
-            for pdl in (False, True):
-                _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits, pdl=pdl)
+            _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits)
         B, H, Hkv, D = 2, 8, 2, 128
         for pdl in (False, True):
             _rope_cache_launch(torch.randn(B, 1, (H + 2 * Hkv) * D).to(dtype), torch.randn(B, 1, D).to(dtype),
