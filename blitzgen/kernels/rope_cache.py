@@ -32,8 +32,9 @@ Registered as torch.ops.blitzgen.rope_cache_write (torch.library.triton_op, muta
 caches in place) on CUDA; on a CPU the kernel runs only under TRITON_INTERPRET=1 (tests), else
 rope_cache_write() runs rope_cache_write_ref. On Hopper it is launched as a programmatic dependent
 (rope_cache_write_pdl, an opaque op: see kernels/gemv.py), waiting on the wqkv product before its first
-read. Still off by default: with it a Llama-2-7B step on an H200 took 3.836 ms against 3.839 without the
-kernel (BENCHMARKS.md, 2026-12-01 session 7).
+read. Still off by default: measured on an H200 only beside decode attention launched the same way
+(since removed), where it took a Llama-2-7B step from 3.882 to 3.836 ms (BENCHMARKS.md, 2026-12-01
+session 7); against this code's default step (3.839 ms) it is not measured yet.
 """
 
 import os
