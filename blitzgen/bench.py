@@ -467,6 +467,9 @@ def format_table(res: dict) -> str:
         totals, step_us = res["profile_totals"], 1000 * res["decode"][0]["step_ms"]
         lines.append(f"all kernels: {totals['us_per_step']:.0f} us and {totals['launches_per_step']:.0f} launches "
                      f"per step; the timed batch-{res['decode'][0]['batch']} step: {step_us:.0f} us")
+        if totals["us_per_step"] > step_us:
+            lines.append("(more than the step: the one-row GEMV kernels launch as programmatic dependents on this "
+                         "GPU, so each starts during the previous kernel and its time includes that wait)")
     for r in res["eager"]:
         lines.append(f"eager (uncompiled, no CUDA graph), batch {r['batch']}: {r['tokens_per_s']:.1f} tokens/s "
                      f"per sequence, {r['pct_of_read']:.0f}% of read")

@@ -8,20 +8,10 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.gemv import gemv, gemv_ref
+from tolerances import assert_matches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
-
-
-def _check(y, ref):
-    assert y.shape == ref.shape and y.dtype == ref.dtype
-    if ref.dtype == torch.float32:
-        # fp32 sums of a few hundred terms in another order: relative error ~1e-6 of the output scale.
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    else:
-        # Both round an fp32 result to 8 (bf16) or 11 (fp16) bits: allow one unit in the last place.
-        eps = torch.finfo(ref.dtype).eps
-        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
 
 
 def _rand(*shape, dtype, seed, scale=1.0, offset=0.0):
@@ -43,7 +33,7 @@ def test_matches_reference(N, K, dtype, fusion):
     if "residual" in fusion:
         kw["residual"] = _rand(1, N, dtype=dtype, seed=4)
     gate_up = fusion == "gate_up"
-    _check(gemv(x, w, gate_up=gate_up, **kw), gemv_ref(x, w, gate_up=gate_up, **kw))
+    assert_matches(gemv(x, w, gate_up=gate_up, **kw), gemv_ref(x, w, gate_up=gate_up, **kw))
 
 
 @pytest.mark.parametrize("blocks", [(1, 32, 1), (4, 64, 4), (16, 16, 2), (2, 512, 8)])
@@ -52,7 +42,7 @@ def test_block_sizes(blocks):
     x, w = _rand(1, 252, dtype=torch.float32, seed=5), _rand(90, 252, dtype=torch.float32, seed=6, scale=0.06)
     nw = _rand(252, dtype=torch.float32, seed=7, scale=0.2, offset=1.0)
     for kw in (dict(residual=_rand(1, 90, dtype=torch.float32, seed=8)), dict(norm_weight=nw, eps=EPS, gate_up=True)):
-        _check(gemv(x, w, blocks=blocks, **kw), gemv_ref(x, w, **kw))
+        assert_matches(gemv(x, w, blocks=blocks, **kw), gemv_ref(x, w, **kw))
 
 
 def _hf_layer_half(dim, inter, dtype):
@@ -74,7 +64,7 @@ def test_feed_forward_half_matches_transformers(dim, inter):
         expected = h + mlp(norm(h))
         act = gemv(h, w13, norm_weight=norm.weight, eps=EPS, gate_up=True)  # (1, I)
         out = gemv(act, mlp.down_proj.weight, residual=h)
-    _check(out, expected)
+    assert_matches(out, expected)
 
 
 def test_norm_matches_transformers_in_bf16():

@@ -5,6 +5,7 @@ import torch
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref
+from tolerances import assert_matches
 
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,15 +22,9 @@ def _inputs(M, N, K, G, dtype, bias, seed=0):
 
 
 def _check(y, ref):
-    assert y.shape == ref.shape and y.dtype == ref.dtype
-    if ref.dtype == torch.float32:
-        # fp32 sums of a few hundred terms in another order: relative error ~1e-6 of the output scale.
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    else:
-        # Output rounded to 8 (bf16) or 11 (fp16) bits, and on the tensor-core path each dequantized
-        # weight is rounded to that format before the dot too: allow two units in the last place.
-        eps = torch.finfo(ref.dtype).eps
-        torch.testing.assert_close(y.float(), ref.float(), rtol=2 * eps, atol=2 * eps * ref.float().abs().max().item())
+    # On the tensor-core path each dequantized weight is rounded to the activations' format before the
+    # dot too: two units in the last place.
+    assert_matches(y, ref, ulps=2)
 
 
 # K is a multiple of the group but not of the 512-wide default tile; N is not a multiple of any tile.

@@ -5,6 +5,7 @@ import torch
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.int8_gemv import int8_gemv, int8_gemv_ref
+from tolerances import assert_matches
 
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,17 +20,6 @@ def _inputs(M, N, K, dtype, bias, seed=0):
     return [t if t is None else t.to(DEVICE) for t in (x, w, s, b)]
 
 
-def _check(y, ref):
-    assert y.shape == ref.shape and y.dtype == ref.dtype
-    if ref.dtype == torch.float32:
-        # fp32 sums of up to ~1000 terms in another order: relative error ~1e-6 of the output scale.
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    else:
-        # Both round an fp32 sum to 8 (bf16) or 11 (fp16) bits: allow one unit in the last place.
-        eps = torch.finfo(ref.dtype).eps
-        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
-
-
 # N and K are deliberately not multiples of any block size; the default plan splits K on the CPU.
 @pytest.mark.parametrize("N,K", [(37, 300), (5, 1000), (130, 17)])
 @pytest.mark.parametrize("M", [1, 3, 8])
@@ -38,7 +28,7 @@ def test_matches_reference(M, N, K, dtype):
     if INTERPRETED and dtype == torch.bfloat16 and M > 1:
         pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
     x, w, s, b = _inputs(M, N, K, dtype, bias=N != 5)
-    _check(int8_gemv(x, w, s, b), int8_gemv_ref(x, w, s, b))
+    assert_matches(int8_gemv(x, w, s, b), int8_gemv_ref(x, w, s, b))
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3])
@@ -48,7 +38,7 @@ def test_split_k_and_blocks(split_k, blocks, words):
     # K = 252: a multiple of 4 (one row reads the codes as int32 words unless words=False), not of a block.
     M = 1 if blocks[0] == 1 else 7
     x, w, s, b = _inputs(M, 45, 252, torch.float32, bias=True, seed=split_k)
-    _check(int8_gemv(x, w, s, b, blocks=blocks, split_k=split_k, words=words), int8_gemv_ref(x, w, s, b))
+    assert_matches(int8_gemv(x, w, s, b, blocks=blocks, split_k=split_k, words=words), int8_gemv_ref(x, w, s, b))
 
 
 def test_every_code_converts_exactly():
@@ -65,7 +55,7 @@ def test_every_code_converts_exactly():
 
 def test_more_rows_than_one_tile():
     x, w, s, b = _inputs(19, 33, 70, torch.float16, bias=False)
-    _check(int8_gemv(x, w, s, b), int8_gemv_ref(x, w, s, b))
+    assert_matches(int8_gemv(x, w, s, b), int8_gemv_ref(x, w, s, b))
 
 
 def test_bad_shapes_are_clear_errors():
@@ -85,4 +75,4 @@ def test_compiles_as_one_graph():
     # torch.compile must trace the op (triton_op) into one graph, as the CUDA-graphed decode step does.
     x, w, s, b = _inputs(3, 40, 96, torch.float32, bias=True)
     fn = torch.compile(lambda x: int8_gemv(x, w, s, b) * 2, fullgraph=True)
-    _check(fn(x), int8_gemv_ref(x, w, s, b) * 2)
+    assert_matches(fn(x), int8_gemv_ref(x, w, s, b) * 2)

@@ -1,0 +1,15 @@
+"""The comparison the GEMV kernel tests share: a kernel's output against its fp32 reference."""
+
+import torch
+
+
+def assert_matches(y: torch.Tensor, ref: torch.Tensor, ulps: int = 1):
+    """Same shape and dtype; fp32: sums of a few hundred terms in another order, relative error ~1e-6 of
+    the output's scale; bf16 / fp16: both round an fp32 result to 8 / 11 bits, so `ulps` units in the last
+    place of the output's scale (more where the kernel rounds an operand too)."""
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    if ref.dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:
+        eps = ulps * torch.finfo(ref.dtype).eps
+        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
