@@ -118,3 +118,22 @@ def test_last_only_returns_the_last_position(tiny_models):
     logits = model(prompt[None], torch.arange(len(prompt))[None], cache, kv_len=len(prompt), last_only=True)
     assert logits.shape == (1, 1, model.config.vocab_size)
     assert_logits_close(logits[0, 0], reference_logits(hf_model, prompt)[-1], "last_only prefill")
+
+
+@torch.inference_mode()
+def test_one_row_gemv_decode_matches_transformers(tiny_model):
+    """Block.one_row (kernels/gemv.py, interpreted on CPU: the norms, gate, biases and residual adds fused
+    into the four products) decodes one sequence token by token to transformers' logits."""
+    hf_model, path = tiny_model
+    model = load_model(path, dtype=torch.float32)
+    for layer in model.layers:
+        layer.gemv_kernels = True
+    prompts, continuations = sequences(model.config.vocab_size)
+    prompt, continuation = prompts[1], continuations[1]  # 17 tokens: past mistral_window's window of 8
+    reference = reference_logits(hf_model, torch.cat([prompt, continuation]))
+    cache = noisy_cache(model.config, 1)
+    model(prompt[None], torch.arange(len(prompt))[None], cache, kv_len=len(prompt))
+    for i, token in enumerate(continuation):
+        position = len(prompt) + i
+        logits = model(token.view(1, 1), torch.tensor([[position]]), cache, kv_len=position + 1)
+        assert_logits_close(logits[0, 0], reference[position], f"one-row decode at position {position}")
