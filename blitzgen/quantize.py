@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from blitzgen.errors import BlitzgenError
+from blitzgen.kernels import unpack_int4  # the inverse of pack_int4
 
 try:  # CUDA builds of torch ship Triton; CPU-only installs run the plain-PyTorch path everywhere.
     from blitzgen.kernels.dequantize import int4_dequantize, int8_dequantize
@@ -220,11 +221,6 @@ def int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> to
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) codes in [0, 15] -> (N, K / 2) bytes: even k in the low nibble, odd k in the high one."""
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(N, K / 2) bytes -> (N, K) codes; the inverse of pack_int4."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
 
 
 class Int4Linear(nn.Module):

@@ -23,3 +23,9 @@ def hopper(x: torch.Tensor) -> bool:
     one-row GEMV kernels (gemv.py) and the RoPE + cache-write kernel (rope_cache.py) launch that way there: each lets the next kernel
     start while it finishes, and waits for the previous one (griddepcontrol) before reading its output."""
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) packed int4 bytes -> (N, K) codes in [0, 15]: code 2j in byte j's low nibble, 2j + 1 in its
+    high one (quantize.pack_int4's layout, which every int4 kernel reads)."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from blitzgen.errors import BlitzgenError
+from blitzgen.kernels import unpack_int4
 from blitzgen.kernels.int8_gemv import triton_runs_on
 
 
@@ -74,7 +75,7 @@ def int8_dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
 def int4_dequantize_ref(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch twin of int4_dequantize, in fp32: (N, K / 2) bytes -> (N, K)."""
     N, half = packed.shape
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(N, 2 * half)  # (N, K): k = 2j + nibble
+    codes = unpack_int4(packed)  # (N, K)
     group = 2 * half // scales.shape[1]
     codes = codes.float().view(N, -1, group)  # (N, K / G, G)
     return (codes * scales.float()[..., None] + zeros.float()[..., None]).view(N, 2 * half)

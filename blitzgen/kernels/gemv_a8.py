@@ -60,6 +60,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from blitzgen.errors import BlitzgenError
+from blitzgen.kernels import unpack_int4
 from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k, triton_runs_on
 
 BLOCK = 32  # activation entries per int8 scale
@@ -97,7 +98,7 @@ def int8_gemv_a8_ref(xw, xs, weight, scales, bias=None, dtype=torch.float32) -> 
 
 def int4_gemv_a8_ref(xw, xs, xbs, packed, scales, zeros, bias=None, dtype=torch.float32) -> torch.Tensor:
     """Plain-PyTorch twin of gemv_a8 for int4 weights, in float64."""
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)  # (N, K)
+    codes = unpack_int4(packed)  # (N, K)
     t = _block_dots(xw, codes) * xs.double()[:, None, :]  # (M, N, K / 32)
     M, N, NB = t.shape
     groups = scales.shape[1]
