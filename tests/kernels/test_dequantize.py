@@ -5,6 +5,7 @@ import torch
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.dequantize import int4_dequantize, int4_dequantize_ref, int8_dequantize, int8_dequantize_ref
+from kernel_checks import random_int4
 
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,8 +40,5 @@ def test_int8_dequantize_rejects_other_shapes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_dequantize_matches_reference(N, K, G, dtype):
     g = torch.Generator().manual_seed(N + K)
-    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
-    scales = (torch.rand(N, K // G, generator=g) * 0.02 + 1e-3).bfloat16()
-    zeros = (-8 * scales.float() + torch.randn(N, K // G, generator=g) * 0.01).bfloat16()
-    packed, scales, zeros = (t.to(DEVICE) for t in (packed, scales, zeros))
+    packed, scales, zeros = (t.to(DEVICE) for t in random_int4(N, K, G, g))
     _check_rounded_once(int4_dequantize(packed, scales, zeros, dtype), int4_dequantize_ref(packed, scales, zeros), dtype)

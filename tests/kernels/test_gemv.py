@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.gemv import gemv, gemv_ref
-from tolerances import assert_matches
+from kernel_checks import assert_matches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5

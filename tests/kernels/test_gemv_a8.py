@@ -8,6 +8,7 @@ from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.gemv_a8 import (gemv_a8, int4_gemv_a8_ref, int8_gemv_a8_ref, quantize_activations)
 from blitzgen.kernels.int4_gemv import int4_gemv_ref
 from blitzgen.kernels.int8_gemv import int8_gemv_ref
+from kernel_checks import random_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -15,13 +16,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _int8(N, K, g):
     return (torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g),
             (torch.rand(N, generator=g) * 0.02 + 1e-3).bfloat16())
-
-
-def _int4(N, K, G, g):
-    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
-    scales = (torch.rand(N, K // G, generator=g) * 0.02 + 1e-3).bfloat16()
-    zeros = (-8 * scales.float() + torch.randn(N, K // G, generator=g) * 0.01).bfloat16()
-    return packed, scales, zeros
 
 
 def _close(y, ref):
@@ -51,7 +45,7 @@ def test_int8_matches_reference(M, N, K, dtype):
 def test_int4_matches_reference(M, N, K, G, dtype):
     g = torch.Generator().manual_seed(M * K)
     x = torch.randn(M, K, generator=g).to(dtype)
-    packed, scales, zeros = _int4(N, K, G, g)
+    packed, scales, zeros = random_int4(N, K, G, g)
     x, packed, scales, zeros = (t.to(DEVICE) for t in (x, packed, scales, zeros))
     xw, xs, xbs = quantize_activations(x, sums=True)
     _close(gemv_a8(x, packed, scales, zeros), int4_gemv_a8_ref(xw, xs, xbs, packed, scales, zeros, None, dtype))
@@ -63,7 +57,7 @@ def test_split_k_and_blocks(split_k, blocks):
     g = torch.Generator().manual_seed(split_k)
     x = torch.randn(5, 448, generator=g).to(DEVICE)
     w, s = (t.to(DEVICE) for t in _int8(41, 448, g))
-    packed, scales, zeros = (t.to(DEVICE) for t in _int4(41, 448, 64, g))
+    packed, scales, zeros = (t.to(DEVICE) for t in random_int4(41, 448, 64, g))
     xw, xs, _ = quantize_activations(x)
     _close(gemv_a8(x, w, s, blocks=blocks, split_k=split_k), int8_gemv_a8_ref(xw, xs, w, s))
     xw, xs, xbs = quantize_activations(x, sums=True)
@@ -77,7 +71,7 @@ def test_activation_rounding_is_what_it_costs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 256, generator=g) * torch.linspace(0.1, 30, 256)  # blocks of very different size
     w, s = _int8(24, 256, g)
-    packed, scales, zeros = _int4(24, 256, 64, g)
+    packed, scales, zeros = random_int4(24, 256, 64, g)
     xw, xs, _ = quantize_activations(x)
     half_step = (xs / 2).repeat_interleave(32, dim=1)  # (M, K)
     bound8 = half_step @ (w.float() * s.float()[:, None]).abs().t()

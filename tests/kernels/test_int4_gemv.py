@@ -5,7 +5,7 @@ import torch
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref
-from tolerances import assert_matches
+from kernel_checks import assert_matches, random_int4
 
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -14,9 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _inputs(M, N, K, G, dtype, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(dtype)
-    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
-    scales = (torch.rand(N, K // G, generator=g) * 0.02 + 1e-3).bfloat16()
-    zeros = (-8 * scales.float() + torch.randn(N, K // G, generator=g) * 0.01).bfloat16()
+    packed, scales, zeros = random_int4(N, K, G, g)
     b = torch.randn(N, generator=g).to(dtype) if bias else None
     return [t if t is None else t.to(DEVICE) for t in (x, packed, scales, zeros, b)]
 

@@ -5,7 +5,7 @@ import torch
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.int8_gemv import int8_gemv, int8_gemv_ref
-from tolerances import assert_matches
+from kernel_checks import assert_matches
 
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
