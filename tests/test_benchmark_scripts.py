@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("blitzgen/attention_bench.py", "| batch | live | ours |"),
     ("benchmarks/quant_bench.py", "| int4 g128 |"),
     ("benchmarks/long_context_bench.py", "| 3 | 300 |"),
+    ("benchmarks/gemv_bench.py", "| a layer's products in sequence |"),
 ])
 def test_dry_run(script, expected):
     env = dict(os.environ, TRITON_INTERPRET="1")
