@@ -20,8 +20,9 @@ import torch
 
 def hopper(x: torch.Tensor) -> bool:
     """Whether x is on a GPU that takes programmatic dependent launches (PDL: sm_90 and later). The
-    one-row GEMV kernels (gemv.py) and the RoPE + cache-write kernel (rope_cache.py) launch that way there: each lets the next kernel
-    start while it finishes, and waits for the previous one (griddepcontrol) before reading its output."""
+    one-row GEMV kernels (gemv.py) and the RoPE + cache-write kernel (rope_cache.py) launch that way
+    there: each lets the next kernel start while it finishes, and waits for the previous one
+    (griddepcontrol) before reading its output."""
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
