@@ -24,12 +24,16 @@ residual add is done in bf16 after rounding the product; so in bf16 the results 
 reference implementations by a few bf16 ulps, and in fp32 by fp32 rounding only.
 
 Contract:
-    x           (1, K)   bf16 | fp16 | fp32, the one activation row
+    x           (M, K)   bf16 | fp16 | fp32, M <= MAX_ROWS activation rows (the decode step passes one)
     weight      (N, K)   x's dtype, contiguous (gate_up: (2 I, K), gate rows first, as FeedForward.w13)
     bias        (N,)     or None (not with gate_up: no supported model has one there)
-    norm_weight (K,)     or None: RMSNorm of x with this weight and eps first
-    residual    (1, N)   or None: added to the product (not with gate_up)
-    returns     (1, N)   (gate_up: (1, I)) in x.dtype
+    norm_weight (K,)     or None: RMSNorm of each row of x with this weight and eps first
+    residual    (M, N)   or None: added to the product (not with gate_up)
+    returns     (M, N)   (gate_up: (M, I)) in x.dtype
+
+Several rows (2..8, a batch of sequences; not used by the model yet: measured first) take a second
+kernel that multiplies on tensor cores, the rows padded to 16 (the smallest tl.dot tile), so each
+weight tile is read once for all rows; x * g is rounded to the weights' dtype for the product.
 
 One program owns BLOCK_N output rows (with gate_up, the same rows of both halves) and reads them
 over all of K in tiles of BLOCK_K, multiplying into a (BLOCK_N, BLOCK_K) fp32 register tile that is
@@ -157,36 +161,103 @@ def _gemv_kernel(
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _launch(kernel, x, weight, bias, norm_weight, eps, gate_up, residual, block_n, block_k, num_warps, pdl):
-    K = x.shape[1]
+@triton.jit
+def _gemv_rows_kernel(
+    x_ptr,  # (M, K) activation rows, contiguous
+    g_ptr, w_ptr, b_ptr,  # as in _gemv_kernel
+    r_ptr,  # (M, N) residual (HAS_RESIDUAL)
+    out_ptr,  # (M, N)
+    M, N, K, eps,
+    NORM: tl.constexpr, GATE_UP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
+    DOT_IEEE: tl.constexpr,  # fp32: keep the dot in full fp32 (no TF32 rounding)
+    BLOCK_M: tl.constexpr,  # 16: the rows padded to the smallest tl.dot tile
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    w, w_up = _weight_tile(rows, N, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)  # as in _gemv_kernel
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0, eviction_policy="evict_last").to(tl.float32)  # (BLOCK_M, BLOCK_K)
+        if NORM:
+            squares += x * x
+            x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)[None, :]
+        if DOT_IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            if GATE_UP:
+                acc_up += tl.dot(x, tl.trans(w_up), input_precision="ieee")
+        else:
+            xd = x.to(w.dtype)
+            acc += tl.dot(xd, tl.trans(w))
+            if GATE_UP:
+                acc_up += tl.dot(xd, tl.trans(w_up))
+        w, w_up = _weight_tile(rows, N, K, offs_k + BLOCK_K, n_mask, GATE_UP)
+    y = acc  # (BLOCK_M, BLOCK_N)
+    if NORM:
+        scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # (BLOCK_M, 1)
+        y *= scale
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GATE_UP:
+        up = acc_up
+        if NORM:
+            up *= scale
+        y = y * tl.sigmoid(y) * up
+    mn = offs_m[:, None] * N + offs_n[None, :]
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        y += tl.load(r_ptr + mn, mask=mn_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + mn, y.to(out_ptr.dtype.element_ty), mask=mn_mask)
+
+
+def _launch(wrap, x, weight, bias, norm_weight, eps, gate_up, residual, block_n, block_k, num_warps, pdl):
+    """Launch the one-row or the several-row kernel, through `wrap` (wrap_triton, or none for PDL)."""
+    M, K = x.shape
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
-    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    kernel[(triton.cdiv(N, block_n),)](
-        x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
-        x if residual is None else residual, out, N, K, eps,
-        NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        **({"launch_pdl": True} if pdl else {}),
-    )
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    args = (x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
+            x if residual is None else residual, out)
+    flags = dict(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None,
+                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+                 **({"launch_pdl": True} if pdl else {}))
+    grid = (triton.cdiv(N, block_n),)
+    if M == 1:
+        wrap(_gemv_kernel)[grid](*args, N, K, eps, **flags)
+    else:
+        wrap(_gemv_rows_kernel)[grid](*args, M, N, K, eps, DOT_IEEE=x.dtype == torch.float32, BLOCK_M=16, **flags)
     return out
 
 
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
              eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int, block_k: int,
              num_warps: int) -> torch.Tensor:
-    return _launch(wrap_triton(_gemv_kernel), x, weight, bias, norm_weight, eps, gate_up, residual,
+    return _launch(wrap_triton, x, weight, bias, norm_weight, eps, gate_up, residual,
                    block_n, block_k, num_warps, False)
 
 
 def _gemv_pdl_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
                  eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int, block_k: int,
                  num_warps: int) -> torch.Tensor:
-    return _launch(_gemv_kernel, x, weight, bias, norm_weight, eps, gate_up, residual,
+    return _launch(lambda kernel: kernel, x, weight, bias, norm_weight, eps, gate_up, residual,
                    block_n, block_k, num_warps, True)
 
 
 def _gemv_fake(x, weight, bias, norm_weight, eps, gate_up, *_):
-    return x.new_empty((1, weight.shape[0] // 2 if gate_up else weight.shape[0]))
+    return x.new_empty((x.shape[0], weight.shape[0] // 2 if gate_up else weight.shape[0]))
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -207,6 +278,9 @@ else:
 # gate (wqkv) wants 16 rows a program: each program sums the squares of all of x again, and fewer
 # programs do that less often; 16 x 512 read 93% / 87% of the bandwidth there against 88% / 80% for 4 x 1024.
 BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
+# Several rows: a first guess (tensor-core tiles need block_n >= 16), not yet swept on a GPU.
+ROWS_BLOCKS = (32, 256, 4)
+MAX_ROWS = 8
 # Programmatic dependent launch on Hopper and later (see the module docstring; gemv_bench turns it off to compare).
 PDL = True
 
@@ -214,13 +288,15 @@ PDL = True
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gate_up: bool = False,
          residual: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """One activation row times weight.T with the fusions of the module docstring -> (1, N) in x.dtype.
+    """Activation rows x (M, K) times weight.T with the fusions of the module docstring -> (M, N) in x.dtype.
 
     blocks (block_n, block_k, num_warps) overrides the defaults (tests, sweeps). Falls back to
     gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
-    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise BlitzgenError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (1, K) and (N, K)")
+    if (x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or weight.dim() != 2
+            or x.shape[1] != weight.shape[1]):
+        raise BlitzgenError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (M, K) with "
+                            f"M <= {MAX_ROWS} and (N, K)")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != x.dtype:
         raise BlitzgenError(f"gemv: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
@@ -230,14 +306,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise BlitzgenError(f"gemv: bias {tuple(bias.shape)} must be ({N},)")
     if norm_weight is not None and norm_weight.shape != (x.shape[1],):
         raise BlitzgenError(f"gemv: norm_weight {tuple(norm_weight.shape)} must be ({x.shape[1]},)")
-    if residual is not None and residual.shape != (1, N):
-        raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be (1, {N})")
+    if residual is not None and residual.shape != (x.shape[0], N):
+        raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be ({x.shape[0]}, {N})")
     if not triton_runs_on(x):
         return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual)
     kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
-    block_n, block_k, num_warps = blocks or BLOCKS[kind]
+    block_n, block_k, num_warps = blocks or (BLOCKS[kind] if x.shape[0] == 1 else ROWS_BLOCKS)
     if (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv: blocks {block_n, block_k} must be powers of two")
+    if x.shape[0] > 1 and (block_n < 16 or block_k < 16):
+        raise BlitzgenError(f"gemv: several rows need blocks of at least 16 x 16, got {block_n, block_k}")
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
     op = torch.ops.blitzgen.gemv_pdl if PDL and hopper(x) else torch.ops.blitzgen.gemv
     return op(x.contiguous(), weight.contiguous(), contiguous(bias), contiguous(norm_weight), float(eps), gate_up,

@@ -68,7 +68,11 @@ def main():
         gemv.gemv(x, wf, norm_weight=nw, eps=1e-5)  # every epilogue the decode step uses
         gemv.gemv(x, wf, norm_weight=nw, eps=1e-5, gate_up=True)
         gemv.gemv(x, wf, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype))
-        gemv._launch(gemv._gemv_kernel, x, wf, None, nw, 1e-5, True, None, 4, 256, 4, True)  # as a dependent launch
+        gemv._launch(lambda kernel: kernel, x, wf, None, nw, 1e-5, True, None, 4, 256, 4, True)  # a dependent launch
+        x5 = torch.randn(5, K).to(dtype)  # several rows: the tensor-core kernel, plain and as a dependent launch
+        gemv.gemv(x5, wf, norm_weight=nw, eps=1e-5, gate_up=True)
+        gemv.gemv(x5, wf, wf[:, 0], residual=torch.randn(5, 2 * N).to(dtype))
+        gemv._launch(lambda kernel: kernel, x5, wf, None, nw, 1e-5, False, None, 32, 256, 4, True)
         dequantize.int4_dequantize(w4, s4, z4, dtype)
     for dtype in (torch.bfloat16, torch.float32):
         for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split
