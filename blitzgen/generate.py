@@ -306,6 +306,7 @@ class Generator:
         attention_kernel: bool | None = None,
         rope_kernel: bool = False,
         gemv_kernels: bool | None = None,
+        gemv_rows: int = 1,
     ):
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
@@ -321,13 +322,15 @@ class Generator:
             # kernel only. Off by default: on an H200 its first version measured slower (Inductor copied
             # its view inputs) and this one, on whole tensors, no faster (BENCHMARKS.md, 2026-12-01).
             layer.attention.rope_kernel = rope_kernel
-            # A one-row decode step's products through kernels/gemv.py with norms, gate and residuals
-            # fused in (Block.one_row), on CUDA by default: on an H200 a Llama-2-7B step took 3.86 against
-            # 4.21-4.35 ms through Inductor's products (BENCHMARKS.md, 2026-12-01 session 7). Quantized
-            # layers keep their own kernels.
+            # Decode steps of up to gemv_rows sequences run their products through kernels/gemv.py with
+            # norms, gate and residuals fused in (Block.gemv_decode), on CUDA by default: on an H200 a
+            # Llama-2-7B step at batch 1 took 3.86 against 4.21-4.35 ms through Inductor's products
+            # (BENCHMARKS.md, 2026-12-01 session 7). Several rows (gemv_rows > 1) are not measured yet.
+            # Quantized layers keep their own kernels.
             products = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
             on = (self.device.type == "cuda") if gemv_kernels is None else gemv_kernels
-            layer.gemv_kernels = on and all(type(m) is torch.nn.Linear for m in products)
+            plain = all(type(m) is torch.nn.Linear for m in products)
+            layer.gemv_rows = gemv_rows if on and plain else 0
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

@@ -3,9 +3,10 @@
 Follows Hugging Face transformers' modeling_llama / modeling_qwen3 (rotate-half RoPE, RMSNorm
 in float32, SiLU-gated FFN), which the tests compare against. Architectures differ only by
 ModelConfig flags. q/k/v and gate/up are stored fused (`wqkv`, `w13`) so a decode step reads
-each layer with four matrix products; checkpoint.py fuses them after loading. For one sequence
-and one token, Block.one_row runs those four through kernels/gemv.py with the norms, the gate
-and the residual adds fused into them (the same math; on by default for CUDA, see Generator).
+each layer with four matrix products; checkpoint.py fuses them after loading. In a decode step of
+few sequences, Block.gemv_decode runs those four through kernels/gemv.py with the norms, the gate
+and the residual adds fused into them (the same math; on by default on CUDA for one sequence, see
+Generator).
 
 Shape legend: B batch (cache slots in this call), T tokens this step, S cache length,
 H / Hkv query / key-value heads, G = H // Hkv, D head dim, C model width, I FFN width,
@@ -178,28 +179,28 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
-        # A one-row decode step's four products through kernels/gemv.py, with the norms, the SiLU gate
-        # and the residual adds fused into them (one_row below). Generator(gemv_kernels=) sets it, and
-        # only where all four are plain nn.Linear in a float dtype (not quantized).
-        self.gemv_kernels = False
+        # Decode steps of up to this many sequences run their four products through kernels/gemv.py, with
+        # the norms, the SiLU gate and the residual adds fused into them (gemv_decode below); 0: never.
+        # Generator(gemv_kernels=, gemv_rows=) sets it, only where all four are plain nn.Linear (not quantized).
+        self.gemv_rows = 0
 
     def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None):
-        if self.gemv_kernels and x.shape[0] * x.shape[1] == 1 and rows is None:
-            return self.one_row(x, cos, sin, positions, k_cache, v_cache, kv_len)
+        if x.shape[1] == 1 and x.shape[0] <= self.gemv_rows and rows is None:
+            return self.gemv_decode(x, cos, sin, positions, k_cache, v_cache, kv_len)
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, k_cache, v_cache, mask, kv_len, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def one_row(self, x, cos, sin, positions, k_cache, v_cache, kv_len):
-        """forward for one sequence and one token, x (1, 1, C): the same math in four GEMV launches around
-        attention, where Inductor makes six to eight kernels of the products, norms and residual adds."""
-        att, ffn, C = self.attention, self.feed_forward, x.shape[-1]
-        x = x.view(1, C)
+    def gemv_decode(self, x, cos, sin, positions, k_cache, v_cache, kv_len):
+        """forward for one token of each of B <= gemv_rows sequences, x (B, 1, C): the same math in four GEMV
+        launches around attention, where Inductor makes six to eight kernels of the products, norms and adds."""
+        att, ffn, (B, _, C) = self.attention, self.feed_forward, x.shape
+        x = x.view(B, C)
         qkv = gemv(x, att.wqkv.weight, att.wqkv.bias, norm_weight=self.attention_norm.weight,
-                   eps=self.attention_norm.eps)  # (1, (H + 2 Hkv) D)
-        out = att.attend(qkv.view(1, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (1, 1, H D)
-        h = gemv(out.view(1, -1), att.wo.weight, att.wo.bias, residual=x)  # (1, C)
+                   eps=self.attention_norm.eps)  # (B, (H + 2 Hkv) D)
+        out = att.attend(qkv.view(B, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (B, 1, H D)
+        h = gemv(out.view(B, -1), att.wo.weight, att.wo.bias, residual=x)  # (B, C)
         act = gemv(h, ffn.w13.weight, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, gate_up=True)
-        return gemv(act, ffn.w2.weight, residual=h).view(1, 1, C)
+        return gemv(act, ffn.w2.weight, residual=h).view(B, 1, C)
 
 
 class Transformer(nn.Module):

@@ -154,3 +154,8 @@ def test_variants_join_their_settings():
         ("combo-kernels+inductor:triton.enable_pdl=true+rope-kernel",
          {"inductor_options": {"combo_kernels": True, "triton.enable_pdl": True}, "rope_kernel": True}),
     ]
+
+
+def test_bench_rejects_gemv_rows_past_the_kernels(capsys):
+    assert main(["bench", "--device", "cpu", "--gemv-rows", "9"]) != 0
+    assert "--gemv-rows 9: expected 0 to 8" in capsys.readouterr().err

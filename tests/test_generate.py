@@ -412,7 +412,7 @@ def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models
 
 
 @pytest.mark.parametrize("variant", ["llama_bias", "mistral_window", "qwen3"])
-def test_one_row_gemv_kernels_in_the_model_match_transformers(tiny_models, hf_greedy, variant, monkeypatch):
+def test_gemv_kernels_in_the_model_match_transformers(tiny_models, hf_greedy, variant, monkeypatch):
     """Generator(gemv_kernels=True): a one-sequence decode step's products go through kernels/gemv.py
     (interpreted on CPU), the norms, gate and residual adds fused in (llama_bias: the q/k/v and output
     biases in its epilogue too; qwen3: q/k norms between), and greedy tokens equal transformers', eager
@@ -423,7 +423,7 @@ def test_one_row_gemv_kernels_in_the_model_match_transformers(tiny_models, hf_gr
     for compile in (False, True):
         gen = load(path, device="cpu", dtype="fp32", compile=compile)
         gen = Generator(gen.model, gen.tokenizer, compile=compile, attention_kernel=True, gemv_kernels=True)
-        assert all(layer.gemv_kernels for layer in gen.model.layers)
+        assert all(layer.gemv_rows == 1 for layer in gen.model.layers)
         with monkeypatch.context() as patch:
             if not compile:  # count the kernel calls eagerly (a patched global would make Dynamo recompile)
                 patch.setattr(blitzgen.model, "gemv", lambda *a, **k: calls.append(1) or fused(*a, **k))
@@ -441,7 +441,7 @@ def test_gemv_kernels_stay_off_for_quantized_layers(tiny_model):
     gen = generator_for(tiny_model[1])
     quantize_model(gen.model, "int8")
     gen = Generator(gen.model, gen.tokenizer, compile=False, gemv_kernels=True)
-    assert not any(layer.gemv_kernels for layer in gen.model.layers)
+    assert not any(layer.gemv_rows for layer in gen.model.layers)
 
 
 # ---- batched prefill ---------------------------------------------------------------------------

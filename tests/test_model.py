@@ -120,20 +120,26 @@ def test_last_only_returns_the_last_position(tiny_models):
     assert_logits_close(logits[0, 0], reference_logits(hf_model, prompt)[-1], "last_only prefill")
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @torch.inference_mode()
-def test_one_row_gemv_decode_matches_transformers(tiny_model):
-    """Block.one_row (kernels/gemv.py, interpreted on CPU: the norms, gate, biases and residual adds fused
-    into the four products) decodes one sequence token by token to transformers' logits."""
+def test_gemv_decode_matches_transformers(tiny_model, batch):
+    """Block.gemv_decode (kernels/gemv.py, interpreted on CPU: the norms, gate, biases and residual adds fused
+    into the four products; one row, or three on the several-row kernel) decodes to transformers' logits."""
     hf_model, path = tiny_model
     model = load_model(path, dtype=torch.float32)
     for layer in model.layers:
-        layer.gemv_kernels = True
+        layer.gemv_rows = batch
     prompts, continuations = sequences(model.config.vocab_size)
-    prompt, continuation = prompts[1], continuations[1]  # 17 tokens: past mistral_window's window of 8
-    reference = reference_logits(hf_model, torch.cat([prompt, continuation]))
-    cache = noisy_cache(model.config, 1)
-    model(prompt[None], torch.arange(len(prompt))[None], cache, kv_len=len(prompt))
-    for i, token in enumerate(continuation):
-        position = len(prompt) + i
-        logits = model(token.view(1, 1), torch.tensor([[position]]), cache, kv_len=position + 1)
-        assert_logits_close(logits[0, 0], reference[position], f"one-row decode at position {position}")
+    if batch == 1:  # 17 tokens: past mistral_window's window of 8
+        prompts, continuations = prompts[1:2], continuations[1:2]
+    references = [reference_logits(hf_model, torch.cat([p, c])) for p, c in zip(prompts, continuations)]
+    cache = noisy_cache(model.config, batch)
+    for slot, prompt in enumerate(prompts):
+        model(prompt[None], torch.arange(len(prompt))[None], cache, slots=slice(slot, slot + 1), kv_len=len(prompt))
+        cache.lengths[slot] = len(prompt)
+    for step in range(DECODE_STEPS):
+        logits = model(continuations[:, step : step + 1], cache.lengths[:, None], cache)  # (batch, 1, V)
+        for slot, prompt in enumerate(prompts):
+            position = len(prompt) + step
+            assert_logits_close(logits[slot, 0], references[slot][position], f"gemv decode step {step}, slot {slot}")
+        cache.lengths += 1
