@@ -4,7 +4,7 @@ Tiny random Llama / Qwen3 / Mistral (sliding window) models saved by transformer
 compiled, CUDA-graphed greedy decode (fp32, TF32 off) must give exactly transformers' generate()
 tokens, and a seed must repeat its sampled tokens. Each model runs with the masked attention, with
 the split-KV kernel, with the split-KV kernel plus the RoPE + cache-write kernel, and with the split-KV
-kernel plus the one-row GEMV kernels (each prompt alone, batch 1); `--inductor
+kernel plus the GEMV kernels (each prompt alone, batch 1, and the three together); `--inductor
 KEY=VALUE` (as `blitzgen bench --inductor`) compiles every step with that option too, to check one
 before it is measured. Speed is `blitzgen bench`'s job.
 
@@ -43,13 +43,15 @@ def check_correctness(inductor_options: dict):
             model = load_model(d, device="cuda", dtype=torch.float32)
         hf = hf.cuda()
         prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 23, 40)]
-        for kernel, rope, gemv in ((False, False, False), (True, False, False), (True, True, False),
-                                   (True, False, True)):
+        # gemv rows: 0 off, 1 each prompt alone (batch 1), 8 the prompts together on the several-row kernel
+        for kernel, rope, rows in ((False, False, 0), (True, False, 0), (True, True, 0), (True, False, 1),
+                                   (True, False, 8)):
             gen = Generator(model, NullTokenizer(), compile=True, attention_kernel=kernel, rope_kernel=rope,
-                            gemv_kernels=gemv)
+                            gemv_kernels=rows > 0, gemv_rows=rows)
             gen.inductor_options = inductor_options
             check_generator(name + (" +attention-kernel" if kernel else "") + (" +rope-kernel" if rope else "")
-                            + (" +gemv-kernels, one prompt at a time" if gemv else ""), hf, prompts, gen, alone=gemv)
+                            + {0: "", 1: " +gemv-kernels, one prompt at a time", 8: " +gemv-kernels, 3 rows"}[rows],
+                            hf, prompts, gen, alone=rows == 1)
 
 
 def check_generator(name, hf, prompts, gen, alone=False):
