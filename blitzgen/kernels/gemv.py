@@ -31,9 +31,10 @@ Contract:
     residual    (M, N)   or None: added to the product (not with gate_up)
     returns     (M, N)   (gate_up: (M, I)) in x.dtype
 
-Several rows (2..8, a batch of sequences; not used by the model yet: measured first) take a second
-kernel that multiplies on tensor cores, the rows padded to 16 (the smallest tl.dot tile), so each
-weight tile is read once for all rows; x * g is rounded to the weights' dtype for the product.
+Several rows (2..8, a batch of sequences) take a second kernel that multiplies on tensor cores, the
+rows padded to 16 (the smallest tl.dot tile), so each weight tile is read once for all rows; x * g is
+rounded to the weights' dtype for the product. The model uses it only when asked
+(Generator(gemv_rows=) > 1, blitzgen bench --gemv-rows): it is not measured on a GPU yet.
 
 One program owns BLOCK_N output rows (with gate_up, the same rows of both halves) and reads them
 over all of K in tiles of BLOCK_K, multiplying into a (BLOCK_N, BLOCK_K) fp32 register tile that is
