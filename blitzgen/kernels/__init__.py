@@ -23,7 +23,8 @@ def hopper(x: torch.Tensor) -> bool:
     one-row GEMV kernels (gemv.py) and the RoPE + cache-write kernel (rope_cache.py) launch that way
     there: each lets the next kernel start while it finishes, and waits for the previous one
     (griddepcontrol) before reading its output."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    # ROCm builds report gfx9xx devices as capability 9.x too, but griddepcontrol is NVIDIA's.
+    return x.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
