@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quant_bench import read_ceiling  # noqa: E402
 
 from blitzgen import inductor_fix  # noqa: E402
+from blitzgen.attention_bench import time_in_graph, time_on_cpu  # noqa: E402
 from blitzgen.kernels import gemv as gemv_kernels  # noqa: E402
 from blitzgen.kernels.gemv import gemv, gemv_ref  # noqa: E402
 
@@ -79,34 +80,10 @@ def ours_ffn(h, g, w13, w2, blocks_up=None, blocks_down=None):
     return gemv(act, w2, residual=h, blocks=blocks_down)
 
 
-def seconds_per_call(call, copies, device, target_s=0.03):
-    """Median over 3 timings of one call's seconds: call(i) for i in range(copies) captured in one CUDA graph,
-    replayed for at least target_s of GPU time per timing (the clocks stay up, launch noise averages out)."""
-    for i in range(copies):  # warm-up: Triton compiles, cuBLAS picks its kernels
-        call(i)
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for i in range(copies):
-            call(i)
-        return (time.perf_counter() - t0) / copies
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            call(i)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps, times = 1, []
-    while len(times) < 3:
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1000
-        if seconds < target_s:
-            reps = max(reps + 1, int(reps * 1.2 * target_s / seconds))
-            continue
-        times.append(seconds / (reps * copies))
-    return sorted(times)[1]
+def seconds_per_call(call, copies, device):
+    """Seconds per call(i), i cycling over the weight copies: replayed from a CUDA graph on a GPU (the
+    attention bench's timer), wall clock on a CPU."""
+    return time_in_graph(call, copies) if device.type == "cuda" else time_on_cpu(call, copies)
 
 
 def warm_gpu(device, seconds=1.0):
