@@ -6,7 +6,10 @@ and is loaded with blitzgen.generate.load as a user would.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -499,3 +502,17 @@ def test_prefill_many_past_a_slots_capacity_goes_one_by_one(tiny_models, monkeyp
     torch.testing.assert_close(gen.prefill_many([0, 1], batch),
                                torch.stack([ref.prefill(0, batch[0]), ref.prefill(1, batch[1])]), atol=1e-5, rtol=1e-5)
     assert calls == [0, 1]
+
+
+def test_cpu_generation_without_triton():
+    """A CPU-only install may lack Triton (torch's CPU wheels do not ship it): the package still imports, and
+    the built-in model generates through the plain-PyTorch paths."""
+    script = ("import sys; sys.modules['triton'] = None\n"
+              "from blitzgen.generate import load\n"
+              "from blitzgen.sampling import SamplingParams\n"
+              "out = load(device='cpu').generate([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))\n"
+              "print(len(out[0].token_ids))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "4"

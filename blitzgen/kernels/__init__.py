@@ -15,7 +15,14 @@ No op is imported here: import the module of the op you need.
     rope_cache.py       a decode step's RoPE + K/V cache write in one launch (Generator(rope_kernel=True))
 """
 
+import os
+
 import torch
+
+
+def triton_runs_on(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1."""
+    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def hopper(x: torch.Tensor) -> bool:

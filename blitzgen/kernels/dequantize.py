@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import unpack_int4
-from blitzgen.kernels.int8_gemv import triton_runs_on
+from blitzgen.kernels import triton_runs_on, unpack_int4
 
 
 def int8_dequantize_ref(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -64,13 +64,16 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import hopper
-from blitzgen.kernels.int8_gemv import triton_runs_on
+from blitzgen.kernels import hopper, triton_runs_on
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # a CPU-only install without Triton (model.py imports this module): gemv() runs gemv_ref
+    triton = None
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -91,138 +94,140 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return y.to(x.dtype)
 
 
-@triton.jit
-def _weight_tile(rows, N, K, offs_k, n_mask, GATE_UP: tl.constexpr):
-    """The (BLOCK_N, BLOCK_K) weight tile at columns offs_k (zeros past K), and with GATE_UP the up rows'."""
-    mask = n_mask[:, None] & (offs_k < K)[None, :]
-    # Each weight byte is read once: let it leave the L2 first, before the activation row every program reads.
-    w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-    w_up = w
-    if GATE_UP:
-        w_up = tl.load(rows + N * K + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-    return w, w_up
+if triton is not None:
 
-
-@triton.jit
-def _gemv_kernel(
-    x_ptr,  # (K,) the activation row
-    g_ptr,  # (K,) norm weight (NORM)
-    w_ptr,  # (N, K) weight rows; with GATE_UP the up rows follow at w_ptr + N * K
-    b_ptr,  # (N,) bias (HAS_BIAS)
-    r_ptr,  # (N,) residual (HAS_RESIDUAL)
-    out_ptr,  # (N,)
-    N,  # output rows (with GATE_UP: rows of one half)
-    K,
-    eps,
-    NORM: tl.constexpr,
-    GATE_UP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper): see gemv()
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel's programs may start as SMs free up
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    # The tile of the next step is loaded one step ahead, so its bytes are in flight while this one is
-    # multiplied; the first is loaded before waiting on the previous kernel (weights are never written).
-    w, w_up = _weight_tile(rows, N, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # x, the residual and the output buffer are the previous kernels'
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        if NORM:
-            squares += x * x
-            x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
+    @triton.jit
+    def _weight_tile(rows, N, K, offs_k, n_mask, GATE_UP: tl.constexpr):
+        """The (BLOCK_N, BLOCK_K) weight tile at columns offs_k (zeros past K), and with GATE_UP the up rows'."""
+        mask = n_mask[:, None] & (offs_k < K)[None, :]
+        # Each weight byte is read once: let it leave the L2 first, before the activation row every program reads.
+        w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        w_up = w
         if GATE_UP:
-            acc_up += w_up.to(tl.float32) * x[None, :]
-        w, w_up = _weight_tile(rows, N, K, offs_k + BLOCK_K, n_mask, GATE_UP)  # past K: masked, no traffic
-    y = tl.sum(acc, axis=1)  # (BLOCK_N,)
-    if NORM:
-        scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        y *= scale
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if GATE_UP:
-        up = tl.sum(acc_up, axis=1)
-        if NORM:
-            up *= scale
-        y = y * tl.sigmoid(y) * up
-    if HAS_RESIDUAL:
-        y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+            w_up = tl.load(rows + N * K + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        return w, w_up
 
 
-@triton.jit
-def _gemv_rows_kernel(
-    x_ptr,  # (M, K) activation rows, contiguous
-    g_ptr, w_ptr, b_ptr,  # as in _gemv_kernel
-    r_ptr,  # (M, N) residual (HAS_RESIDUAL)
-    out_ptr,  # (M, N)
-    M, N, K, eps,
-    NORM: tl.constexpr, GATE_UP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,
-    DOT_IEEE: tl.constexpr,  # fp32: keep the dot in full fp32 (no TF32 rounding)
-    BLOCK_M: tl.constexpr,  # 16: the rows padded to the smallest tl.dot tile
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    w, w_up = _weight_tile(rows, N, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)  # as in _gemv_kernel
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0, eviction_policy="evict_last").to(tl.float32)  # (BLOCK_M, BLOCK_K)
-        if NORM:
-            squares += x * x
-            x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)[None, :]
-        if DOT_IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,  # (K,) the activation row
+        g_ptr,  # (K,) norm weight (NORM)
+        w_ptr,  # (N, K) weight rows; with GATE_UP the up rows follow at w_ptr + N * K
+        b_ptr,  # (N,) bias (HAS_BIAS)
+        r_ptr,  # (N,) residual (HAS_RESIDUAL)
+        out_ptr,  # (N,)
+        N,  # output rows (with GATE_UP: rows of one half)
+        K,
+        eps,
+        NORM: tl.constexpr,
+        GATE_UP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper): see gemv()
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel's programs may start as SMs free up
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        # The tile of the next step is loaded one step ahead, so its bytes are in flight while this one is
+        # multiplied; the first is loaded before waiting on the previous kernel (weights are never written).
+        w, w_up = _weight_tile(rows, N, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x, the residual and the output buffer are the previous kernels'
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            if NORM:
+                squares += x * x
+                x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
             if GATE_UP:
-                acc_up += tl.dot(x, tl.trans(w_up), input_precision="ieee")
-        else:
-            xd = x.to(w.dtype)
-            acc += tl.dot(xd, tl.trans(w))
-            if GATE_UP:
-                acc_up += tl.dot(xd, tl.trans(w_up))
-        w, w_up = _weight_tile(rows, N, K, offs_k + BLOCK_K, n_mask, GATE_UP)
-    y = acc  # (BLOCK_M, BLOCK_N)
-    if NORM:
-        scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # (BLOCK_M, 1)
-        y *= scale
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if GATE_UP:
-        up = acc_up
+                acc_up += w_up.to(tl.float32) * x[None, :]
+            w, w_up = _weight_tile(rows, N, K, offs_k + BLOCK_K, n_mask, GATE_UP)  # past K: masked, no traffic
+        y = tl.sum(acc, axis=1)  # (BLOCK_N,)
         if NORM:
-            up *= scale
-        y = y * tl.sigmoid(y) * up
-    mn = offs_m[:, None] * N + offs_n[None, :]
-    mn_mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RESIDUAL:
-        y += tl.load(r_ptr + mn, mask=mn_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + mn, y.to(out_ptr.dtype.element_ty), mask=mn_mask)
+            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            y *= scale
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if GATE_UP:
+            up = tl.sum(acc_up, axis=1)
+            if NORM:
+                up *= scale
+            y = y * tl.sigmoid(y) * up
+        if HAS_RESIDUAL:
+            y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+    @triton.jit
+    def _gemv_rows_kernel(
+        x_ptr,  # (M, K) activation rows, contiguous
+        g_ptr, w_ptr, b_ptr,  # as in _gemv_kernel
+        r_ptr,  # (M, N) residual (HAS_RESIDUAL)
+        out_ptr,  # (M, N)
+        M, N, K, eps,
+        NORM: tl.constexpr, GATE_UP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr,
+        DOT_IEEE: tl.constexpr,  # fp32: keep the dot in full fp32 (no TF32 rounding)
+        BLOCK_M: tl.constexpr,  # 16: the rows padded to the smallest tl.dot tile
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        w, w_up = _weight_tile(rows, N, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)  # as in _gemv_kernel
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0, eviction_policy="evict_last").to(tl.float32)  # (BLOCK_M, BLOCK_K)
+            if NORM:
+                squares += x * x
+                x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)[None, :]
+            if DOT_IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                if GATE_UP:
+                    acc_up += tl.dot(x, tl.trans(w_up), input_precision="ieee")
+            else:
+                xd = x.to(w.dtype)
+                acc += tl.dot(xd, tl.trans(w))
+                if GATE_UP:
+                    acc_up += tl.dot(xd, tl.trans(w_up))
+            w, w_up = _weight_tile(rows, N, K, offs_k + BLOCK_K, n_mask, GATE_UP)
+        y = acc  # (BLOCK_M, BLOCK_N)
+        if NORM:
+            scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # (BLOCK_M, 1)
+            y *= scale
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATE_UP:
+            up = acc_up
+            if NORM:
+                up *= scale
+            y = y * tl.sigmoid(y) * up
+        mn = offs_m[:, None] * N + offs_n[None, :]
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RESIDUAL:
+            y += tl.load(r_ptr + mn, mask=mn_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + mn, y.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
 def _launch(wrap, x, weight, bias, norm_weight, eps, gate_up, residual, block_n, block_k, num_warps, pdl):
@@ -261,17 +266,18 @@ def _gemv_fake(x, weight, bias, norm_weight, eps, gate_up, *_):
     return x.new_empty((x.shape[0], weight.shape[0] // 2 if gate_up else weight.shape[0]))
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # Interpreted kernels run eagerly on CPU tensors and cannot be traced through: an opaque op there
-    # (the tests compile the model on the CPU), which torch.compile calls through the fake.
-    torch.library.custom_op("blitzgen::gemv", _gemv_op, mutates_args=())
-    torch.library.register_fake("blitzgen::gemv")(_gemv_fake)
-else:
-    triton_op("blitzgen::gemv", _gemv_op, mutates_args=())
-    # A programmatic dependent launch needs the launch attribute, which Inductor's call of a traced
-    # kernel does not pass: this op stays opaque to torch.compile and launches the kernel itself.
-    torch.library.custom_op("blitzgen::gemv_pdl", _gemv_pdl_op, mutates_args=())
-    torch.library.register_fake("blitzgen::gemv_pdl")(_gemv_fake)
+if triton is not None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Interpreted kernels run eagerly on CPU tensors and cannot be traced through: an opaque op there
+        # (the tests compile the model on the CPU), which torch.compile calls through the fake.
+        torch.library.custom_op("blitzgen::gemv", _gemv_op, mutates_args=())
+        torch.library.register_fake("blitzgen::gemv")(_gemv_fake)
+    else:
+        triton_op("blitzgen::gemv", _gemv_op, mutates_args=())
+        # A programmatic dependent launch needs the launch attribute, which Inductor's call of a traced
+        # kernel does not pass: this op stays opaque to torch.compile and launches the kernel itself.
+        torch.library.custom_op("blitzgen::gemv_pdl", _gemv_pdl_op, mutates_args=())
+        torch.library.register_fake("blitzgen::gemv_pdl")(_gemv_fake)
 
 
 # (block_n, block_k, num_warps) by fusion: the best of the H200 sweep over both Llama-2-7B and Llama-3.1-8B
@@ -309,7 +315,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise BlitzgenError(f"gemv: norm_weight {tuple(norm_weight.shape)} must be ({x.shape[1]},)")
     if residual is not None and residual.shape != (x.shape[0], N):
         raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be ({x.shape[0]}, {N})")
-    if not triton_runs_on(x):
+    if triton is None or not triton_runs_on(x):
         return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual)
     kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
     block_n, block_k, num_warps = blocks or (BLOCKS[kind] if x.shape[0] == 1 else ROWS_BLOCKS)

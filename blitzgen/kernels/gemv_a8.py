@@ -60,8 +60,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import unpack_int4
-from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k, triton_runs_on
+from blitzgen.kernels import triton_runs_on, unpack_int4
+from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k
 
 BLOCK = 32  # activation entries per int8 scale
 MAX_ROWS = 8  # one program takes every row; quantize.py calls it with one (several measured slower)

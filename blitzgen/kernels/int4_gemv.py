@@ -44,7 +44,8 @@ from torch.library import triton_op, wrap_triton
 
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.dequantize import int4_dequantize_ref
-from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k, triton_runs_on
+from blitzgen.kernels import triton_runs_on
+from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k
 
 GROUP_SIZES = (32, 64, 128)
 

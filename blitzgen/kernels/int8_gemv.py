@@ -34,14 +34,13 @@ The op is registered with torch.library.triton_op (`torch.ops.blitzgen.int8_gemv
 torch.compile traces it into the compiled, CUDA-graphed decode step.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from blitzgen.errors import BlitzgenError
+from blitzgen.kernels import triton_runs_on
 
 
 def int8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
@@ -178,11 +177,6 @@ ONE_ROW = (1, 8, 1024, 4)
 MANY_ROWS = (16, 32, 256, 4)
 # Split K until there are about this many programs per SM (or K runs out of blocks).
 PROGRAMS_PER_SM = 2
-
-
-def triton_runs_on(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1."""
-    return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def plan_split_k(device: torch.device, n_tiles: int, k_blocks: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
