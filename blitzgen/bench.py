@@ -32,6 +32,7 @@ from blitzgen.checkpoint import load_model
 from blitzgen.config import PRESETS, ModelConfig
 from blitzgen.errors import BlitzgenError
 from blitzgen.generate import DEFAULT_MODEL, DTYPES, Generator, resolve_device
+from blitzgen.kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from blitzgen.model import Transformer
 from blitzgen.sampling import SamplingParams
 
@@ -292,8 +293,9 @@ def run(args) -> dict:
     batch_sizes = sorted(set(args.batch_size or [1]))
     if any(b < 1 for b in batch_sizes) or args.new_tokens < 2 or args.runs < 1:
         raise BlitzgenError("--batch-size, --runs must be >= 1 and --new-tokens >= 2")
-    if not 0 <= args.gemv_rows <= 8:
-        raise BlitzgenError(f"--gemv-rows {args.gemv_rows}: expected 0 to 8 (the GEMV kernels take up to 8 rows)")
+    if not 0 <= args.gemv_rows <= GEMV_MAX_ROWS:  # the Generator checks it too, but only after the model is built
+        raise BlitzgenError(f"--gemv-rows {args.gemv_rows}: expected 0 to {GEMV_MAX_ROWS} (the GEMV kernels take up "
+                            f"to {GEMV_MAX_ROWS} rows)")
     variants = parse_variants(args.variants) if args.variants else []
     phases = (4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths) + bool(args.profile)
               + bool(variants))

@@ -28,6 +28,7 @@ from blitzgen import inductor_fix
 from blitzgen.cache import KVCache
 from blitzgen.checkpoint import load_model
 from blitzgen.errors import BlitzgenError
+from blitzgen.kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from blitzgen.model import Transformer
 from blitzgen.sampling import SamplingParams, params_to_tensors, sample
 from blitzgen.tokenizer import StreamDecoder, Tokenizer
@@ -308,6 +309,9 @@ class Generator:
         gemv_kernels: bool | None = None,
         gemv_rows: int = 1,
     ):
+        if not 0 <= gemv_rows <= GEMV_MAX_ROWS:
+            raise BlitzgenError(f"gemv_rows {gemv_rows}: expected 0 to {GEMV_MAX_ROWS} (the GEMV kernels take up to "
+                                f"{GEMV_MAX_ROWS} rows)")
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
         # by a caller, e.g. a server thread, outside it.)

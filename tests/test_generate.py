@@ -516,3 +516,9 @@ def test_cpu_generation_without_triton():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "4"
+
+
+def test_gemv_rows_past_the_kernels_is_one_clear_error(tiny_model):
+    gen = generator_for(tiny_model[1])
+    with pytest.raises(BlitzgenError, match=r"gemv_rows 9: expected 0 to 8"):
+        Generator(gen.model, gen.tokenizer, gemv_rows=9)
