@@ -4,7 +4,8 @@ A kernel file holds, in order: the math and the shape/dtype contract, `<op>_ref`
 and the test oracle), the Triton kernels, and the launcher `<op>()` that validates, allocates,
 picks the grid and falls back to the reference where Triton cannot run. Each op is registered
 as `torch.ops.blitzgen.<op>` so torch.compile traces it into the CUDA-graphed decode step.
-No op is imported here: import the module of the op you need.
+No op is imported here: import the module of the op you need. What is below is what several kernel
+files share and must not import Triton (a CPU-only install may lack it).
 
     gemv.py             bf16 / fp16 x one row with RMSNorm, SiLU gate, bias, residual fused; PDL on Hopper
     int8_gemv.py        weight-only int8 (per-channel scales) x a few activation rows, split-K
