@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from blitzgen.cache import KVCache
 from blitzgen.config import ModelConfig, rope_inv_freq
 from blitzgen.kernels.decode_attention import decode_attention, decode_attention_ref
-from blitzgen.kernels.gemv import gemv
+from blitzgen.kernels.gemv import gemv, gemv_rope_cache
 from blitzgen.kernels.rope_cache import rope_cache_write
 
 
@@ -195,9 +195,16 @@ class Block(nn.Module):
         launches around attention, where Inductor makes six to eight kernels of the products, norms and adds."""
         att, ffn, (B, _, C) = self.attention, self.feed_forward, x.shape
         x = x.view(B, C)
-        qkv = gemv(x, att.wqkv.weight, att.wqkv.bias, norm_weight=self.attention_norm.weight,
-                   eps=self.attention_norm.eps)  # (B, (H + 2 Hkv) D)
-        out = att.attend(qkv.view(B, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (B, 1, H D)
+        norm = dict(norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps)
+        if B == 1 and att.decode_kernel and att.q_norm is None:
+            # One sequence: RoPE and the cache write happen in the product's epilogue, one launch instead of
+            # the product plus Inductor's rotation and scatter kernels (kernels/gemv.py, gemv_rope_cache).
+            q, lengths = gemv_rope_cache(x, att.wqkv.weight, att.wqkv.bias, **norm, cos=cos, sin=sin,
+                                         positions=positions, k_cache=k_cache, v_cache=v_cache, n_heads=att.n_heads)
+            out = decode_attention(q, k_cache, v_cache, lengths, att.sliding_window).view(B, 1, -1)  # (B, 1, H D)
+        else:
+            qkv = gemv(x, att.wqkv.weight, att.wqkv.bias, **norm)  # (B, (H + 2 Hkv) D)
+            out = att.attend(qkv.view(B, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (B, 1, H D)
         h = gemv(out.view(B, -1), att.wo.weight, att.wo.bias, residual=x)  # (B, C)
         act = gemv(h, ffn.w13.weight, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, gate_up=True)
         return gemv(act, ffn.w2.weight, residual=h).view(B, 1, C)
@@ -245,4 +252,9 @@ class Transformer(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]  # (B, 1, C)
         elif last_only:
             x = x[:, -1:]
+        B, T, C = x.shape
+        if T == 1 and B <= self.layers[0].gemv_rows and type(self.output) is nn.Linear:
+            # Decode: the final norm folded into the output product, as the blocks' products (Block.gemv_decode).
+            logits = gemv(x.view(B, C), self.output.weight, self.output.bias, norm_weight=self.norm.weight, eps=self.norm.eps)
+            return logits.view(B, 1, -1)
         return self.output(self.norm(x))  # (B, T or 1, V)

@@ -418,22 +418,27 @@ def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models
 def test_gemv_kernels_in_the_model_match_transformers(tiny_models, hf_greedy, variant, monkeypatch):
     """Generator(gemv_kernels=True): a one-sequence decode step's products go through kernels/gemv.py
     (interpreted on CPU), the norms, gate and residual adds fused in (llama_bias: the q/k/v and output
-    biases in its epilogue too; qwen3: q/k norms between), and greedy tokens equal transformers', eager
+    biases in its epilogue too; qwen3: q/k norms between; the others: RoPE and the cache write in wqkv's
+    epilogue), the final norm folded into the output product, and greedy tokens equal transformers', eager
     and compiled. Several sequences take Block.forward's own path and match too."""
     hf_model, path = tiny_models(variant)
     prompts = make_prompts()[:2]
-    calls, fused = [], blitzgen.model.gemv
+    calls, fused, fused_rope = [], blitzgen.model.gemv, blitzgen.model.gemv_rope_cache
     for compile in (False, True):
         gen = load(path, device="cpu", dtype="fp32", compile=compile)
         gen = Generator(gen.model, gen.tokenizer, compile=compile, attention_kernel=True, gemv_kernels=True)
         assert all(layer.gemv_rows == 1 for layer in gen.model.layers)
         with monkeypatch.context() as patch:
             if not compile:  # count the kernel calls eagerly (a patched global would make Dynamo recompile)
-                patch.setattr(blitzgen.model, "gemv", lambda *a, **k: calls.append(1) or fused(*a, **k))
+                patch.setattr(blitzgen.model, "gemv", lambda *a, **k: calls.append("gemv") or fused(*a, **k))
+                patch.setattr(blitzgen.model, "gemv_rope_cache",
+                              lambda *a, **k: calls.append("rope") or fused_rope(*a, **k))
             one = gen.generate(prompts[:1], greedy(12))
             assert one[0].token_ids == hf_greedy(hf_model, prompts[0], 12), compile
-            if not compile:  # 11 decode steps x 2 layers x 4 products; the prefill takes the batched path
-                assert len(calls) == 11 * 2 * 4
+            if not compile:  # 11 decode steps x 2 layers x 4 products, and 12 output products (the prefill's
+                # last token too); the prefill's layers take the batched path
+                assert len(calls) == 11 * 2 * 4 + 12
+                assert calls.count("rope") == (0 if variant == "qwen3" else 11 * 2)
             both = gen.generate(prompts, greedy(12))
         assert [c.token_ids for c in both] == [hf_greedy(hf_model, p, 12) for p in prompts], compile
 

@@ -120,15 +120,18 @@ def test_last_only_returns_the_last_position(tiny_models):
     assert_logits_close(logits[0, 0], reference_logits(hf_model, prompt)[-1], "last_only prefill")
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch, attention_kernel", [(1, False), (1, True), (3, True)])
 @torch.inference_mode()
-def test_gemv_decode_matches_transformers(tiny_model, batch):
+def test_gemv_decode_matches_transformers(tiny_model, batch, attention_kernel):
     """Block.gemv_decode (kernels/gemv.py, interpreted on CPU: the norms, gate, biases and residual adds fused
-    into the four products; one row, or three on the several-row kernel) decodes to transformers' logits."""
+    into the four products, the final norm into the output product; one row, or three on the several-row
+    kernel; with the attention kernel and one row, RoPE and the cache write in wqkv's epilogue too, except
+    for qwen3's q/k norms) decodes to transformers' logits."""
     hf_model, path = tiny_model
     model = load_model(path, dtype=torch.float32)
     for layer in model.layers:
         layer.gemv_rows = batch
+        layer.attention.decode_kernel = attention_kernel
     prompts, continuations = sequences(model.config.vocab_size)
     if batch == 1:  # 17 tokens: past mistral_window's window of 8
         prompts, continuations = prompts[1:2], continuations[1:2]

@@ -97,15 +97,52 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 if triton is not None:
 
     @triton.jit
-    def _weight_tile(rows, N, K, offs_k, n_mask, GATE_UP: tl.constexpr):
-        """The (BLOCK_N, BLOCK_K) weight tile at columns offs_k (zeros past K), and with GATE_UP the up rows'."""
+    def _weight_tile(rows, second, K, offs_k, n_mask, TWO: tl.constexpr):
+        """The (BLOCK_N, BLOCK_K) weight tile at columns offs_k (zeros past K), and with TWO the tile of the
+        rows `second` elements further on (gate_up: the up rows; rope: the rows half a head on)."""
         mask = n_mask[:, None] & (offs_k < K)[None, :]
         # Each weight byte is read once: let it leave the L2 first, before the activation row every program reads.
         w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        w_up = w
-        if GATE_UP:
-            w_up = tl.load(rows + N * K + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        return w, w_up
+        w2 = w
+        if TWO:
+            w2 = tl.load(rows + second + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        return w, w2
+
+
+    @triton.jit
+    def _row_products(x_ptr, g_ptr, rows, second, n_mask, K, eps, NORM: tl.constexpr, TWO: tl.constexpr,
+                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(y, y2), each (BLOCK_N,) fp32: the dot products of the weight rows at `rows` (and with TWO of those
+        `second` elements further) with the activation row, RMSNorm-scaled with NORM. The main loop of both
+        one-row kernels, PDL's wait included (see gemv())."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel's programs may start as SMs free up
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        # The tile of the next step is loaded one step ahead, so its bytes are in flight while this one is
+        # multiplied; the first is loaded before waiting on the previous kernel (weights are never written).
+        w, w2 = _weight_tile(rows, second, K, tl.arange(0, BLOCK_K), n_mask, TWO)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x, the residual, the outputs and the caches are the previous kernels'
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            if NORM:
+                squares += x * x
+                x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            if TWO:
+                acc2 += w2.to(tl.float32) * x[None, :]
+            w, w2 = _weight_tile(rows, second, K, offs_k + BLOCK_K, n_mask, TWO)  # past K: masked, no traffic
+        y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+        y2 = tl.sum(acc2, axis=1)
+        if NORM:
+            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            y *= scale
+            y2 *= scale
+        return y, y2
 
 
     @triton.jit
@@ -127,44 +164,68 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel's programs may start as SMs free up
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        # The tile of the next step is loaded one step ahead, so its bytes are in flight while this one is
-        # multiplied; the first is loaded before waiting on the previous kernel (weights are never written).
-        w, w_up = _weight_tile(rows, N, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # x, the residual and the output buffer are the previous kernels'
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            if NORM:
-                squares += x * x
-                x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
-            if GATE_UP:
-                acc_up += w_up.to(tl.float32) * x[None, :]
-            w, w_up = _weight_tile(rows, N, K, offs_k + BLOCK_K, n_mask, GATE_UP)  # past K: masked, no traffic
-        y = tl.sum(acc, axis=1)  # (BLOCK_N,)
-        if NORM:
-            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-            y *= scale
+        y, up = _row_products(x_ptr, g_ptr, rows, N * K, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if GATE_UP:
-            up = tl.sum(acc_up, axis=1)
-            if NORM:
-                up *= scale
             y = y * tl.sigmoid(y) * up
         if HAS_RESIDUAL:
             y += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+    @triton.jit
+    def _gemv_rope_kernel(
+        x_ptr, g_ptr,  # (K,) the activation row and the attention norm's weight
+        w_ptr,  # (N, K) = ((H + 2 Hkv) D, K): wqkv, q heads, then k heads, then v heads
+        b_ptr,  # (N,) bias (HAS_BIAS)
+        cos_ptr, sin_ptr,  # (D,) the new token's rotation (model.rope_cos_sin)
+        positions_ptr,  # (1,) its cache position p
+        q_out_ptr,  # (H, D) out: rotated q
+        lengths_ptr,  # (1,) out: p + 1, the live keys decode attention reads next
+        k_cache_ptr, v_cache_ptr,  # (S, Hkv, D) this layer's cache rows of the sequence; written at p
+        stride_kn, stride_kh, stride_vn, stride_vh,
+        K, eps,
+        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
+        BLOCK_K: tl.constexpr,
+    ):
+        # RoPE pairs row i of a head with row i + D/2, so a program owns rows [i0, i0 + BLOCK_N) of a head and the
+        # rows D/2 further: the rotation is applied to the fp32 sums before anything is stored.
+        HALF: tl.constexpr = D // 2
+        PER_HEAD: tl.constexpr = (HALF + BLOCK_N - 1) // BLOCK_N
+        head = tl.program_id(0) // PER_HEAD
+        offs_i = (tl.program_id(0) % PER_HEAD) * BLOCK_N + tl.arange(0, BLOCK_N)  # within the head's first half
+        offs_n = head * D + offs_i
+        n_mask = offs_i < HALF
+        rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+        lo, hi = _row_products(x_ptr, g_ptr, rows, HALF * K, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            lo += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            hi += tl.load(b_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
+        position = tl.load(positions_ptr).to(tl.int64)
+        cos = tl.load(cos_ptr + offs_i, mask=n_mask, other=0.0).to(tl.float32)  # cos[i] == cos[i + D/2] here
+        sin = tl.load(sin_ptr + offs_i, mask=n_mask, other=0.0).to(tl.float32)
+        # Each store's address is computed from a kernel argument inside its own branch, so torch.compile's
+        # analysis of what the kernel writes sees exactly q_out, lengths and the two caches.
+        if head < H:
+            dst = q_out_ptr + head * D + offs_i
+            tl.store(dst, (lo * cos - hi * sin).to(q_out_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(dst + HALF, (hi * cos + lo * sin).to(q_out_ptr.dtype.element_ty), mask=n_mask)
+        elif head < H + HKV:
+            dst = k_cache_ptr + position * stride_kn + (head - H) * stride_kh + offs_i
+            tl.store(dst, (lo * cos - hi * sin).to(k_cache_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(dst + HALF, (hi * cos + lo * sin).to(k_cache_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            dst = v_cache_ptr + position * stride_vn + (head - H - HKV) * stride_vh + offs_i
+            tl.store(dst, lo.to(v_cache_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(dst + HALF, hi.to(v_cache_ptr.dtype.element_ty), mask=n_mask)
+        if tl.program_id(0) == 0:
+            tl.store(lengths_ptr, position + 1)
 
 
     @triton.jit
@@ -191,7 +252,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        w, w_up = _weight_tile(rows, N, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)  # as in _gemv_kernel
+        w, w_up = _weight_tile(rows, N * K, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)  # as in _row_products
         if PDL:
             tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
@@ -211,7 +272,7 @@ if triton is not None:
                 acc += tl.dot(xd, tl.trans(w))
                 if GATE_UP:
                     acc_up += tl.dot(xd, tl.trans(w_up))
-            w, w_up = _weight_tile(rows, N, K, offs_k + BLOCK_K, n_mask, GATE_UP)
+            w, w_up = _weight_tile(rows, N * K, K, offs_k + BLOCK_K, n_mask, GATE_UP)
         y = acc  # (BLOCK_M, BLOCK_N)
         if NORM:
             scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # (BLOCK_M, 1)
@@ -266,18 +327,61 @@ def _gemv_fake(x, weight, bias, norm_weight, eps, gate_up, *_):
     return x.new_empty((x.shape[0], weight.shape[0] // 2 if gate_up else weight.shape[0]))
 
 
+def _rope_launch(wrap, x, weight, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
+                 block_n, block_k, num_warps, pdl):
+    """Launch _gemv_rope_kernel through `wrap` -> rotated q (1, H, D) and lengths (1,) int64."""
+    K = x.shape[1]
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    q_out = torch.empty((1, n_heads, D), dtype=x.dtype, device=x.device)
+    lengths = torch.empty((1,), dtype=torch.int64, device=x.device)
+    half_block = block_n // 2  # rows of each half of a head a program owns: block_n rows in all, as in gemv
+    grid = ((n_heads + 2 * Hkv) * triton.cdiv(D // 2, half_block),)
+    wrap(_gemv_rope_kernel)[grid](
+        x, norm_weight, weight, x if bias is None else bias, cos, sin, positions, q_out, lengths, k_cache, v_cache,
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), K, eps,
+        H=n_heads, HKV=Hkv, D=D, HAS_BIAS=bias is not None, PDL=pdl, BLOCK_N=half_block, BLOCK_K=block_k,
+        num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+    return q_out, lengths
+
+
+def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor,
+                  eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
+                  num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_launch(wrap_triton, x, weight, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache,
+                        n_heads, block_n, block_k, num_warps, False)
+
+
+def _gemv_rope_pdl_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor,
+                      eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
+                      num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_launch(lambda kernel: kernel, x, weight, bias, norm_weight, eps, cos, sin, positions, k_cache,
+                        v_cache, n_heads, block_n, block_k, num_warps, True)
+
+
+def _gemv_rope_fake(x, weight, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, *_):
+    return x.new_empty((1, n_heads, k_cache.shape[3])), positions.new_empty((1,), dtype=torch.int64)
+
+
 if triton is not None:
+    _CACHES = ("k_cache", "v_cache")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        # Interpreted kernels run eagerly on CPU tensors and cannot be traced through: an opaque op there
-        # (the tests compile the model on the CPU), which torch.compile calls through the fake.
+        # Interpreted kernels run eagerly on CPU tensors and cannot be traced through: opaque ops there
+        # (the tests compile the model on the CPU), which torch.compile calls through the fakes.
         torch.library.custom_op("blitzgen::gemv", _gemv_op, mutates_args=())
         torch.library.register_fake("blitzgen::gemv")(_gemv_fake)
+        torch.library.custom_op("blitzgen::gemv_rope", _gemv_rope_op, mutates_args=_CACHES)
+        torch.library.register_fake("blitzgen::gemv_rope")(_gemv_rope_fake)
     else:
         triton_op("blitzgen::gemv", _gemv_op, mutates_args=())
+        triton_op("blitzgen::gemv_rope", _gemv_rope_op, mutates_args=_CACHES)
         # A programmatic dependent launch needs the launch attribute, which Inductor's call of a traced
-        # kernel does not pass: this op stays opaque to torch.compile and launches the kernel itself.
+        # kernel does not pass: these ops stay opaque to torch.compile and launch the kernel themselves.
         torch.library.custom_op("blitzgen::gemv_pdl", _gemv_pdl_op, mutates_args=())
         torch.library.register_fake("blitzgen::gemv_pdl")(_gemv_fake)
+        torch.library.custom_op("blitzgen::gemv_rope_pdl", _gemv_rope_pdl_op, mutates_args=_CACHES)
+        torch.library.register_fake("blitzgen::gemv_rope_pdl")(_gemv_rope_fake)
 
 
 # (block_n, block_k, num_warps) by fusion: the best of the H200 sweep over both Llama-2-7B and Llama-3.1-8B
@@ -327,3 +431,50 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     op = torch.ops.blitzgen.gemv_pdl if PDL and hopper(x) else torch.ops.blitzgen.gemv
     return op(x.contiguous(), weight.contiguous(), contiguous(bias), contiguous(norm_weight), float(eps), gate_up,
               contiguous(residual), block_n, block_k, num_warps)
+
+
+def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads):
+    """Plain-PyTorch twin of gemv_rope_cache: the normed product, then rope_cache_write's reference."""
+    from blitzgen.kernels.rope_cache import rope_cache_write_ref
+
+    qkv = gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps)
+    return rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
+
+
+def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                    positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+                    blocks: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-sequence decode step's attention input in one launch: RMSNorm + wqkv product, RoPE on q and k in
+    the product's fp32 sums, k and v written to the cache at the token's position, as gemv() followed by
+    kernels/rope_cache.py's rope_cache_write would do in two (and Inductor in four to five).
+
+    x (1, K); weight ((H + 2 Hkv) D, K), heads in q, k, v order; cos, sin (1, [1,] D) in rotate-half layout;
+    positions (1, [1]) the token's cache position; k_cache, v_cache (1, S, Hkv, D) with the last dim
+    contiguous, written in place. Returns rotated q (1, H, D) in x.dtype and lengths = positions + 1 (1,)
+    int64, the live keys decode attention takes. blocks as in gemv (block_n rows a program: half from each
+    half of a head)."""
+    B, K = x.shape if x.dim() == 2 else (0, 0)
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    N = (n_heads + 2 * Hkv) * D
+    if (x.dim() != 2 or B != 1 or weight.shape != (N, K) or cos.numel() != D or sin.shape != cos.shape
+            or positions.numel() != 1 or k_cache.shape[0] != 1 or v_cache.shape != k_cache.shape or D % 2
+            or norm_weight.shape != (K,) or (bias is not None and bias.shape != (N,))):
+        raise BlitzgenError(
+            f"gemv_rope_cache: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)} for {n_heads} heads, "
+            f"cos {tuple(cos.shape)}, positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != x.dtype:
+        raise BlitzgenError(f"gemv_rope_cache: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
+    if triton is None or not triton_runs_on(x):
+        return gemv_rope_cache_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, cos=cos, sin=sin,
+                                   positions=positions, k_cache=k_cache, v_cache=v_cache, n_heads=n_heads)
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise BlitzgenError("gemv_rope_cache: the caches' last dim must be contiguous")
+    block_n, block_k, num_warps = blocks or BLOCKS["norm"]
+    if block_n < 2 or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
+        raise BlitzgenError(f"gemv_rope_cache: blocks {block_n, block_k} must be powers of two, block_n >= 2")
+    op = torch.ops.blitzgen.gemv_rope_pdl if PDL and hopper(x) else torch.ops.blitzgen.gemv_rope
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return op(x.contiguous(), weight.contiguous(), contiguous(bias), norm_weight.contiguous(), float(eps),
+              cos.reshape(D).contiguous(), sin.reshape(D).contiguous(), positions.reshape(1), k_cache, v_cache,
+              n_heads, block_n, block_k, num_warps)

@@ -7,7 +7,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels.gemv import gemv, gemv_ref
+from blitzgen.kernels.gemv import gemv, gemv_ref, gemv_rope_cache, gemv_rope_cache_ref
+from blitzgen.model import rope_cos_sin
 from kernel_checks import assert_matches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,3 +121,53 @@ def test_errors(call, message):
     x, w = _rand(1, 64, dtype=torch.float32, seed=0), _rand(8, 64, dtype=torch.float32, seed=1)
     with pytest.raises(BlitzgenError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call(x, w)
+
+
+def _rope_case(H, Hkv, D, K, dtype, bias, position, seed):
+    """x, wqkv, bias and the keyword arguments of gemv_rope_cache; the caches are one sequence's rows of a
+    (L, B, S, Hkv, D) cache (strided views, as the model passes them), filled with noise."""
+    N = (H + 2 * Hkv) * D
+    x = _rand(1, K, dtype=dtype, seed=seed)
+    w = _rand(N, K, dtype=dtype, seed=seed + 1, scale=K ** -0.5)
+    b = _rand(N, dtype=dtype, seed=seed + 2) if bias else None
+    positions = torch.tensor([[position]], device=DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, device=DEVICE).float() / D))
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)  # (1, 1, D)
+    cache = _rand(2, 2, 2, 11, Hkv, D, dtype=dtype, seed=seed + 3)  # (k / v, layer, slot, S, Hkv, D)
+    kw = dict(norm_weight=_rand(K, dtype=dtype, seed=seed + 4, scale=0.2, offset=1.0), eps=EPS, cos=cos, sin=sin,
+              positions=positions, k_cache=cache[0, 1, 1:2], v_cache=cache[1, 1, 1:2], n_heads=H)
+    return x, w, b, kw, cache
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(4, 4, 16), (6, 2, 20), (8, 1, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rope_cache_epilogue_matches_reference(H, Hkv, D, dtype, bias):
+    """gemv_rope_cache against gemv_ref + rope_cache_write_ref: rotated q, lengths, the cache rows written at the
+    position and nothing else. MHA / GQA 3 / MQA; D = 20: half a head (10 rows) is not a multiple of the 8 rows
+    of a program's half, so the last program of each head is partial. In bf16 the reference rounds the product
+    to bf16 before rotating it, the kernel rotates the fp32 sums: two units in the last place."""
+    x, w, b, kw, cache = _rope_case(H, Hkv, D, 150, dtype, bias, position=7, seed=30)
+    ref_cache = cache.clone()
+    ref_kw = dict(kw, k_cache=ref_cache[0, 1, 1:2], v_cache=ref_cache[1, 1, 1:2])
+    for blocks in (None, (4, 32, 2)):
+        q, lengths = gemv_rope_cache(x, w, b, **kw, blocks=blocks)
+        q_ref, lengths_ref = gemv_rope_cache_ref(x, w, b, **ref_kw)
+        assert_matches(q, q_ref, ulps=2)
+        assert lengths.tolist() == lengths_ref.tolist() == [8] and lengths.dtype == torch.int64
+        assert_matches(cache[:, 1, 1, 7], ref_cache[:, 1, 1, 7], ulps=2)  # the token's k and v
+        written = torch.zeros(cache.shape[:4], dtype=torch.bool)
+        written[:, 1, 1, 7] = True
+        assert torch.equal(cache[~written], ref_cache[~written])  # every other row as it was (bit for bit)
+
+
+def test_rope_cache_errors():
+    x, w, b, kw, _ = _rope_case(4, 2, 16, 64, torch.float32, True, position=0, seed=40)
+    with pytest.raises(BlitzgenError, match="shapes do not fit"):
+        gemv_rope_cache(x, w[:-16], b, **kw)
+    with pytest.raises(BlitzgenError, match="shapes do not fit"):
+        gemv_rope_cache(x.expand(2, -1), w, b, **kw)
+    with pytest.raises(BlitzgenError, match="must share a float dtype"):
+        gemv_rope_cache(x, w.half(), b, **kw)
+    with pytest.raises(BlitzgenError, match="must be powers of two, block_n >= 2"):
+        gemv_rope_cache(x, w, b, **kw, blocks=(1, 64, 4))
