@@ -29,7 +29,7 @@ from blitzgen.cache import KVCache
 from blitzgen.checkpoint import load_model
 from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
-from blitzgen.model import Transformer
+from blitzgen.model import Transformer, gemv_args
 from blitzgen.sampling import SamplingParams, params_to_tensors, sample
 from blitzgen.tokenizer import StreamDecoder, Tokenizer
 
@@ -333,8 +333,8 @@ class Generator:
             # Quantized layers keep their own kernels.
             products = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
             on = (self.device.type == "cuda") if gemv_kernels is None else gemv_kernels
-            plain = all(type(m) is torch.nn.Linear for m in products)
-            layer.gemv_rows = gemv_rows if on and plain else 0
+            readable = all(gemv_args(m) is not None for m in products)  # float or int8, not int4
+            layer.gemv_rows = gemv_rows if on and readable else 0
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

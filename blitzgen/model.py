@@ -26,6 +26,17 @@ from blitzgen.config import ModelConfig, rope_inv_freq
 from blitzgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from blitzgen.kernels.gemv import gemv, gemv_rope_cache
 from blitzgen.kernels.rope_cache import rope_cache_write
+from blitzgen.quantize import Int8Linear
+
+
+def gemv_args(linear: nn.Module) -> dict | None:
+    """kernels/gemv.py's weight arguments for a product: an nn.Linear's weight and bias, or an Int8Linear's
+    codes, per-row scales and bias; None for what it does not read (int4)."""
+    if type(linear) is nn.Linear:
+        return dict(weight=linear.weight, bias=linear.bias)
+    if type(linear) is Int8Linear:
+        return dict(weight=linear.weight, bias=linear.bias, scales=linear.scales)
+    return None
 
 
 class RMSNorm(nn.Module):
@@ -199,15 +210,15 @@ class Block(nn.Module):
         if B == 1 and att.decode_kernel and att.q_norm is None:
             # One sequence: RoPE and the cache write happen in the product's epilogue, one launch instead of
             # the product plus Inductor's rotation and scatter kernels (kernels/gemv.py, gemv_rope_cache).
-            q, lengths = gemv_rope_cache(x, att.wqkv.weight, att.wqkv.bias, **norm, cos=cos, sin=sin,
-                                         positions=positions, k_cache=k_cache, v_cache=v_cache, n_heads=att.n_heads)
+            q, lengths = gemv_rope_cache(x, **gemv_args(att.wqkv), **norm, cos=cos, sin=sin, positions=positions,
+                                         k_cache=k_cache, v_cache=v_cache, n_heads=att.n_heads)
             out = decode_attention(q, k_cache, v_cache, lengths, att.sliding_window).view(B, 1, -1)  # (B, 1, H D)
         else:
-            qkv = gemv(x, att.wqkv.weight, att.wqkv.bias, **norm)  # (B, (H + 2 Hkv) D)
+            qkv = gemv(x, **gemv_args(att.wqkv), **norm)  # (B, (H + 2 Hkv) D)
             out = att.attend(qkv.view(B, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (B, 1, H D)
-        h = gemv(out.view(B, -1), att.wo.weight, att.wo.bias, residual=x)  # (B, C)
-        act = gemv(h, ffn.w13.weight, norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, gate_up=True)
-        return gemv(act, ffn.w2.weight, residual=h).view(B, 1, C)
+        h = gemv(out.view(B, -1), **gemv_args(att.wo), residual=x)  # (B, C)
+        act = gemv(h, **gemv_args(ffn.w13), norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, gate_up=True)
+        return gemv(act, **gemv_args(ffn.w2), residual=h).view(B, 1, C)
 
 
 class Transformer(nn.Module):
@@ -253,8 +264,8 @@ class Transformer(nn.Module):
         elif last_only:
             x = x[:, -1:]
         B, T, C = x.shape
-        if T == 1 and B <= self.layers[0].gemv_rows and type(self.output) is nn.Linear:
+        if T == 1 and B <= self.layers[0].gemv_rows and gemv_args(self.output) is not None:
             # Decode: the final norm folded into the output product, as the blocks' products (Block.gemv_decode).
-            logits = gemv(x.view(B, C), self.output.weight, self.output.bias, norm_weight=self.norm.weight, eps=self.norm.eps)
+            logits = gemv(x.view(B, C), **gemv_args(self.output), norm_weight=self.norm.weight, eps=self.norm.eps)
             return logits.view(B, 1, -1)
         return self.output(self.norm(x))  # (B, T or 1, V)

@@ -443,13 +443,36 @@ def test_gemv_kernels_in_the_model_match_transformers(tiny_models, hf_greedy, va
         assert [c.token_ids for c in both] == [hf_greedy(hf_model, p, 12) for p in prompts], compile
 
 
-def test_gemv_kernels_stay_off_for_quantized_layers(tiny_model):
+def test_gemv_kernels_stay_off_for_int4_layers(tiny_model):
     from blitzgen.quantize import quantize_model
 
     gen = generator_for(tiny_model[1])
-    quantize_model(gen.model, "int8")
+    quantize_model(gen.model, "int4", group_size=32)
     gen = Generator(gen.model, gen.tokenizer, compile=False, gemv_kernels=True)
     assert not any(layer.gemv_rows for layer in gen.model.layers)
+
+
+def test_gemv_kernels_read_int8_codes(tiny_models, monkeypatch):
+    """An int8 model's decode steps through kernels/gemv.py (codes and scales read by the kernel, interpreted)
+    give the greedy tokens of Int8Linear's own path, eager and compiled; the output product (int8 in every
+    mode) too."""
+    from blitzgen.quantize import quantize_model
+
+    _, path = tiny_models("llama_bias")
+    prompts = make_prompts()[:1]
+    gen = generator_for(path)
+    quantize_model(gen.model, "int8")
+    expected = Generator(gen.model, gen.tokenizer, compile=False, gemv_kernels=False).generate(prompts, greedy(12))
+    calls, fused = [], blitzgen.model.gemv_rope_cache
+    for compile in (False, True):
+        kernels = Generator(gen.model, gen.tokenizer, compile=compile, attention_kernel=True, gemv_kernels=True)
+        assert all(layer.gemv_rows == 1 for layer in kernels.model.layers)
+        with monkeypatch.context() as patch:
+            if not compile:
+                patch.setattr(blitzgen.model, "gemv_rope_cache", lambda *a, **k: calls.append(k["scales"]) or fused(*a, **k))
+            done = kernels.generate(prompts, greedy(12))
+        assert [c.token_ids for c in done] == [c.token_ids for c in expected], compile
+    assert calls and all(s is not None for s in calls)
 
 
 # ---- batched prefill ---------------------------------------------------------------------------

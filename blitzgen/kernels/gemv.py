@@ -75,15 +75,19 @@ try:
 except ImportError:  # a CPU-only install without Triton (model.py imports this module): gemv() runs gemv_ref
     triton = None
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
              norm_weight: torch.Tensor | None = None, eps: float = 0.0, gate_up: bool = False,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-PyTorch twin of gemv (the CPU path and the test oracle), in fp32."""
     xf = x.float()
     if norm_weight is not None:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
     y = xf @ weight.float().t()
+    if scales is not None:  # int8 codes: quantize.Int8Linear's per-channel scales
+        y = y * scales.float()
     if bias is not None:
         y = y + bias.float()
     if gate_up:
@@ -110,8 +114,33 @@ if triton is not None:
 
 
     @triton.jit
+    def _to_f32(w, ASM: tl.constexpr):
+        """A weight tile as fp32. int8 codes by bit tricks rather than the int-to-float instruction, which on
+        Hopper runs at a quarter of the fp32 rate, about the rate an H200 delivers int8 bytes at: per four codes
+        one xor (b + 128 as an unsigned byte), then for each a byte permute making the float 2^23 + b + 128
+        and one subtraction of 2^23 + 128, exact. The interpreter (ASM False) converts directly."""
+        if w.dtype == tl.int8 and ASM:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t, m;
+                xor.b32 t, $4, 0x80808080;
+                mov.b32 m, 0x4B000000;
+                prmt.b32 $0, t, m, 0x7440;
+                prmt.b32 $1, t, m, 0x7441;
+                prmt.b32 $2, t, m, 0x7442;
+                prmt.b32 $3, t, m, 0x7443;
+                sub.f32 $0, $0, 0f4B000080;
+                sub.f32 $1, $1, 0f4B000080;
+                sub.f32 $2, $2, 0f4B000080;
+                sub.f32 $3, $3, 0f4B000080;
+                }""",
+                "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        return w.to(tl.float32)
+
+
+    @triton.jit
     def _row_products(x_ptr, g_ptr, rows, second, n_mask, K, eps, NORM: tl.constexpr, TWO: tl.constexpr,
-                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
         """(y, y2), each (BLOCK_N,) fp32: the dot products of the weight rows at `rows` (and with TWO of those
         `second` elements further) with the activation row, RMSNorm-scaled with NORM. The main loop of both
         one-row kernels, PDL's wait included (see gemv())."""
@@ -132,9 +161,9 @@ if triton is not None:
             if NORM:
                 squares += x * x
                 x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+            acc += _to_f32(w, ASM) * x[None, :]
             if TWO:
-                acc2 += w2.to(tl.float32) * x[None, :]
+                acc2 += _to_f32(w2, ASM) * x[None, :]
             w, w2 = _weight_tile(rows, second, K, offs_k + BLOCK_K, n_mask, TWO)  # past K: masked, no traffic
         y = tl.sum(acc, axis=1)  # (BLOCK_N,)
         y2 = tl.sum(acc2, axis=1)
@@ -149,7 +178,8 @@ if triton is not None:
     def _gemv_kernel(
         x_ptr,  # (K,) the activation row
         g_ptr,  # (K,) norm weight (NORM)
-        w_ptr,  # (N, K) weight rows; with GATE_UP the up rows follow at w_ptr + N * K
+        w_ptr,  # (N, K) weight rows, float or int8 codes; with GATE_UP the up rows follow at w_ptr + N * K
+        s_ptr,  # (N,) (GATE_UP: (2 N,)) per-row scales of int8 codes (HAS_SCALES)
         b_ptr,  # (N,) bias (HAS_BIAS)
         r_ptr,  # (N,) residual (HAS_RESIDUAL)
         out_ptr,  # (N,)
@@ -158,16 +188,22 @@ if triton is not None:
         eps,
         NORM: tl.constexpr,
         GATE_UP: tl.constexpr,
+        HAS_SCALES: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper): see gemv()
+        ASM: tl.constexpr,  # inline PTX allowed (not in the interpreter)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-        y, up = _row_products(x_ptr, g_ptr, rows, N * K, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K)
+        y, up = _row_products(x_ptr, g_ptr, rows, N * K, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K, ASM)
+        if HAS_SCALES:  # before bias and gate: the scales belong to the product
+            y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if GATE_UP:
+                up *= tl.load(s_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if GATE_UP:
@@ -180,7 +216,8 @@ if triton is not None:
     @triton.jit
     def _gemv_rope_kernel(
         x_ptr, g_ptr,  # (K,) the activation row and the attention norm's weight
-        w_ptr,  # (N, K) = ((H + 2 Hkv) D, K): wqkv, q heads, then k heads, then v heads
+        w_ptr,  # (N, K) = ((H + 2 Hkv) D, K): wqkv, q heads, then k heads, then v heads; float or int8 codes
+        s_ptr,  # (N,) per-row scales of int8 codes (HAS_SCALES)
         b_ptr,  # (N,) bias (HAS_BIAS)
         cos_ptr, sin_ptr,  # (D,) the new token's rotation (model.rope_cos_sin)
         positions_ptr,  # (1,) its cache position p
@@ -190,7 +227,7 @@ if triton is not None:
         stride_kn, stride_kh, stride_vn, stride_vh,
         K, eps,
         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-        HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
         BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
         BLOCK_K: tl.constexpr,
     ):
@@ -203,7 +240,10 @@ if triton is not None:
         offs_n = head * D + offs_i
         n_mask = offs_i < HALF
         rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-        lo, hi = _row_products(x_ptr, g_ptr, rows, HALF * K, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K)
+        lo, hi = _row_products(x_ptr, g_ptr, rows, HALF * K, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K, ASM)
+        if HAS_SCALES:
+            lo *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            hi *= tl.load(s_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             lo += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             hi += tl.load(b_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
@@ -231,12 +271,12 @@ if triton is not None:
     @triton.jit
     def _gemv_rows_kernel(
         x_ptr,  # (M, K) activation rows, contiguous
-        g_ptr, w_ptr, b_ptr,  # as in _gemv_kernel
+        g_ptr, w_ptr, s_ptr, b_ptr,  # as in _gemv_kernel
         r_ptr,  # (M, N) residual (HAS_RESIDUAL)
         out_ptr,  # (M, N)
         M, N, K, eps,
-        NORM: tl.constexpr, GATE_UP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr,
+        NORM: tl.constexpr, GATE_UP: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
         DOT_IEEE: tl.constexpr,  # fp32: keep the dot in full fp32 (no TF32 rounding)
         BLOCK_M: tl.constexpr,  # 16: the rows padded to the smallest tl.dot tile
         BLOCK_N: tl.constexpr,
@@ -263,26 +303,31 @@ if triton is not None:
             if NORM:
                 squares += x * x
                 x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)[None, :]
+            # int8 codes become x's dtype for the product (exact: |code| <= 127 fits bf16's 8 bits)
+            wd, wd_up = w.to(x_ptr.dtype.element_ty), w_up.to(x_ptr.dtype.element_ty)
             if DOT_IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                acc += tl.dot(x, tl.trans(wd), input_precision="ieee")
                 if GATE_UP:
-                    acc_up += tl.dot(x, tl.trans(w_up), input_precision="ieee")
+                    acc_up += tl.dot(x, tl.trans(wd_up), input_precision="ieee")
             else:
-                xd = x.to(w.dtype)
-                acc += tl.dot(xd, tl.trans(w))
+                xd = x.to(wd.dtype)
+                acc += tl.dot(xd, tl.trans(wd))
                 if GATE_UP:
-                    acc_up += tl.dot(xd, tl.trans(w_up))
+                    acc_up += tl.dot(xd, tl.trans(wd_up))
             w, w_up = _weight_tile(rows, N * K, K, offs_k + BLOCK_K, n_mask, GATE_UP)
         y = acc  # (BLOCK_M, BLOCK_N)
+        up = acc_up
         if NORM:
             scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # (BLOCK_M, 1)
             y *= scale
+            up *= scale
+        if HAS_SCALES:
+            y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if GATE_UP:
+                up *= tl.load(s_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATE_UP:
-            up = acc_up
-            if NORM:
-                up *= scale
             y = y * tl.sigmoid(y) * up
         mn = offs_m[:, None] * N + offs_n[None, :]
         mn_mask = m_mask[:, None] & n_mask[None, :]
@@ -291,16 +336,16 @@ if triton is not None:
         tl.store(out_ptr + mn, y.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
-def _launch(wrap, x, weight, bias, norm_weight, eps, gate_up, residual, block_n, block_k, num_warps, pdl):
+def _launch(wrap, x, weight, scales, bias, norm_weight, eps, gate_up, residual, block_n, block_k, num_warps, pdl):
     """Launch the one-row or the several-row kernel, through `wrap` (wrap_triton, or none for PDL)."""
     M, K = x.shape
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    args = (x, x if norm_weight is None else norm_weight, weight, x if bias is None else bias,
-            x if residual is None else residual, out)
-    flags = dict(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-                 **({"launch_pdl": True} if pdl else {}))
+    args = (x, x if norm_weight is None else norm_weight, weight, x if scales is None else scales,
+            x if bias is None else bias, x if residual is None else residual, out)
+    flags = dict(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
+                 HAS_RESIDUAL=residual is not None, PDL=pdl, ASM=not _INTERPRET, BLOCK_N=block_n, BLOCK_K=block_k,
+                 num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     grid = (triton.cdiv(N, block_n),)
     if M == 1:
         wrap(_gemv_kernel)[grid](*args, N, K, eps, **flags)
@@ -309,25 +354,25 @@ def _launch(wrap, x, weight, bias, norm_weight, eps, gate_up, residual, block_n,
     return out
 
 
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
-             eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int, block_k: int,
-             num_warps: int) -> torch.Tensor:
-    return _launch(wrap_triton, x, weight, bias, norm_weight, eps, gate_up, residual,
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+             norm_weight: torch.Tensor | None, eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int,
+             block_k: int, num_warps: int) -> torch.Tensor:
+    return _launch(wrap_triton, x, weight, scales, bias, norm_weight, eps, gate_up, residual,
                    block_n, block_k, num_warps, False)
 
 
-def _gemv_pdl_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
-                 eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int, block_k: int,
-                 num_warps: int) -> torch.Tensor:
-    return _launch(lambda kernel: kernel, x, weight, bias, norm_weight, eps, gate_up, residual,
+def _gemv_pdl_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+                 norm_weight: torch.Tensor | None, eps: float, gate_up: bool, residual: torch.Tensor | None,
+                 block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
+    return _launch(lambda kernel: kernel, x, weight, scales, bias, norm_weight, eps, gate_up, residual,
                    block_n, block_k, num_warps, True)
 
 
-def _gemv_fake(x, weight, bias, norm_weight, eps, gate_up, *_):
+def _gemv_fake(x, weight, scales, bias, norm_weight, eps, gate_up, *_):
     return x.new_empty((x.shape[0], weight.shape[0] // 2 if gate_up else weight.shape[0]))
 
 
-def _rope_launch(wrap, x, weight, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
+def _rope_launch(wrap, x, weight, scales, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
                  block_n, block_k, num_warps, pdl):
     """Launch _gemv_rope_kernel through `wrap` -> rotated q (1, H, D) and lengths (1,) int64."""
     K = x.shape[1]
@@ -337,36 +382,37 @@ def _rope_launch(wrap, x, weight, bias, norm_weight, eps, cos, sin, positions, k
     half_block = block_n // 2  # rows of each half of a head a program owns: block_n rows in all, as in gemv
     grid = ((n_heads + 2 * Hkv) * triton.cdiv(D // 2, half_block),)
     wrap(_gemv_rope_kernel)[grid](
-        x, norm_weight, weight, x if bias is None else bias, cos, sin, positions, q_out, lengths, k_cache, v_cache,
-        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), K, eps,
-        H=n_heads, HKV=Hkv, D=D, HAS_BIAS=bias is not None, PDL=pdl, BLOCK_N=half_block, BLOCK_K=block_k,
+        x, norm_weight, weight, x if scales is None else scales, x if bias is None else bias, cos, sin, positions,
+        q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        K, eps, H=n_heads, HKV=Hkv, D=D, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, PDL=pdl,
+        ASM=not _INTERPRET, BLOCK_N=half_block, BLOCK_K=block_k,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
 
 
-def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor,
-                  eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
+def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+                  norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
                   num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_launch(wrap_triton, x, weight, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache,
-                        n_heads, block_n, block_k, num_warps, False)
+    return _rope_launch(wrap_triton, x, weight, scales, bias, norm_weight, eps, cos, sin, positions, k_cache,
+                        v_cache, n_heads, block_n, block_k, num_warps, False)
 
 
-def _gemv_rope_pdl_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor,
-                      eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
-                      num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_launch(lambda kernel: kernel, x, weight, bias, norm_weight, eps, cos, sin, positions, k_cache,
-                        v_cache, n_heads, block_n, block_k, num_warps, True)
+def _gemv_rope_pdl_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+                      norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                      positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+                      block_n: int, block_k: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_launch(lambda kernel: kernel, x, weight, scales, bias, norm_weight, eps, cos, sin, positions,
+                        k_cache, v_cache, n_heads, block_n, block_k, num_warps, True)
 
 
-def _gemv_rope_fake(x, weight, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, *_):
+def _gemv_rope_fake(x, weight, scales, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, *_):
     return x.new_empty((1, n_heads, k_cache.shape[3])), positions.new_empty((1,), dtype=torch.int64)
 
 
 if triton is not None:
     _CACHES = ("k_cache", "v_cache")
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _INTERPRET:
         # Interpreted kernels run eagerly on CPU tensors and cannot be traced through: opaque ops there
         # (the tests compile the model on the CPU), which torch.compile calls through the fakes.
         torch.library.custom_op("blitzgen::gemv", _gemv_op, mutates_args=())
@@ -389,6 +435,8 @@ if triton is not None:
 # gate (wqkv) wants 16 rows a program: each program sums the squares of all of x again, and fewer
 # programs do that less often; 16 x 512 read 93% / 87% of the bandwidth there against 88% / 80% for 4 x 1024.
 BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
+# int8 codes: a first guess, the same tiles (half the bytes a tile), until swept on a GPU.
+INT8_BLOCKS = dict(BLOCKS)
 # Several rows: a first guess (tensor-core tiles need block_n >= 16), not yet swept on a GPU.
 ROWS_BLOCKS = (32, 256, 4)
 MAX_ROWS = 8
@@ -396,20 +444,34 @@ MAX_ROWS = 8
 PDL = True
 
 
+def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None):
+    """x's dtype is a float one; the weight is of that dtype (no scales) or int8 codes with (N,) scales."""
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise BlitzgenError(f"{name}: x must be bf16, fp16 or fp32, got {x.dtype}")
+    if weight.dtype == torch.int8:
+        if scales is None or scales.shape != (weight.shape[0],):
+            raise BlitzgenError(f"{name}: int8 weight codes need scales of shape ({weight.shape[0]},), got "
+                                f"{None if scales is None else tuple(scales.shape)}")
+    elif weight.dtype != x.dtype or scales is not None:
+        raise BlitzgenError(f"{name}: the weight must be x's dtype ({x.dtype}) without scales, or int8 codes with "
+                            f"scales; got {weight.dtype}{' with scales' if scales is not None else ''}")
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gate_up: bool = False,
-         residual: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+         blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Activation rows x (M, K) times weight.T with the fusions of the module docstring -> (M, N) in x.dtype.
 
-    blocks (block_n, block_k, num_warps) overrides the defaults (tests, sweeps). Falls back to
-    gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
+    weight is of x's dtype, or int8 codes with per-row `scales` (N,) (quantize.Int8Linear's format; with
+    gate_up the gate rows' scales first). blocks (block_n, block_k, num_warps) overrides the defaults
+    (tests, sweeps). Falls back to gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if (x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or weight.dim() != 2
             or x.shape[1] != weight.shape[1]):
         raise BlitzgenError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (M, K) with "
                             f"M <= {MAX_ROWS} and (N, K)")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != x.dtype:
-        raise BlitzgenError(f"gemv: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
+    _check_weight("gemv", x, weight, scales)
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     if gate_up and (weight.shape[0] % 2 or bias is not None or residual is not None):
         raise BlitzgenError("gemv: gate_up needs an even number of weight rows and no bias or residual")
@@ -420,30 +482,34 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if residual is not None and residual.shape != (x.shape[0], N):
         raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be ({x.shape[0]}, {N})")
     if triton is None or not triton_runs_on(x):
-        return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual)
+        return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual,
+                        scales=scales)
     kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
-    block_n, block_k, num_warps = blocks or (BLOCKS[kind] if x.shape[0] == 1 else ROWS_BLOCKS)
+    one_row = INT8_BLOCKS if weight.dtype == torch.int8 else BLOCKS
+    block_n, block_k, num_warps = blocks or (one_row[kind] if x.shape[0] == 1 else ROWS_BLOCKS)
     if (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv: blocks {block_n, block_k} must be powers of two")
     if x.shape[0] > 1 and (block_n < 16 or block_k < 16):
         raise BlitzgenError(f"gemv: several rows need blocks of at least 16 x 16, got {block_n, block_k}")
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
     op = torch.ops.blitzgen.gemv_pdl if PDL and hopper(x) else torch.ops.blitzgen.gemv
-    return op(x.contiguous(), weight.contiguous(), contiguous(bias), contiguous(norm_weight), float(eps), gate_up,
-              contiguous(residual), block_n, block_k, num_warps)
+    return op(x.contiguous(), weight.contiguous(), contiguous(scales), contiguous(bias), contiguous(norm_weight),
+              float(eps), gate_up, contiguous(residual), block_n, block_k, num_warps)
 
 
-def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads):
+def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
+                        scales=None):
     """Plain-PyTorch twin of gemv_rope_cache: the normed product, then rope_cache_write's reference."""
     from blitzgen.kernels.rope_cache import rope_cache_write_ref
 
-    qkv = gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps)
+    qkv = gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, scales=scales)
     return rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
 
 
 def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                     norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+                    scales: torch.Tensor | None = None,
                     blocks: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A one-sequence decode step's attention input in one launch: RMSNorm + wqkv product, RoPE on q and k in
     the product's fp32 sums, k and v written to the cache at the token's position, as gemv() followed by
@@ -452,8 +518,8 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     x (1, K); weight ((H + 2 Hkv) D, K), heads in q, k, v order; cos, sin (1, [1,] D) in rotate-half layout;
     positions (1, [1]) the token's cache position; k_cache, v_cache (1, S, Hkv, D) with the last dim
     contiguous, written in place. Returns rotated q (1, H, D) in x.dtype and lengths = positions + 1 (1,)
-    int64, the live keys decode attention takes. blocks as in gemv (block_n rows a program: half from each
-    half of a head)."""
+    int64, the live keys decode attention takes. weight and scales as in gemv; blocks as in gemv (block_n rows
+    a program: half from each half of a head)."""
     B, K = x.shape if x.dim() == 2 else (0, 0)
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     N = (n_heads + 2 * Hkv) * D
@@ -463,18 +529,19 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise BlitzgenError(
             f"gemv_rope_cache: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)} for {n_heads} heads, "
             f"cos {tuple(cos.shape)}, positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or weight.dtype != x.dtype:
-        raise BlitzgenError(f"gemv_rope_cache: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
+    _check_weight("gemv_rope_cache", x, weight, scales)
     if triton is None or not triton_runs_on(x):
         return gemv_rope_cache_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, cos=cos, sin=sin,
-                                   positions=positions, k_cache=k_cache, v_cache=v_cache, n_heads=n_heads)
+                                   positions=positions, k_cache=k_cache, v_cache=v_cache, n_heads=n_heads,
+                                   scales=scales)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise BlitzgenError("gemv_rope_cache: the caches' last dim must be contiguous")
-    block_n, block_k, num_warps = blocks or BLOCKS["norm"]
+    block_n, block_k, num_warps = blocks or (INT8_BLOCKS if weight.dtype == torch.int8 else BLOCKS)["norm"]
     if block_n < 2 or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv_rope_cache: blocks {block_n, block_k} must be powers of two, block_n >= 2")
     op = torch.ops.blitzgen.gemv_rope_pdl if PDL and hopper(x) else torch.ops.blitzgen.gemv_rope
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return op(x.contiguous(), weight.contiguous(), contiguous(bias), norm_weight.contiguous(), float(eps),
+    return op(x.contiguous(), weight.contiguous(), contiguous(scales), contiguous(bias), norm_weight.contiguous(),
+              float(eps),
               cos.reshape(D).contiguous(), sin.reshape(D).contiguous(), positions.reshape(1), k_cache, v_cache,
               n_heads, block_n, block_k, num_warps)
