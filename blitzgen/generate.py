@@ -323,14 +323,16 @@ class Generator:
         for layer in model.layers:
             layer.attention.decode_kernel = (self.device.type == "cuda") if attention_kernel is None else attention_kernel
             # One kernel for a decode step's RoPE + K/V write (kernels/rope_cache.py), with the split-KV
-            # kernel only. Off by default: on an H200 its first version measured slower (Inductor copied
-            # its view inputs) and this one, on whole tensors, no faster (BENCHMARKS.md, 2026-12-01).
+            # kernel, where the GEMV kernels do not take the step (several sequences; one sequence has it
+            # in wqkv's epilogue). Off by default: not measured on that path; beside one-row GEMVs it took a
+            # step from 3.81 to 3.68 ms, where the fused epilogue gives 3.66 (BENCHMARKS.md, 2026-12-02).
             layer.attention.rope_kernel = rope_kernel
             # Decode steps of up to gemv_rows sequences run their products through kernels/gemv.py with
-            # norms, gate and residuals fused in (Block.gemv_decode), on CUDA by default: on an H200 a
-            # Llama-2-7B step at batch 1 took 3.86 against 4.21-4.35 ms through Inductor's products
-            # (BENCHMARKS.md, 2026-12-01 session 7). Several rows (gemv_rows > 1) are not measured yet.
-            # Quantized layers keep their own kernels.
+            # norms, gate, residuals and (one sequence) RoPE + the cache write fused in (Block.gemv_decode),
+            # on CUDA by default: on an H200 a Llama-2-7B step at batch 1 took 3.66 ms against 4.21-4.36
+            # through Inductor's products, and an int8 one 2.93 against 3.05 through gemv_a8 (BENCHMARKS.md,
+            # 2026-12-01 / 12-02 sessions 7-8). Several rows (gemv_rows > 1) measured 2.6x slower at 8 rows
+            # than Inductor's products, so the default is 1. int4 layers keep their own kernels.
             products = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
             on = (self.device.type == "cuda") if gemv_kernels is None else gemv_kernels
             readable = all(gemv_args(m) is not None for m in products)  # float or int8, not int4

@@ -18,6 +18,19 @@ first. The SiLU gate is applied where the gate and up rows are summed (a program
 BLOCK_N rows of both halves), so it is computed once per output instead of once per w2 row that
 reads it, which is what a gate fused into w2's reduction costs (an exp per weight element).
 
+RoPE and the cache write (gemv_rope_cache, one sequence): rotate-half RoPE pairs row i of a head with
+row i + D/2, so a program of _gemv_rope_kernel owns BLOCK_N / 2 rows of a head's first half and the
+same rows of its second half, rotates the fp32 sums, and stores q to its output and k, v straight into
+the cache at the token's position, with the live length (position + 1) decode attention reads next.
+What was a product, then RoPE / scatter kernels, is one launch. Measured on an H200 (BENCHMARKS.md,
+2026-12-02 session 8): a Llama-2-7B step 3.660 ms against 3.806 with Inductor's RoPE and scatter after
+the product and 3.676 with kernels/rope_cache.py's kernel there.
+
+int8 codes (quantize.Int8Linear's format: (N, K) int8, one scale per row) are read by the same
+kernels: the codes become floats in registers and the scales multiply the sums. On an H200 an int8
+Llama-2-7B step took 2.934 ms this way against 3.047 through gemv_a8 (int8 activations, integer dot
+products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact.
+
 Rounding. Everything is accumulated in fp32 and rounded to the activation dtype once, at the store.
 Hugging Face's RMSNorm rounds x * r to bf16 and multiplies by g in bf16 before the product, and the
 residual add is done in bf16 after rounding the product; so in bf16 the results differ from the
@@ -25,7 +38,8 @@ reference implementations by a few bf16 ulps, and in fp32 by fp32 rounding only.
 
 Contract:
     x           (M, K)   bf16 | fp16 | fp32, M <= MAX_ROWS activation rows (the decode step passes one)
-    weight      (N, K)   x's dtype, contiguous (gate_up: (2 I, K), gate rows first, as FeedForward.w13)
+    weight      (N, K)   x's dtype, contiguous (gate_up: (2 I, K), gate rows first, as FeedForward.w13),
+                         or int8 codes with scales (N,) (gate_up: (2 I,))
     bias        (N,)     or None (not with gate_up: no supported model has one there)
     norm_weight (K,)     or None: RMSNorm of each row of x with this weight and eps first
     residual    (M, N)   or None: added to the product (not with gate_up)
@@ -34,7 +48,9 @@ Contract:
 Several rows (2..8, a batch of sequences) take a second kernel that multiplies on tensor cores, the
 rows padded to 16 (the smallest tl.dot tile), so each weight tile is read once for all rows; x * g is
 rounded to the weights' dtype for the product. The model uses it only when asked
-(Generator(gemv_rows=) > 1, blitzgen bench --gemv-rows): it is not measured on a GPU yet.
+(Generator(gemv_rows=) > 1, blitzgen bench --gemv-rows): measured on an H200 it is 2.5-3x slower than
+Inductor's products at 8 rows (a layer's products at 25% of read against 76%; batch 8 decode 80.7
+against 212.7 tokens/s per sequence, BENCHMARKS.md 2026-12-02), so batch > 1 keeps Inductor's.
 
 One program owns BLOCK_N output rows (with gate_up, the same rows of both halves) and reads them
 over all of K in tiles of BLOCK_K, multiplying into a (BLOCK_N, BLOCK_K) fp32 register tile that is
@@ -105,42 +121,22 @@ if triton is not None:
         """The (BLOCK_N, BLOCK_K) weight tile at columns offs_k (zeros past K), and with TWO the tile of the
         rows `second` elements further on (gate_up: the up rows; rope: the rows half a head on)."""
         mask = n_mask[:, None] & (offs_k < K)[None, :]
+        ptrs = rows + offs_k[None, :]
+        if rows.dtype.element_ty == tl.int8:
+            # Load int8 codes 8 to a vector, as x's 16-bit entries are: with Triton's 16-byte vectors of 16 codes
+            # the tile and x get different register layouts, and x is re-laid through shared memory every tile.
+            ptrs = tl.max_contiguous(ptrs, [1, 8])
         # Each weight byte is read once: let it leave the L2 first, before the activation row every program reads.
-        w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        w = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
         w2 = w
         if TWO:
-            w2 = tl.load(rows + second + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            w2 = tl.load(ptrs + second, mask=mask, other=0.0, eviction_policy="evict_first")
         return w, w2
 
 
     @triton.jit
-    def _to_f32(w, ASM: tl.constexpr):
-        """A weight tile as fp32. int8 codes by bit tricks rather than the int-to-float instruction, which on
-        Hopper runs at a quarter of the fp32 rate, about the rate an H200 delivers int8 bytes at: per four codes
-        one xor (b + 128 as an unsigned byte), then for each a byte permute making the float 2^23 + b + 128
-        and one subtraction of 2^23 + 128, exact. The interpreter (ASM False) converts directly."""
-        if w.dtype == tl.int8 and ASM:
-            return tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t, m;
-                xor.b32 t, $4, 0x80808080;
-                mov.b32 m, 0x4B000000;
-                prmt.b32 $0, t, m, 0x7440;
-                prmt.b32 $1, t, m, 0x7441;
-                prmt.b32 $2, t, m, 0x7442;
-                prmt.b32 $3, t, m, 0x7443;
-                sub.f32 $0, $0, 0f4B000080;
-                sub.f32 $1, $1, 0f4B000080;
-                sub.f32 $2, $2, 0f4B000080;
-                sub.f32 $3, $3, 0f4B000080;
-                }""",
-                "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
-        return w.to(tl.float32)
-
-
-    @triton.jit
     def _row_products(x_ptr, g_ptr, rows, second, n_mask, K, eps, NORM: tl.constexpr, TWO: tl.constexpr,
-                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(y, y2), each (BLOCK_N,) fp32: the dot products of the weight rows at `rows` (and with TWO of those
         `second` elements further) with the activation row, RMSNorm-scaled with NORM. The main loop of both
         one-row kernels, PDL's wait included (see gemv())."""
@@ -161,9 +157,9 @@ if triton is not None:
             if NORM:
                 squares += x * x
                 x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            acc += _to_f32(w, ASM) * x[None, :]
+            acc += w.to(tl.float32) * x[None, :]  # int8 codes too: see INT8_BLOCKS for why a plain conversion
             if TWO:
-                acc2 += _to_f32(w2, ASM) * x[None, :]
+                acc2 += w2.to(tl.float32) * x[None, :]
             w, w2 = _weight_tile(rows, second, K, offs_k + BLOCK_K, n_mask, TWO)  # past K: masked, no traffic
         y = tl.sum(acc, axis=1)  # (BLOCK_N,)
         y2 = tl.sum(acc2, axis=1)
@@ -192,14 +188,13 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper): see gemv()
-        ASM: tl.constexpr,  # inline PTX allowed (not in the interpreter)
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-        y, up = _row_products(x_ptr, g_ptr, rows, N * K, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K, ASM)
+        y, up = _row_products(x_ptr, g_ptr, rows, N * K, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K)
         if HAS_SCALES:  # before bias and gate: the scales belong to the product
             y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if GATE_UP:
@@ -227,7 +222,7 @@ if triton is not None:
         stride_kn, stride_kh, stride_vn, stride_vh,
         K, eps,
         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
         BLOCK_K: tl.constexpr,
     ):
@@ -240,7 +235,7 @@ if triton is not None:
         offs_n = head * D + offs_i
         n_mask = offs_i < HALF
         rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-        lo, hi = _row_products(x_ptr, g_ptr, rows, HALF * K, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K, ASM)
+        lo, hi = _row_products(x_ptr, g_ptr, rows, HALF * K, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K)
         if HAS_SCALES:
             lo *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             hi *= tl.load(s_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
@@ -276,7 +271,7 @@ if triton is not None:
         out_ptr,  # (M, N)
         M, N, K, eps,
         NORM: tl.constexpr, GATE_UP: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
         DOT_IEEE: tl.constexpr,  # fp32: keep the dot in full fp32 (no TF32 rounding)
         BLOCK_M: tl.constexpr,  # 16: the rows padded to the smallest tl.dot tile
         BLOCK_N: tl.constexpr,
@@ -344,7 +339,7 @@ def _launch(wrap, x, weight, scales, bias, norm_weight, eps, gate_up, residual, 
     args = (x, x if norm_weight is None else norm_weight, weight, x if scales is None else scales,
             x if bias is None else bias, x if residual is None else residual, out)
     flags = dict(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=residual is not None, PDL=pdl, ASM=not _INTERPRET, BLOCK_N=block_n, BLOCK_K=block_k,
+                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k,
                  num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     grid = (triton.cdiv(N, block_n),)
     if M == 1:
@@ -385,7 +380,7 @@ def _rope_launch(wrap, x, weight, scales, bias, norm_weight, eps, cos, sin, posi
         x, norm_weight, weight, x if scales is None else scales, x if bias is None else bias, cos, sin, positions,
         q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         K, eps, H=n_heads, HKV=Hkv, D=D, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, PDL=pdl,
-        ASM=not _INTERPRET, BLOCK_N=half_block, BLOCK_K=block_k,
+        BLOCK_N=half_block, BLOCK_K=block_k,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
 
@@ -435,9 +430,12 @@ if triton is not None:
 # gate (wqkv) wants 16 rows a program: each program sums the squares of all of x again, and fewer
 # programs do that less often; 16 x 512 read 93% / 87% of the bandwidth there against 88% / 80% for 4 x 1024.
 BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
-# int8 codes: a first guess, the same tiles (half the bytes a tile), until swept on a GPU.
+# int8 codes, the same tiles (half the bytes a tile): the best of four in an H200 decode step (2.934 ms, against
+# 3.73-4.42 for 8 x 1024 / 4 x 2048 tiles). The codes become floats by the conversion instruction: making them
+# with byte permutes and a float subtraction instead (no int-to-float instruction) measured 22% slower there.
 INT8_BLOCKS = dict(BLOCKS)
-# Several rows: a first guess (tensor-core tiles need block_n >= 16), not yet swept on a GPU.
+# Several rows: the best of the H200 sweep at 8 rows was 43% of read (BENCHMARKS.md, 2026-12-02); kept
+# at the first guess (tensor-core tiles need block_n >= 16) while the kernel loses to Inductor's.
 ROWS_BLOCKS = (32, 256, 4)
 MAX_ROWS = 8
 # Programmatic dependent launch on Hopper and later (see the module docstring; gemv_bench turns it off to compare).

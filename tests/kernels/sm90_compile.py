@@ -68,17 +68,21 @@ def main():
         gemv.gemv(x, wf, norm_weight=nw, eps=1e-5)  # every epilogue the decode step uses
         gemv.gemv(x, wf, norm_weight=nw, eps=1e-5, gate_up=True)
         gemv.gemv(x, wf, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype))
-        gemv._launch(lambda kernel: kernel, x, wf, None, nw, 1e-5, True, None, 4, 256, 4, True)  # a dependent launch
+        gemv._launch(lambda kernel: kernel, x, wf, None, None, nw, 1e-5, True, None, 4, 256, 4, True)  # a dependent launch
+        w8f = torch.randint(-127, 128, (2 * N, K), dtype=torch.int8, generator=g)  # int8 codes, every epilogue
+        gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
+        gemv.gemv(x, w8f, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype), scales=torch.rand(2 * N).to(dtype))
         x5 = torch.randn(5, K).to(dtype)  # several rows: the tensor-core kernel, plain and as a dependent launch
         gemv.gemv(x5, wf, norm_weight=nw, eps=1e-5, gate_up=True)
         gemv.gemv(x5, wf, wf[:, 0], residual=torch.randn(5, 2 * N).to(dtype))
-        gemv._launch(lambda kernel: kernel, x5, wf, None, nw, 1e-5, False, None, 32, 256, 4, True)
+        gemv._launch(lambda kernel: kernel, x5, wf, None, None, nw, 1e-5, False, None, 32, 256, 4, True)
         H, Hkv, D = 8, 2, 64  # wqkv with RoPE and the cache write in the epilogue, plain and as a dependent launch
         wqkv, caches = torch.randn((H + 2 * Hkv) * D, K).to(dtype), torch.zeros(2, 1, 16, Hkv, D, dtype=dtype)
         for pdl in (False, True):
-            gemv._rope_launch(lambda kernel: kernel, x, wqkv, wqkv[:, 0], nw, 1e-5, torch.randn(D).to(dtype),
-                              torch.randn(D).to(dtype), torch.zeros(1, dtype=torch.int64), caches[0], caches[1], H,
-                              16, 512, 4, pdl)
+            for w, s in ((wqkv, None), (wqkv.to(torch.int8), torch.rand(wqkv.shape[0]).to(dtype))):
+                gemv._rope_launch(lambda kernel: kernel, x, w, s, wqkv[:, 0], nw, 1e-5, torch.randn(D).to(dtype),
+                                  torch.randn(D).to(dtype), torch.zeros(1, dtype=torch.int64), caches[0], caches[1],
+                                  H, 16, 512, 4, pdl)
         dequantize.int4_dequantize(w4, s4, z4, dtype)
     for dtype in (torch.bfloat16, torch.float32):
         for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split

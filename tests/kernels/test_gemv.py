@@ -73,8 +73,8 @@ def _int8(w):
 @pytest.mark.parametrize("fusion", ["bias", "norm", "bias+residual", "gate_up"])
 def test_int8_codes_match_reference(M, dtype, fusion):
     """int8 weight codes with per-row scales (quantize.Int8Linear's format): the codes made floats in the
-    kernel (on the GPU by byte permutes, see _to_f32), the scales applied to the sums. Against gemv_ref, and
-    against the product with the dequantized matrix, which Int8Linear stands for."""
+    kernel, the scales applied to the sums. Against gemv_ref, and against the product with the dequantized
+    matrix, which Int8Linear stands for."""
     if INTERPRETED and dtype == torch.bfloat16 and M > 1:
         pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
     x, w, kw = _fused(M, 45, 300, dtype, fusion, seed=50)
