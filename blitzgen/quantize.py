@@ -19,7 +19,9 @@ weights once and never build a dequantized matrix; a one-row bf16 / fp16 step ta
 kernels/gemv_a8.py instead, which rounds the activations to int8 for integer dot products
 (INT8_ACTIVATIONS_INT8, INT4_ACTIVATIONS_INT8 below). Longer inputs (prefill) are compute-bound
 and run cuBLAS on a dense matrix made for the call by one Triton pass over the codes
-(kernels/dequantize.py). On CPU both formats use the plain-PyTorch path.
+(kernels/dequantize.py). On CPU both formats use the plain-PyTorch path. A Generator's one-sequence
+decode step does not call Int8Linear.forward at all: Block.gemv_decode hands the codes and scales to
+kernels/gemv.py, whose fused kernels read them (BENCHMARKS.md, 2026-12-02: faster than gemv_a8).
 
 What quantize_model() quantizes, and why:
 - Every transformer block's linears (fused q/k/v, attention output, fused gate/up, down): ~97% of
