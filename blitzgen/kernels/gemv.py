@@ -48,9 +48,12 @@ Contract:
 Several rows (2..8, a batch of sequences) take a second kernel that multiplies on tensor cores, the
 rows padded to 16 (the smallest tl.dot tile), so each weight tile is read once for all rows; x * g is
 rounded to the weights' dtype for the product. The model uses it only when asked
-(Generator(gemv_rows=) > 1, blitzgen bench --gemv-rows): measured on an H200 it is 2.5-3x slower than
+(Generator(gemv_rows=) > 1, blitzgen bench --gemv-rows): measured on an H200 it was 2.5-3x slower than
 Inductor's products at 8 rows (a layer's products at 25% of read against 76%; batch 8 decode 80.7
-against 212.7 tokens/s per sequence, BENCHMARKS.md 2026-12-02), so batch > 1 keeps Inductor's.
+against 212.7 tokens/s per sequence, BENCHMARKS.md 2026-12-02), so batch > 1 keeps Inductor's. That
+version prefetched one weight tile into registers by hand, so a program had one tile in flight (and wo
+had 128 programs for 132 SMs); its weights now go through Triton's software pipeline instead, not yet
+measured.
 
 One program owns BLOCK_N output rows (with gate_up, the same rows of both halves) and reads them
 over all of K in tiles of BLOCK_K, multiplying into a (BLOCK_N, BLOCK_K) fp32 register tile that is
@@ -276,9 +279,13 @@ if triton is not None:
         BLOCK_M: tl.constexpr,  # 16: the rows padded to the smallest tl.dot tile
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        STAGES: tl.constexpr,  # weight tiles in flight (Triton's software pipeline, through shared memory)
     ):
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
+            # Before any load: the pipeline's first loads are placed ahead of the loop, where a wait inside
+            # the loop's prologue cannot go, so this kernel does not stream weights during its predecessor.
+            tl.extra.cuda.gdc_wait()
         offs_m = tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -287,11 +294,12 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        w, w_up = _weight_tile(rows, N * K, K, tl.arange(0, BLOCK_K), n_mask, GATE_UP)  # as in _row_products
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        for k0 in range(0, K, BLOCK_K):
+        # The weight tiles are loaded in the loop and Triton pipelines them (asynchronous copies to shared
+        # memory, STAGES - 1 tiles ahead), the way a matmul streams its operands; prefetching the next tile into
+        # registers by hand, as the one-row kernel does, left one tile in flight per program and read at 25-43%.
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
+            w, w_up = _weight_tile(rows, N * K, K, offs_k, n_mask, GATE_UP)
             k_mask = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0, eviction_policy="evict_last").to(tl.float32)  # (BLOCK_M, BLOCK_K)
@@ -309,7 +317,6 @@ if triton is not None:
                 acc += tl.dot(xd, tl.trans(wd))
                 if GATE_UP:
                     acc_up += tl.dot(xd, tl.trans(wd_up))
-            w, w_up = _weight_tile(rows, N * K, K, offs_k + BLOCK_K, n_mask, GATE_UP)
         y = acc  # (BLOCK_M, BLOCK_N)
         up = acc_up
         if NORM:
@@ -345,7 +352,8 @@ def _launch(wrap, x, weight, scales, bias, norm_weight, eps, gate_up, residual, 
     if M == 1:
         wrap(_gemv_kernel)[grid](*args, N, K, eps, **flags)
     else:
-        wrap(_gemv_rows_kernel)[grid](*args, M, N, K, eps, DOT_IEEE=x.dtype == torch.float32, BLOCK_M=16, **flags)
+        wrap(_gemv_rows_kernel)[grid](*args, M, N, K, eps, DOT_IEEE=x.dtype == torch.float32, BLOCK_M=16,
+                                      STAGES=ROWS_STAGES, **flags)
     return out
 
 
@@ -434,9 +442,10 @@ BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 # 3.73-4.42 for 8 x 1024 / 4 x 2048 tiles). The codes become floats by the conversion instruction: making them
 # with byte permutes and a float subtraction instead (no int-to-float instruction) measured 22% slower there.
 INT8_BLOCKS = dict(BLOCKS)
-# Several rows: the best of the H200 sweep at 8 rows was 43% of read (BENCHMARKS.md, 2026-12-02); kept
-# at the first guess (tensor-core tiles need block_n >= 16) while the kernel loses to Inductor's.
-ROWS_BLOCKS = (32, 256, 4)
+# Several rows: tensor-core tiles need block_n >= 16. With weights prefetched by hand the H200 sweep at 8 rows
+# peaked at 43% of read (BENCHMARKS.md, 2026-12-02); the pipelined loop and these values are not measured yet.
+ROWS_STAGES = 4
+ROWS_BLOCKS = (16, 256, 4)
 MAX_ROWS = 8
 # Programmatic dependent launch on Hopper and later (see the module docstring; gemv_bench turns it off to compare).
 PDL = True
