@@ -13,7 +13,9 @@ this run too (torch.sum over 4 GiB of bf16, CUDA events):
    to overflow the 50 MB L2, so every byte comes from HBM; the int8 / int4 times include the small
    split-K reduction kernels. Then a sweep of block sizes and split-K, to tune the defaults.
 2. Random-weight Llama-2-7B (blitzgen's Transformer built on the GPU in bf16, normal(0, 0.02)):
-   bf16, then quantize_model int8, then (rebuilt) int4 g128. Decode through Generator (compile=True,
+   bf16, then quantize_model int8, then (rebuilt) int4 g128. "int8 gemv" decodes one sequence through
+   kernels/gemv.py (the default), "int8" / "int8 a8" through Int8Linear's own kernels (weight-only, or
+   with int8 activations). Decode through Generator (compile=True,
    CUDA graph), prompt 100 tokens, 200 new tokens, greedy, batch 1 and 8: median of 3 runs of
    decode tokens/s (after the first token, host streaming included), and GB/s = tokens/s x bytes a
    step reads (all weights but the embedding table + the live K/V). Prefill: time to first token of a
@@ -251,7 +253,10 @@ def step_bytes(model, config, live_tokens: float, batch: int) -> float:
 
 def measure_model(model, config, device, label, batch_sizes, new_tokens, runs, ceiling, dry):
     rows = []
-    gen = Generator(model, NullTokenizer(), compile=not dry)
+    # bf16 and "int8 gemv" decode one sequence through kernels/gemv.py (the default); the other int8 rows
+    # through Int8Linear's own kernels (int8_gemv, or gemv_a8 with " a8"); int4 is not read by gemv.py.
+    gemv_kernels = None if label in ("bf16", "int8 gemv") else False
+    gen = Generator(model, NullTokenizer(), compile=not dry, gemv_kernels=gemv_kernels)
     weights_gb = step_bytes(model, config, 0, 1) / 1e9
     for bs in batch_sizes:
         prompts = [list(range(1, 101))] * bs
@@ -308,7 +313,7 @@ def main():
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--no-inductor", action="store_true",
                         help="skip the Inductor-compiled plain expressions (GEMV columns, one-row decode rows)")
-    parser.add_argument("--models", default="bf16,int8,int4 g128,int8 a8,int4 g128 a8,int8 Inductor 1-row,"
+    parser.add_argument("--models", default="bf16,int8 gemv,int8,int4 g128,int8 a8,int4 g128 a8,int8 Inductor 1-row,"
                         "int4 g128 Inductor 1-row",
                         help="decode rows to measure, comma-separated")
     args = parser.parse_args()

@@ -98,6 +98,7 @@ from functools import lru_cache
 import torch
 
 from blitzgen.errors import BlitzgenError
+from blitzgen.kernels import hopper
 
 try:
     import triton
@@ -116,6 +117,12 @@ MAX_SPLITS = 128  # the merge kernel holds all splits of a head in registers
 NUM_STAGES = 3
 _INTERPRETER_SMS = 4  # the "SM count" used on the CPU interpreter: a few splits at test sizes
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The last of the two kernels lets a programmatic dependent launch at its start (griddepcontrol.launch_dependents;
+# the dependent still waits for this grid to finish before it reads the output): in the decode step the wo GEMV,
+# launched so (kernels/gemv.py), then loads its first weight tiles during attention instead of after it. Unlike
+# making the attention kernels dependents themselves (measured slower, module docstring), no attention program
+# sits waiting on an SM. Not measured yet: off.
+SIGNAL_DEPENDENTS = False
 
 
 def decode_attention_ref(
@@ -178,7 +185,10 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head), fixed on the host
         EXACT_DOT: tl.constexpr,  # float32 products in full precision ("ieee"), not TF32; for float32 inputs
         DOT_IN_FP32: tl.constexpr,  # the CPU interpreter only: it multiplies bf16 bit patterns as integers
+        SIGNAL: tl.constexpr,  # Hopper, SIGNAL_DEPENDENTS: let a programmatic dependent launch now (one split only)
     ):
+        if SIGNAL and NUM_SPLITS == 1:  # this kernel is the last: the next one (the wo GEMV) may start loading
+            tl.extra.cuda.gdc_launch_dependents()
         split = tl.program_id(0)
         kv_head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride_kb can pass 2**31 for large caches
@@ -264,7 +274,10 @@ if triton is not None:
         BLOCK_N: tl.constexpr,  # as in _decode_attention_kernel
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+        SIGNAL: tl.constexpr,  # as in _decode_attention_kernel
     ):
+        if SIGNAL:
+            tl.extra.cuda.gdc_launch_dependents()
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
 
@@ -376,6 +389,7 @@ def _decode_attention_triton(
     window = S if sliding_window is None else min(sliding_window, S)
     # Triton 3.9's interpreter runs tl.dot on bf16 as a product of the raw 16-bit integers.
     dot_in_fp32 = _INTERPRET and q.dtype == torch.bfloat16
+    signal = SIGNAL_DEPENDENTS and hopper(q)
 
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if num_splits > 1:
@@ -399,6 +413,7 @@ def _decode_attention_triton(
         NUM_SPLITS=num_splits,
         EXACT_DOT=q.dtype == torch.float32 or dot_in_fp32,
         DOT_IN_FP32=dot_in_fp32,
+        SIGNAL=signal,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
@@ -414,6 +429,7 @@ def _decode_attention_triton(
             BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
             BLOCK_SPLITS=block_splits,
+            SIGNAL=signal,
             num_warps=min(16, max(4, block_splits * block_d // 2048)),  # <= 64 float32 per thread
             num_stages=1,
         )  # fmt: skip

@@ -42,6 +42,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 JITFunction.run = _compile_only
 
 from blitzgen.kernels import dequantize, gemv, gemv_a8, int4_gemv, int8_gemv  # noqa: E402
+from blitzgen.kernels import decode_attention, hopper  # noqa: E402
 from blitzgen.kernels.decode_attention import _decode_attention_triton  # noqa: E402
 from blitzgen.kernels.rope_cache import _rope_cache_launch  # noqa: E402
 
@@ -89,6 +90,9 @@ def main():
             q = torch.randn(B, H, D).to(dtype)
             cache = torch.randn(B, S, Hkv, D).to(dtype)
             _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits)
+            decode_attention.SIGNAL_DEPENDENTS, decode_attention.hopper = True, lambda t: True  # + the PDL signal
+            _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits)
+            decode_attention.SIGNAL_DEPENDENTS, decode_attention.hopper = False, hopper
         B, H, Hkv, D = 2, 8, 2, 128
         for pdl in (False, True):
             _rope_cache_launch(torch.randn(B, 1, (H + 2 * Hkv) * D).to(dtype), torch.randn(B, 1, D).to(dtype),
