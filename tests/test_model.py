@@ -120,7 +120,9 @@ def test_last_only_returns_the_last_position(tiny_models):
     assert_logits_close(logits[0, 0], reference_logits(hf_model, prompt)[-1], "last_only prefill")
 
 
-@pytest.mark.parametrize("batch, attention_kernel", [(1, False), (1, True), (3, True)])
+# One row without the attention kernel takes the unfused wqkv + attend() branch, which qwen3 (q/k norms) and
+# three rows cover here already.
+@pytest.mark.parametrize("batch, attention_kernel", [(1, True), (3, True)])
 @torch.inference_mode()
 def test_gemv_decode_matches_transformers(tiny_model, batch, attention_kernel):
     """Block.gemv_decode (kernels/gemv.py, interpreted on CPU: the norms, gate, biases and residual adds fused
