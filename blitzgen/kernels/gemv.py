@@ -85,16 +85,15 @@ import torch
 import torch.nn.functional as F
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import hopper, triton_runs_on
+from blitzgen.kernels import define_ops, hopper, triton_runs_on
 
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
 except ImportError:  # a CPU-only install without Triton (model.py imports this module): gemv() runs gemv_ref
     triton = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -338,8 +337,11 @@ if triton is not None:
         tl.store(out_ptr + mn, y.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
-def _launch(wrap, x, weight, scales, bias, norm_weight, eps, gate_up, residual, block_n, block_k, num_warps, pdl):
-    """Launch the one-row or the several-row kernel, through `wrap` (wrap_triton, or none for PDL)."""
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+             norm_weight: torch.Tensor | None, eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int,
+             block_k: int, num_warps: int, pdl: bool) -> torch.Tensor:
+    """Launch the one-row or the several-row kernel (the body of torch.ops.blitzgen.gemv / gemv_pdl)."""
+    wrap = (lambda kernel: kernel) if pdl else wrap_triton  # PDL: launched here, with the launch attribute
     M, K = x.shape
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -357,27 +359,17 @@ def _launch(wrap, x, weight, scales, bias, norm_weight, eps, gate_up, residual, 
     return out
 
 
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
-             norm_weight: torch.Tensor | None, eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int,
-             block_k: int, num_warps: int) -> torch.Tensor:
-    return _launch(wrap_triton, x, weight, scales, bias, norm_weight, eps, gate_up, residual,
-                   block_n, block_k, num_warps, False)
-
-
-def _gemv_pdl_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
-                 norm_weight: torch.Tensor | None, eps: float, gate_up: bool, residual: torch.Tensor | None,
-                 block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
-    return _launch(lambda kernel: kernel, x, weight, scales, bias, norm_weight, eps, gate_up, residual,
-                   block_n, block_k, num_warps, True)
-
-
 def _gemv_fake(x, weight, scales, bias, norm_weight, eps, gate_up, *_):
     return x.new_empty((x.shape[0], weight.shape[0] // 2 if gate_up else weight.shape[0]))
 
 
-def _rope_launch(wrap, x, weight, scales, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
-                 block_n, block_k, num_warps, pdl):
-    """Launch _gemv_rope_kernel through `wrap` -> rotated q (1, H, D) and lengths (1,) int64."""
+def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
+                  norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
+                  num_warps: int, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch _gemv_rope_kernel (the body of torch.ops.blitzgen.gemv_rope / gemv_rope_pdl) -> rotated q (1, H, D)
+    and lengths (1,) int64."""
+    wrap = (lambda kernel: kernel) if pdl else wrap_triton
     K = x.shape[1]
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     q_out = torch.empty((1, n_heads, D), dtype=x.dtype, device=x.device)
@@ -388,25 +380,8 @@ def _rope_launch(wrap, x, weight, scales, bias, norm_weight, eps, cos, sin, posi
         x, norm_weight, weight, x if scales is None else scales, x if bias is None else bias, cos, sin, positions,
         q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         K, eps, H=n_heads, HKV=Hkv, D=D, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, PDL=pdl,
-        BLOCK_N=half_block, BLOCK_K=block_k,
-        num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+        BLOCK_N=half_block, BLOCK_K=block_k, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
-
-
-def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
-                  norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
-                  num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_launch(wrap_triton, x, weight, scales, bias, norm_weight, eps, cos, sin, positions, k_cache,
-                        v_cache, n_heads, block_n, block_k, num_warps, False)
-
-
-def _gemv_rope_pdl_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
-                      norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                      positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
-                      block_n: int, block_k: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_launch(lambda kernel: kernel, x, weight, scales, bias, norm_weight, eps, cos, sin, positions,
-                        k_cache, v_cache, n_heads, block_n, block_k, num_warps, True)
 
 
 def _gemv_rope_fake(x, weight, scales, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, *_):
@@ -414,23 +389,8 @@ def _gemv_rope_fake(x, weight, scales, bias, norm_weight, eps, cos, sin, positio
 
 
 if triton is not None:
-    _CACHES = ("k_cache", "v_cache")
-    if _INTERPRET:
-        # Interpreted kernels run eagerly on CPU tensors and cannot be traced through: opaque ops there
-        # (the tests compile the model on the CPU), which torch.compile calls through the fakes.
-        torch.library.custom_op("blitzgen::gemv", _gemv_op, mutates_args=())
-        torch.library.register_fake("blitzgen::gemv")(_gemv_fake)
-        torch.library.custom_op("blitzgen::gemv_rope", _gemv_rope_op, mutates_args=_CACHES)
-        torch.library.register_fake("blitzgen::gemv_rope")(_gemv_rope_fake)
-    else:
-        triton_op("blitzgen::gemv", _gemv_op, mutates_args=())
-        triton_op("blitzgen::gemv_rope", _gemv_rope_op, mutates_args=_CACHES)
-        # A programmatic dependent launch needs the launch attribute, which Inductor's call of a traced
-        # kernel does not pass: these ops stay opaque to torch.compile and launch the kernel themselves.
-        torch.library.custom_op("blitzgen::gemv_pdl", _gemv_pdl_op, mutates_args=())
-        torch.library.register_fake("blitzgen::gemv_pdl")(_gemv_fake)
-        torch.library.custom_op("blitzgen::gemv_rope_pdl", _gemv_rope_pdl_op, mutates_args=_CACHES)
-        torch.library.register_fake("blitzgen::gemv_rope_pdl")(_gemv_rope_fake)
+    define_ops("gemv", _gemv_op, _gemv_fake)
+    define_ops("gemv_rope", _gemv_rope_op, _gemv_rope_fake, mutates_args=("k_cache", "v_cache"))
 
 
 # (block_n, block_k, num_warps) by fusion: the best of the H200 sweep over both Llama-2-7B and Llama-3.1-8B
@@ -499,9 +459,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.shape[0] > 1 and (block_n < 16 or block_k < 16):
         raise BlitzgenError(f"gemv: several rows need blocks of at least 16 x 16, got {block_n, block_k}")
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    op = torch.ops.blitzgen.gemv_pdl if PDL and hopper(x) else torch.ops.blitzgen.gemv
+    pdl = PDL and hopper(x)
+    op = torch.ops.blitzgen.gemv_pdl if pdl else torch.ops.blitzgen.gemv
     return op(x.contiguous(), weight.contiguous(), contiguous(scales), contiguous(bias), contiguous(norm_weight),
-              float(eps), gate_up, contiguous(residual), block_n, block_k, num_warps)
+              float(eps), gate_up, contiguous(residual), block_n, block_k, num_warps, pdl)
 
 
 def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
@@ -546,9 +507,10 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     block_n, block_k, num_warps = blocks or (INT8_BLOCKS if weight.dtype == torch.int8 else BLOCKS)["norm"]
     if block_n < 2 or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv_rope_cache: blocks {block_n, block_k} must be powers of two, block_n >= 2")
-    op = torch.ops.blitzgen.gemv_rope_pdl if PDL and hopper(x) else torch.ops.blitzgen.gemv_rope
+    pdl = PDL and hopper(x)
+    op = torch.ops.blitzgen.gemv_rope_pdl if pdl else torch.ops.blitzgen.gemv_rope
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
     return op(x.contiguous(), weight.contiguous(), contiguous(scales), contiguous(bias), norm_weight.contiguous(),
               float(eps),
               cos.reshape(D).contiguous(), sin.reshape(D).contiguous(), positions.reshape(1), k_cache, v_cache,
-              n_heads, block_n, block_k, num_warps)
+              n_heads, block_n, block_k, num_warps, pdl)

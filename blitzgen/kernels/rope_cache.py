@@ -32,9 +32,10 @@ Registered as torch.ops.blitzgen.rope_cache_write (torch.library.triton_op, muta
 caches in place) on CUDA; on a CPU the kernel runs only under TRITON_INTERPRET=1 (tests), else
 rope_cache_write() runs rope_cache_write_ref. On Hopper it is launched as a programmatic dependent
 (rope_cache_write_pdl, an opaque op: see kernels/gemv.py), waiting on the wqkv product before its first
-read. Still off by default: measured on an H200 only beside decode attention launched the same way
-(since removed), where it took a Llama-2-7B step from 3.882 to 3.836 ms (BENCHMARKS.md, 2026-12-01
-session 7); against this code's default step (3.839 ms) it is not measured yet.
+read. A one-sequence decode step does this in the wqkv product's epilogue instead (kernels/gemv.py,
+gemv_rope_cache: on an H200 a Llama-2-7B step took 3.660 ms that way, 3.676 with this kernel after the
+product, 3.806 with Inductor's RoPE and scatter; BENCHMARKS.md 2026-12-02). Here it serves steps of
+several sequences (Generator(rope_kernel=True)), off by default: not measured on that path.
 """
 
 import os
@@ -42,7 +43,7 @@ import os
 import torch
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import hopper
+from blitzgen.kernels import define_ops, hopper
 
 try:
     import triton
@@ -126,7 +127,10 @@ if triton is not None:
                 tl.store(lengths_ptr + b, position + 1)
 
 
-def _rope_cache_launch(qkv, cos, sin, positions, k_cache, v_cache, n_heads, pdl):
+def _rope_cache_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+                   pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel (the body of torch.ops.blitzgen.rope_cache_write / rope_cache_write_pdl)."""
     B = qkv.shape[0]
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     q_out = torch.empty((B, n_heads, D), dtype=qkv.dtype, device=qkv.device)
@@ -143,30 +147,13 @@ def _rope_cache_launch(qkv, cos, sin, positions, k_cache, v_cache, n_heads, pdl)
     return q_out, lengths
 
 
-def _rope_cache_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_cache_launch(qkv, cos, sin, positions, k_cache, v_cache, n_heads, False)
-
-
-def _rope_cache_pdl_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_cache_launch(qkv, cos, sin, positions, k_cache, v_cache, n_heads, True)
-
-
-def _rope_cache_fake(qkv, cos, sin, positions, k_cache, v_cache, n_heads):
+def _rope_cache_fake(qkv, cos, sin, positions, k_cache, v_cache, n_heads, pdl):
     return (qkv.new_empty((qkv.shape[0], n_heads, k_cache.shape[3])),
             positions.new_empty((qkv.shape[0],), dtype=torch.int64))
 
 
 if triton is not None:
-    _MUTATES = ("k_cache", "v_cache")
-    if _INTERPRET:  # interpreted kernels cannot be traced: an opaque op (see decode_attention.py)
-        torch.library.custom_op("blitzgen::rope_cache_write", _rope_cache_op, mutates_args=_MUTATES)
-        torch.library.register_fake("blitzgen::rope_cache_write")(_rope_cache_fake)
-    else:
-        torch.library.triton_op("blitzgen::rope_cache_write", _rope_cache_op, mutates_args=_MUTATES)
-        torch.library.custom_op("blitzgen::rope_cache_write_pdl", _rope_cache_pdl_op, mutates_args=_MUTATES)
-        torch.library.register_fake("blitzgen::rope_cache_write_pdl")(_rope_cache_fake)
+    define_ops("rope_cache_write", _rope_cache_op, _rope_cache_fake, mutates_args=("k_cache", "v_cache"))
 
 
 def rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,5 +172,6 @@ def rope_cache_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int) -
         return rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
     if any(t.stride(-1) != 1 for t in (qkv, cos, sin, k_cache, v_cache)):
         raise BlitzgenError("rope_cache_write: every tensor's last dim must be contiguous")
-    op = torch.ops.blitzgen.rope_cache_write_pdl if PDL and hopper(qkv) else torch.ops.blitzgen.rope_cache_write
-    return op(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
+    pdl = PDL and hopper(qkv)
+    op = torch.ops.blitzgen.rope_cache_write_pdl if pdl else torch.ops.blitzgen.rope_cache_write
+    return op(qkv, cos, sin, positions, k_cache, v_cache, n_heads, pdl)

@@ -44,7 +44,7 @@ JITFunction.run = _compile_only
 from blitzgen.kernels import dequantize, gemv, gemv_a8, int4_gemv, int8_gemv  # noqa: E402
 from blitzgen.kernels import decode_attention, hopper  # noqa: E402
 from blitzgen.kernels.decode_attention import _decode_attention_triton  # noqa: E402
-from blitzgen.kernels.rope_cache import _rope_cache_launch  # noqa: E402
+from blitzgen.kernels.rope_cache import _rope_cache_op  # noqa: E402
 
 for module in (dequantize, gemv, gemv_a8, int4_gemv, int8_gemv):
     module.triton_runs_on = lambda x: True  # the launchers' "is this a CUDA tensor" test
@@ -69,21 +69,20 @@ def main():
         gemv.gemv(x, wf, norm_weight=nw, eps=1e-5)  # every epilogue the decode step uses
         gemv.gemv(x, wf, norm_weight=nw, eps=1e-5, gate_up=True)
         gemv.gemv(x, wf, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype))
-        gemv._launch(lambda kernel: kernel, x, wf, None, None, nw, 1e-5, True, None, 4, 256, 4, True)  # a dependent launch
+        gemv._gemv_op(x, wf, None, None, nw, 1e-5, True, None, 4, 256, 4, True)  # a dependent launch
         w8f = torch.randint(-127, 128, (2 * N, K), dtype=torch.int8, generator=g)  # int8 codes, every epilogue
         gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
         gemv.gemv(x, w8f, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype), scales=torch.rand(2 * N).to(dtype))
         x5 = torch.randn(5, K).to(dtype)  # several rows: the tensor-core kernel, plain and as a dependent launch
         gemv.gemv(x5, wf, norm_weight=nw, eps=1e-5, gate_up=True)
         gemv.gemv(x5, wf, wf[:, 0], residual=torch.randn(5, 2 * N).to(dtype))
-        gemv._launch(lambda kernel: kernel, x5, wf, None, None, nw, 1e-5, False, None, 32, 256, 4, True)
+        gemv._gemv_op(x5, wf, None, None, nw, 1e-5, False, None, 32, 256, 4, True)
         H, Hkv, D = 8, 2, 64  # wqkv with RoPE and the cache write in the epilogue, plain and as a dependent launch
         wqkv, caches = torch.randn((H + 2 * Hkv) * D, K).to(dtype), torch.zeros(2, 1, 16, Hkv, D, dtype=dtype)
         for pdl in (False, True):
             for w, s in ((wqkv, None), (wqkv.to(torch.int8), torch.rand(wqkv.shape[0]).to(dtype))):
-                gemv._rope_launch(lambda kernel: kernel, x, w, s, wqkv[:, 0], nw, 1e-5, torch.randn(D).to(dtype),
-                                  torch.randn(D).to(dtype), torch.zeros(1, dtype=torch.int64), caches[0], caches[1],
-                                  H, 16, 512, 4, pdl)
+                gemv._gemv_rope_op(x, w, s, wqkv[:, 0], nw, 1e-5, torch.randn(D).to(dtype), torch.randn(D).to(dtype),
+                                   torch.zeros(1, dtype=torch.int64), caches[0], caches[1], H, 16, 512, 4, pdl)
         dequantize.int4_dequantize(w4, s4, z4, dtype)
     for dtype in (torch.bfloat16, torch.float32):
         for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split
@@ -95,7 +94,7 @@ def main():
             decode_attention.SIGNAL_DEPENDENTS, decode_attention.hopper = False, hopper
         B, H, Hkv, D = 2, 8, 2, 128
         for pdl in (False, True):
-            _rope_cache_launch(torch.randn(B, 1, (H + 2 * Hkv) * D).to(dtype), torch.randn(B, 1, D).to(dtype),
+            _rope_cache_op(torch.randn(B, 1, (H + 2 * Hkv) * D).to(dtype), torch.randn(B, 1, D).to(dtype),
                                torch.randn(B, 1, D).to(dtype), torch.zeros(B, 1, dtype=torch.int64),
                                torch.zeros(B, 16, Hkv, D, dtype=dtype), torch.zeros(B, 16, Hkv, D, dtype=dtype), H, pdl)
     for line in COMPILED:
