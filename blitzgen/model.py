@@ -5,8 +5,8 @@ in float32, SiLU-gated FFN), which the tests compare against. Architectures diff
 ModelConfig flags. q/k/v and gate/up are stored fused (`wqkv`, `w13`) so a decode step reads
 each layer with four matrix products; checkpoint.py fuses them after loading. In a decode step of
 few sequences, Block.gemv_decode runs those four through kernels/gemv.py with the norms, the gate
-and the residual adds fused into them (the same math; on by default on CUDA for one sequence, see
-Generator).
+and the residual adds fused into them, and for one sequence RoPE and the K/V cache write in the first
+(the same math; on by default on CUDA for one sequence, bf16 or int8 weights, see Generator).
 
 Shape legend: B batch (cache slots in this call), T tokens this step, S cache length,
 H / Hkv query / key-value heads, G = H // Hkv, D head dim, C model width, I FFN width,
@@ -192,7 +192,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
         # Decode steps of up to this many sequences run their four products through kernels/gemv.py, with
         # the norms, the SiLU gate and the residual adds fused into them (gemv_decode below); 0: never.
-        # Generator(gemv_kernels=, gemv_rows=) sets it, only where all four are plain nn.Linear (not quantized).
+        # Generator(gemv_kernels=, gemv_rows=) sets it, only where gemv.py reads all four (gemv_args: float or int8).
         self.gemv_rows = 0
 
     def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None):
@@ -203,7 +203,8 @@ class Block(nn.Module):
 
     def gemv_decode(self, x, cos, sin, positions, k_cache, v_cache, kv_len):
         """forward for one token of each of B <= gemv_rows sequences, x (B, 1, C): the same math in four GEMV
-        launches around attention, where Inductor makes six to eight kernels of the products, norms and adds."""
+        launches around attention, where Inductor makes six to eight kernels of the products, norms and adds
+        (and three to four more of RoPE and the cache write, which one sequence's first launch does too)."""
         att, ffn, (B, _, C) = self.attention, self.feed_forward, x.shape
         x = x.view(B, C)
         norm = dict(norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps)
