@@ -265,8 +265,9 @@ class Transformer(nn.Module):
         elif last_only:
             x = x[:, -1:]
         B, T, C = x.shape
-        if T == 1 and B <= self.layers[0].gemv_rows and gemv_args(self.output) is not None:
+        output = gemv_args(self.output)
+        if T == 1 and B <= self.layers[0].gemv_rows and output is not None:
             # Decode: the final norm folded into the output product, as the blocks' products (Block.gemv_decode).
-            logits = gemv(x.view(B, C), **gemv_args(self.output), norm_weight=self.norm.weight, eps=self.norm.eps)
+            logits = gemv(x.view(B, C), **output, norm_weight=self.norm.weight, eps=self.norm.eps)
             return logits.view(B, 1, -1)
         return self.output(self.norm(x))  # (B, T or 1, V)

@@ -159,7 +159,7 @@ if triton is not None:
             if NORM:
                 squares += x * x
                 x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]  # int8 codes too: see INT8_BLOCKS for why a plain conversion
+            acc += w.to(tl.float32) * x[None, :]  # int8 codes too: see BLOCKS for why a plain conversion
             if TWO:
                 acc2 += w2.to(tl.float32) * x[None, :]
             w, w2 = _weight_tile(rows, second, K, offs_k + BLOCK_K, n_mask, TWO)  # past K: masked, no traffic
@@ -247,16 +247,17 @@ if triton is not None:
         position = tl.load(positions_ptr).to(tl.int64)
         cos = tl.load(cos_ptr + offs_i, mask=n_mask, other=0.0).to(tl.float32)  # cos[i] == cos[i + D/2] here
         sin = tl.load(sin_ptr + offs_i, mask=n_mask, other=0.0).to(tl.float32)
+        rot_lo, rot_hi = lo * cos - hi * sin, hi * cos + lo * sin  # q and k heads; v heads store lo, hi
         # Each store's address is computed from a kernel argument inside its own branch, so torch.compile's
         # analysis of what the kernel writes sees exactly q_out, lengths and the two caches.
         if head < H:
             dst = q_out_ptr + head * D + offs_i
-            tl.store(dst, (lo * cos - hi * sin).to(q_out_ptr.dtype.element_ty), mask=n_mask)
-            tl.store(dst + HALF, (hi * cos + lo * sin).to(q_out_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(dst, rot_lo.to(q_out_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(dst + HALF, rot_hi.to(q_out_ptr.dtype.element_ty), mask=n_mask)
         elif head < H + HKV:
             dst = k_cache_ptr + position * stride_kn + (head - H) * stride_kh + offs_i
-            tl.store(dst, (lo * cos - hi * sin).to(k_cache_ptr.dtype.element_ty), mask=n_mask)
-            tl.store(dst + HALF, (hi * cos + lo * sin).to(k_cache_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(dst, rot_lo.to(k_cache_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(dst + HALF, rot_hi.to(k_cache_ptr.dtype.element_ty), mask=n_mask)
         else:
             dst = v_cache_ptr + position * stride_vn + (head - H - HKV) * stride_vh + offs_i
             tl.store(dst, lo.to(v_cache_ptr.dtype.element_ty), mask=n_mask)
@@ -398,10 +399,9 @@ if triton is not None:
 # gate (wqkv) wants 16 rows a program: each program sums the squares of all of x again, and fewer
 # programs do that less often; 16 x 512 read 93% / 87% of the bandwidth there against 88% / 80% for 4 x 1024.
 BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
-# int8 codes, the same tiles (half the bytes a tile): the best of four in an H200 decode step (2.934 ms, against
-# 3.73-4.42 for 8 x 1024 / 4 x 2048 tiles). The codes become floats by the conversion instruction: making them
-# with byte permutes and a float subtraction instead (no int-to-float instruction) measured 22% slower there.
-INT8_BLOCKS = dict(BLOCKS)
+# int8 codes take the same tiles (half the bytes a tile): the best of four in an H200 decode step (2.934 ms,
+# against 3.73-4.42 for 8 x 1024 / 4 x 2048 tiles). The codes become floats by the conversion instruction: making
+# them with byte permutes and a float subtraction instead (no int-to-float instruction) measured 22% slower there.
 # Several rows: tensor-core tiles need block_n >= 16. With weights prefetched by hand the H200 sweep at 8 rows
 # peaked at 43% of read (BENCHMARKS.md, 2026-12-02); the pipelined loop and these values are not measured yet.
 ROWS_STAGES = 4
@@ -409,6 +409,10 @@ ROWS_BLOCKS = (16, 256, 4)
 MAX_ROWS = 8
 # Programmatic dependent launch on Hopper and later (see the module docstring; gemv_bench turns it off to compare).
 PDL = True
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None):
@@ -452,17 +456,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual,
                         scales=scales)
     kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
-    one_row = INT8_BLOCKS if weight.dtype == torch.int8 else BLOCKS
-    block_n, block_k, num_warps = blocks or (one_row[kind] if x.shape[0] == 1 else ROWS_BLOCKS)
+    block_n, block_k, num_warps = blocks or (BLOCKS[kind] if x.shape[0] == 1 else ROWS_BLOCKS)
     if (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv: blocks {block_n, block_k} must be powers of two")
     if x.shape[0] > 1 and (block_n < 16 or block_k < 16):
         raise BlitzgenError(f"gemv: several rows need blocks of at least 16 x 16, got {block_n, block_k}")
-    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
     pdl = PDL and hopper(x)
     op = torch.ops.blitzgen.gemv_pdl if pdl else torch.ops.blitzgen.gemv
-    return op(x.contiguous(), weight.contiguous(), contiguous(scales), contiguous(bias), contiguous(norm_weight),
-              float(eps), gate_up, contiguous(residual), block_n, block_k, num_warps, pdl)
+    return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(bias), _contiguous(norm_weight),
+              float(eps), gate_up, _contiguous(residual), block_n, block_k, num_warps, pdl)
 
 
 def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
@@ -504,13 +506,12 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                                    scales=scales)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise BlitzgenError("gemv_rope_cache: the caches' last dim must be contiguous")
-    block_n, block_k, num_warps = blocks or (INT8_BLOCKS if weight.dtype == torch.int8 else BLOCKS)["norm"]
+    block_n, block_k, num_warps = blocks or BLOCKS["norm"]
     if block_n < 2 or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv_rope_cache: blocks {block_n, block_k} must be powers of two, block_n >= 2")
     pdl = PDL and hopper(x)
     op = torch.ops.blitzgen.gemv_rope_pdl if pdl else torch.ops.blitzgen.gemv_rope
-    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return op(x.contiguous(), weight.contiguous(), contiguous(scales), contiguous(bias), norm_weight.contiguous(),
+    return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(bias), norm_weight.contiguous(),
               float(eps),
               cos.reshape(D).contiguous(), sin.reshape(D).contiguous(), positions.reshape(1), k_cache, v_cache,
               n_heads, block_n, block_k, num_warps, pdl)
