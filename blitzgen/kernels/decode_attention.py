@@ -123,6 +123,13 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # making the attention kernels dependents themselves (measured slower, module docstring), no attention program
 # sits waiting on an SM. Not measured yet: off.
 SIGNAL_DEPENDENTS = False
+# How the splits are merged, for session 9's A/B (both off: the merge kernel, launched after the first):
+# FUSE_MERGE: the last split of a (sequence, kv head) to finish merges them, counted on a persistent int32 count
+#   that it sets back to zero (no second launch, no memset);
+# MERGE_PDL (Hopper): the merge kernel is a programmatic dependent of the first, which lets it launch at its
+#   start; the merge waits for the partials before its first read.
+FUSE_MERGE = False
+MERGE_PDL = False
 
 
 def decode_attention_ref(
@@ -162,6 +169,7 @@ if triton is not None:
         out_ptr,  # (B, H, D) output in q's dtype; written here only when NUM_SPLITS == 1
         part_out_ptr,  # (B, H, NUM_SPLITS, D) float32: each split's softmax-normalised output o_s
         part_lse_ptr,  # (B, H, NUM_SPLITS) float32: each split's lse_s, in base 2
+        counter_ptr,  # (B, Hkv) int32, FUSE_MERGE only: splits done; zero between calls (the merger resets it)
         stride_qb,  # q stride between sequences, in elements
         stride_qh,  # q stride between heads
         stride_kb,  # k_cache stride between sequences
@@ -185,9 +193,13 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head), fixed on the host
         EXACT_DOT: tl.constexpr,  # float32 products in full precision ("ieee"), not TF32; for float32 inputs
         DOT_IN_FP32: tl.constexpr,  # the CPU interpreter only: it multiplies bf16 bit patterns as integers
-        SIGNAL: tl.constexpr,  # Hopper, SIGNAL_DEPENDENTS: let a programmatic dependent launch now (one split only)
+        SIGNAL: tl.constexpr,  # Hopper: let the programmatic dependent that follows launch now
+        FUSE_MERGE: tl.constexpr,  # the last split of a (sequence, kv head) to finish merges (no 2nd launch)
+        G_M: tl.constexpr,  # G rounded up to a power of two: query-head rows of the fused merge
+        BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+        SPLITS_PER_STEP: tl.constexpr,  # partials the fused merge loads at once
     ):
-        if SIGNAL and NUM_SPLITS == 1:  # this kernel is the last: the next one (the wo GEMV) may start loading
+        if SIGNAL:  # the next kernel (the merge, or when this one is last the wo GEMV) may launch and wait
             tl.extra.cuda.gdc_launch_dependents()
         split = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -200,16 +212,19 @@ if triton is not None:
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         start = first + split * split_len
         end = tl.minimum(start + split_len, length)
-        if NUM_SPLITS > 1:
-            if start >= end:  # past the live keys: no work, and the merge will not read this split
-                return
-
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         heads = kv_head * G + offs_g  # the query heads of this kv head; rows >= G are padding
         g_mask = offs_g < G
         d_mask = offs_d < D
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        if NUM_SPLITS > 1:
+            if start >= end:  # past the live keys: no work, and the merge will not read this split
+                if FUSE_MERGE and split == 0:  # no live key at all (length 0): zeros, as the merge kernel gives
+                    tl.store(out_ptrs, tl.zeros([G_PAD, BLOCK_D], out_ptr.dtype.element_ty), mask=out_mask)
+                return
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=g_mask[:, None] & d_mask[None, :],
@@ -247,15 +262,58 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee" if EXACT_DOT else "tf32")
             m_i = m_new
 
-        out_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no live key (length 0): zeros
-            out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
         else:
             row = (b * H + heads) * NUM_SPLITS + split  # [G_PAD] rows of the (B, H, NUM_SPLITS) partials
             tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=out_mask)
             tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
+            if FUSE_MERGE:
+                # Every thread's partial is stored (the barrier) before the count, a release; the program that
+                # counts last has seen them all (acquire), merges, and sets the count back to zero for the next
+                # call (the kernel's end orders that store before any later launch).
+                tl.debug_barrier()
+                count = counter_ptr + b * (H // G) + kv_head
+                num_live = tl.cdiv(length - first, split_len)  # the live splits, as the merge kernel counts
+                if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == num_live - 1:
+                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_live, stride_ob, stride_oh,
+                                  H, G, G_M, D, BLOCK_D, NUM_SPLITS, BLOCK_SPLITS, SPLITS_PER_STEP)
+                    tl.store(count, 0)
+
+    @triton.jit
+    def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_live, stride_ob, stride_oh,
+                      H: tl.constexpr, G: tl.constexpr, G_M: tl.constexpr, D: tl.constexpr,
+                      BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                      SPLITS_PER_STEP: tl.constexpr):
+        """The merge of the module docstring for the G query heads of one kv head, inside the first kernel.
+        Partials are read from L2 (.cg): other SMs wrote them, and L1 is not coherent."""
+        offs_g = tl.arange(0, G_M)
+        g_mask = offs_g < G
+        heads = kv_head * G + offs_g
+        rows = (b * H + heads) * NUM_SPLITS  # [G_M] first partial row of each head
+        offs_s = tl.arange(0, BLOCK_SPLITS)
+        lse = tl.load(part_lse_ptr + rows[:, None] + offs_s[None, :],
+                      mask=g_mask[:, None] & (offs_s < num_live)[None, :], other=float("-inf"),
+                      cache_modifier=".cg")  # [G_M, BLOCK_SPLITS]
+        top = tl.where(g_mask, tl.max(lse, axis=1), 0.0)  # [G_M]; finite for real heads (split 0 is live)
+        total = tl.sum(tl.exp2(lse - top[:, None]), axis=1)  # exp2(-inf) = 0 for the splits not live
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        acc = tl.zeros([G_M, BLOCK_D], tl.float32)
+        offs_c = tl.arange(0, SPLITS_PER_STEP)
+        for s0 in range(0, num_live, SPLITS_PER_STEP):
+            c_mask = g_mask[:, None] & (s0 + offs_c < num_live)[None, :]  # [G_M, SPLITS_PER_STEP]
+            lse_c = tl.load(part_lse_ptr + rows[:, None] + s0 + offs_c[None, :], mask=c_mask,
+                            other=float("-inf"), cache_modifier=".cg")
+            w = tl.exp2(lse_c - top[:, None])  # [G_M, SPLITS_PER_STEP]
+            o = tl.load(part_out_ptr + (rows[:, None, None] + s0 + offs_c[None, :, None]) * D + offs_d[None, None, :],
+                        mask=c_mask[:, :, None] & d_mask[None, None, :], other=0.0,
+                        cache_modifier=".cg")  # [G_M, SPLITS_PER_STEP, BLOCK_D]
+            acc += tl.sum(w[:, :, None] * o, axis=1)
+        out = acc / tl.where(g_mask, total, 1.0)[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
     @triton.jit
     def _decode_attention_merge_kernel(
@@ -275,9 +333,12 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
         SIGNAL: tl.constexpr,  # as in _decode_attention_kernel
+        PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
     ):
         if SIGNAL:
             tl.extra.cuda.gdc_launch_dependents()
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # the partials are the first kernel's
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
 
@@ -371,8 +432,10 @@ def _decode_attention_triton(
     programs_per_sm: int = PROGRAMS_PER_SM,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
+    fuse_merge: bool | None = None,  # None: FUSE_MERGE / MERGE_PDL (the launch is direct when either is set)
+    merge_pdl: bool | None = None,
 ) -> torch.Tensor:
-    """Launch the kernels (the body of the registered op). Validates, allocates, picks the grid."""
+    """Launch the kernels (the body of the registered ops). Validates, allocates, picks the grid."""
     _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
     _check_kernel_inputs(q, k_cache, v_cache, lengths)
     B, H, D = q.shape
@@ -389,6 +452,9 @@ def _decode_attention_triton(
     window = S if sliding_window is None else min(sliding_window, S)
     # Triton 3.9's interpreter runs tl.dot on bf16 as a product of the raw 16-bit integers.
     dot_in_fp32 = _INTERPRET and q.dtype == torch.bfloat16
+    fuse_merge = (FUSE_MERGE if fuse_merge is None else fuse_merge) and num_splits > 1
+    merge_pdl = (MERGE_PDL if merge_pdl is None else merge_pdl) and hopper(q) and num_splits > 1 and not fuse_merge
+    one_kernel = num_splits == 1 or fuse_merge
     signal = SIGNAL_DEPENDENTS and hopper(q)
 
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
@@ -397,8 +463,13 @@ def _decode_attention_triton(
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:  # the kernel writes `out` directly and never touches these
         part_out = part_lse = out
-    wrap_triton(_decode_attention_kernel)[(num_splits, Hkv, B)](
-        q, k_cache, v_cache, lengths, out, part_out, part_lse,
+    counters = _counters(q.device, B * Hkv) if fuse_merge else out
+    block_splits = triton.next_power_of_2(num_splits)
+    # The direct launches: a persistent count and the PDL launch attribute are outside what a traced kernel
+    # call can take, so those variants run in an opaque op (decode_attention()).
+    launch = (lambda kernel: kernel) if fuse_merge or merge_pdl else wrap_triton
+    launch(_decode_attention_kernel)[(num_splits, Hkv, B)](
+        q, k_cache, v_cache, lengths, out, part_out, part_lse, counters,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -413,13 +484,16 @@ def _decode_attention_triton(
         NUM_SPLITS=num_splits,
         EXACT_DOT=q.dtype == torch.float32 or dot_in_fp32,
         DOT_IN_FP32=dot_in_fp32,
-        SIGNAL=signal,
+        SIGNAL=merge_pdl or (signal and one_kernel),
+        FUSE_MERGE=fuse_merge,
+        G_M=triton.next_power_of_2(H // Hkv),
+        BLOCK_SPLITS=block_splits,
+        SPLITS_PER_STEP=min(8, block_splits),
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-    if num_splits > 1:
-        block_splits = triton.next_power_of_2(num_splits)
-        wrap_triton(_decode_attention_merge_kernel)[(H, B)](
+    if not one_kernel:
+        launch(_decode_attention_merge_kernel)[(H, B)](
             part_out, part_lse, lengths, out,
             out.stride(0), out.stride(1),
             S, window, split_min,
@@ -430,13 +504,36 @@ def _decode_attention_triton(
             NUM_SPLITS=num_splits,
             BLOCK_SPLITS=block_splits,
             SIGNAL=signal,
+            PDL=merge_pdl,
             num_warps=min(16, max(4, block_splits * block_d // 2048)),  # <= 64 float32 per thread
             num_stages=1,
+            **({"launch_pdl": True} if merge_pdl else {}),
         )  # fmt: skip
     return out
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least n counts on `device`, kept for the process: the fused merge leaves it
+    zeroed after every call, so a captured CUDA graph can reuse it without a memset. Made on first use, which
+    must come before any capture (the Generator warms up outside it)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise BlitzgenError("decode_attention: the fused merge's counts must be made before CUDA-graph capture")
+        buf = _COUNTERS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return buf
+
+
 def _decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window)
+
+
+def _decode_attention_direct_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, sliding_window: int | None
 ) -> torch.Tensor:
     return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window)
@@ -450,6 +547,8 @@ if triton is not None:
         torch.library.register_fake("blitzgen::decode_attention")(lambda q, *_: q.new_empty(q.shape))
     else:
         torch.library.triton_op("blitzgen::decode_attention", _decode_attention_op, mutates_args=())
+        torch.library.custom_op("blitzgen::decode_attention_direct", _decode_attention_direct_op, mutates_args=())
+        torch.library.register_fake("blitzgen::decode_attention_direct")(lambda q, *_: q.new_empty(q.shape))
 
 
 def decode_attention(
@@ -464,5 +563,7 @@ def decode_attention(
     TRITON_INTERPRET=1; the plain-PyTorch reference otherwise."""
     _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
     if triton is not None and (q.is_cuda or _INTERPRET):
-        return torch.ops.blitzgen.decode_attention(q, k_cache, v_cache, lengths, sliding_window)
+        direct = q.is_cuda and (FUSE_MERGE or (MERGE_PDL and hopper(q)))
+        op = torch.ops.blitzgen.decode_attention_direct if direct else torch.ops.blitzgen.decode_attention
+        return op(q, k_cache, v_cache, lengths, sliding_window)
     return decode_attention_ref(q, k_cache, v_cache, lengths, sliding_window)
