@@ -63,13 +63,23 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
   row strides that are multiples of 16 elements let Triton prove 16-byte alignment.
 - One split (large batches): the first kernel writes the output itself; no merge launch.
 The merge kernel (grid (H, B)) loads all of a head's splits at once, [BLOCK_SPLITS, D], hence
-the MAX_SPLITS cap. Merging inside the first kernel instead (the last split of a kv head to
-finish, found with an atomic counter, merges; one launch instead of two) was built and measured
-on an H100 and lost: 57% against 63% of the ceiling at batch 1, 8k, no gain elsewhere
-(benchmarks/results-attention-sweep2-h100.log), so it was removed. Launching both kernels as
-programmatic dependents (PDL, as kernels/gemv.py does; each waiting on its predecessor before the
-first read) was measured on an H200 and lost too: 19.2 against 14.3 us at batch 1, 8k, 47.5 against
-38.4 at 32k, and a Llama-2-7B step 1% slower (BENCHMARKS.md, 2026-12-01 session 7): removed.
+the MAX_SPLITS cap.
+
+Launch overlap. On Hopper the merge is a programmatic dependent launch (PDL) of the first kernel:
+the first lets it launch as soon as its own programs start, and the merge's programs wait
+(griddepcontrol.wait) for the partials before their first read, so the merge's launch no longer
+follows the first kernel's end. Measured on an H200 in one run (BENCHMARKS.md, 2026-12-02 session 9):
+0.2-0.6 us faster a call at every size (5.4 against 6.0 us at 128 keys, 38.3 against 38.8 at 32k) and a
+Llama-2-7B step 3.670 against 3.691 ms. What was measured and removed:
+- merging inside the first kernel (the last split of a kv head to finish, found with an atomic count,
+  merges; one launch): on an H100 57% against 63% of the ceiling at batch 1, 8k (results-attention-
+  sweep2-h100.log); on the H200 again, with a count the merger resets (no memset), 15.4 against 14.4 us
+  at 8k, 39.9 against 38.8 at 32k, a 7B step 3.679 ms against 3.670 with the dependent merge;
+- the first kernel also a dependent of whatever wrote q (waiting before its first read): 19.2 against
+  14.3 us at 8k, a 7B step 1% slower (session 7);
+- the last attention kernel letting the wo GEMV (a dependent) launch at its start: no change with two
+  plain launches (3.690 against 3.691 ms), 3.4% slower with the dependent merge (3.794 ms): the GEMV's
+  waiting programs hold SMs the attention still needs.
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
@@ -86,9 +96,11 @@ input dtype before the P.V product, as FlashAttention does.
 
 Registered as torch.ops.blitzgen.decode_attention, a torch.library.triton_op: torch.compile
 (fullgraph=True) traces it into its two kernels, which write only their own outputs, so Inductor
-never copies the cache. `decode_attention()` calls it on CUDA tensors, and on CPU tensors when
-TRITON_INTERPRET=1 (the tests; interpreted kernels cannot be traced, so there the op is an opaque
-custom_op); otherwise, or without Triton, it returns `decode_attention_ref`.
+never copies the cache. On Hopper `decode_attention()` calls torch.ops.blitzgen.decode_attention_pdl
+instead, an opaque custom_op that launches the kernels itself (the PDL launch attribute is not passed
+by Inductor's call of a traced kernel). On CPU tensors with TRITON_INTERPRET=1 (the tests;
+interpreted kernels cannot be traced) the op is an opaque custom_op; otherwise, or without Triton,
+`decode_attention()` returns `decode_attention_ref`.
 """
 
 import math
@@ -117,19 +129,10 @@ MAX_SPLITS = 128  # the merge kernel holds all splits of a head in registers
 NUM_STAGES = 3
 _INTERPRETER_SMS = 4  # the "SM count" used on the CPU interpreter: a few splits at test sizes
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# The last of the two kernels lets a programmatic dependent launch at its start (griddepcontrol.launch_dependents;
-# the dependent still waits for this grid to finish before it reads the output): in the decode step the wo GEMV,
-# launched so (kernels/gemv.py), then loads its first weight tiles during attention instead of after it. Unlike
-# making the attention kernels dependents themselves (measured slower, module docstring), no attention program
-# sits waiting on an SM. Not measured yet: off.
-SIGNAL_DEPENDENTS = False
-# How the splits are merged, for session 9's A/B (both off: the merge kernel, launched after the first):
-# FUSE_MERGE: the last split of a (sequence, kv head) to finish merges them, counted on a persistent int32 count
-#   that it sets back to zero (no second launch, no memset);
-# MERGE_PDL (Hopper): the merge kernel is a programmatic dependent of the first, which lets it launch at its
-#   start; the merge waits for the partials before its first read.
-FUSE_MERGE = False
-MERGE_PDL = False
+# On Hopper the merge kernel is a programmatic dependent launch of the first: the first lets it launch at its start
+# (griddepcontrol.launch_dependents) and the merge waits for the partials (griddepcontrol.wait) before its first
+# read, so its launch overlaps the first kernel's work (module docstring, "Launch overlap").
+MERGE_PDL = True
 
 
 def decode_attention_ref(
@@ -169,7 +172,6 @@ if triton is not None:
         out_ptr,  # (B, H, D) output in q's dtype; written here only when NUM_SPLITS == 1
         part_out_ptr,  # (B, H, NUM_SPLITS, D) float32: each split's softmax-normalised output o_s
         part_lse_ptr,  # (B, H, NUM_SPLITS) float32: each split's lse_s, in base 2
-        counter_ptr,  # (B, Hkv) int32, FUSE_MERGE only: splits done; zero between calls (the merger resets it)
         stride_qb,  # q stride between sequences, in elements
         stride_qh,  # q stride between heads
         stride_kb,  # k_cache stride between sequences
@@ -193,13 +195,9 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,  # programs per (sequence, kv head), fixed on the host
         EXACT_DOT: tl.constexpr,  # float32 products in full precision ("ieee"), not TF32; for float32 inputs
         DOT_IN_FP32: tl.constexpr,  # the CPU interpreter only: it multiplies bf16 bit patterns as integers
-        SIGNAL: tl.constexpr,  # Hopper: let the programmatic dependent that follows launch now
-        FUSE_MERGE: tl.constexpr,  # the last split of a (sequence, kv head) to finish merges (no 2nd launch)
-        G_M: tl.constexpr,  # G rounded up to a power of two: query-head rows of the fused merge
-        BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
-        SPLITS_PER_STEP: tl.constexpr,  # partials the fused merge loads at once
+        SIGNAL: tl.constexpr,  # MERGE_PDL: let the merge kernel, a programmatic dependent, launch now
     ):
-        if SIGNAL:  # the next kernel (the merge, or when this one is last the wo GEMV) may launch and wait
+        if SIGNAL:  # the merge launches and waits on an SM while this kernel runs
             tl.extra.cuda.gdc_launch_dependents()
         split = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -218,12 +216,8 @@ if triton is not None:
         heads = kv_head * G + offs_g  # the query heads of this kv head; rows >= G are padding
         g_mask = offs_g < G
         d_mask = offs_d < D
-        out_mask = g_mask[:, None] & d_mask[None, :]
-        out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         if NUM_SPLITS > 1:
             if start >= end:  # past the live keys: no work, and the merge will not read this split
-                if FUSE_MERGE and split == 0:  # no live key at all (length 0): zeros, as the merge kernel gives
-                    tl.store(out_ptrs, tl.zeros([G_PAD, BLOCK_D], out_ptr.dtype.element_ty), mask=out_mask)
                 return
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -262,58 +256,15 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee" if EXACT_DOT else "tf32")
             m_i = m_new
 
+        out_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no live key (length 0): zeros
+            out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
         else:
             row = (b * H + heads) * NUM_SPLITS + split  # [G_PAD] rows of the (B, H, NUM_SPLITS) partials
             tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=out_mask)
             tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_mask)
-            if FUSE_MERGE:
-                # Every thread's partial is stored (the barrier) before the count, a release; the program that
-                # counts last has seen them all (acquire), merges, and sets the count back to zero for the next
-                # call (the kernel's end orders that store before any later launch).
-                tl.debug_barrier()
-                count = counter_ptr + b * (H // G) + kv_head
-                num_live = tl.cdiv(length - first, split_len)  # the live splits, as the merge kernel counts
-                if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == num_live - 1:
-                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_live, stride_ob, stride_oh,
-                                  H, G, G_M, D, BLOCK_D, NUM_SPLITS, BLOCK_SPLITS, SPLITS_PER_STEP)
-                    tl.store(count, 0)
-
-    @triton.jit
-    def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_live, stride_ob, stride_oh,
-                      H: tl.constexpr, G: tl.constexpr, G_M: tl.constexpr, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                      SPLITS_PER_STEP: tl.constexpr):
-        """The merge of the module docstring for the G query heads of one kv head, inside the first kernel.
-        Partials are read from L2 (.cg): other SMs wrote them, and L1 is not coherent."""
-        offs_g = tl.arange(0, G_M)
-        g_mask = offs_g < G
-        heads = kv_head * G + offs_g
-        rows = (b * H + heads) * NUM_SPLITS  # [G_M] first partial row of each head
-        offs_s = tl.arange(0, BLOCK_SPLITS)
-        lse = tl.load(part_lse_ptr + rows[:, None] + offs_s[None, :],
-                      mask=g_mask[:, None] & (offs_s < num_live)[None, :], other=float("-inf"),
-                      cache_modifier=".cg")  # [G_M, BLOCK_SPLITS]
-        top = tl.where(g_mask, tl.max(lse, axis=1), 0.0)  # [G_M]; finite for real heads (split 0 is live)
-        total = tl.sum(tl.exp2(lse - top[:, None]), axis=1)  # exp2(-inf) = 0 for the splits not live
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        acc = tl.zeros([G_M, BLOCK_D], tl.float32)
-        offs_c = tl.arange(0, SPLITS_PER_STEP)
-        for s0 in range(0, num_live, SPLITS_PER_STEP):
-            c_mask = g_mask[:, None] & (s0 + offs_c < num_live)[None, :]  # [G_M, SPLITS_PER_STEP]
-            lse_c = tl.load(part_lse_ptr + rows[:, None] + s0 + offs_c[None, :], mask=c_mask,
-                            other=float("-inf"), cache_modifier=".cg")
-            w = tl.exp2(lse_c - top[:, None])  # [G_M, SPLITS_PER_STEP]
-            o = tl.load(part_out_ptr + (rows[:, None, None] + s0 + offs_c[None, :, None]) * D + offs_d[None, None, :],
-                        mask=c_mask[:, :, None] & d_mask[None, None, :], other=0.0,
-                        cache_modifier=".cg")  # [G_M, SPLITS_PER_STEP, BLOCK_D]
-            acc += tl.sum(w[:, :, None] * o, axis=1)
-        out = acc / tl.where(g_mask, total, 1.0)[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
     @triton.jit
     def _decode_attention_merge_kernel(
@@ -332,11 +283,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,  # as in _decode_attention_kernel
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
-        SIGNAL: tl.constexpr,  # as in _decode_attention_kernel
         PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
     ):
-        if SIGNAL:
-            tl.extra.cuda.gdc_launch_dependents()
         if PDL:
             tl.extra.cuda.gdc_wait()  # the partials are the first kernel's
         head = tl.program_id(0)
@@ -432,8 +380,7 @@ def _decode_attention_triton(
     programs_per_sm: int = PROGRAMS_PER_SM,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
-    fuse_merge: bool | None = None,  # None: FUSE_MERGE / MERGE_PDL (the launch is direct when either is set)
-    merge_pdl: bool | None = None,
+    merge_pdl: bool | None = None,  # None: MERGE_PDL on Hopper
 ) -> torch.Tensor:
     """Launch the kernels (the body of the registered ops). Validates, allocates, picks the grid."""
     _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
@@ -452,10 +399,7 @@ def _decode_attention_triton(
     window = S if sliding_window is None else min(sliding_window, S)
     # Triton 3.9's interpreter runs tl.dot on bf16 as a product of the raw 16-bit integers.
     dot_in_fp32 = _INTERPRET and q.dtype == torch.bfloat16
-    fuse_merge = (FUSE_MERGE if fuse_merge is None else fuse_merge) and num_splits > 1
-    merge_pdl = (MERGE_PDL if merge_pdl is None else merge_pdl) and hopper(q) and num_splits > 1 and not fuse_merge
-    one_kernel = num_splits == 1 or fuse_merge
-    signal = SIGNAL_DEPENDENTS and hopper(q)
+    merge_pdl = (MERGE_PDL if merge_pdl is None else merge_pdl) and hopper(q) and num_splits > 1
 
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if num_splits > 1:
@@ -463,13 +407,11 @@ def _decode_attention_triton(
         part_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:  # the kernel writes `out` directly and never touches these
         part_out = part_lse = out
-    counters = _counters(q.device, B * Hkv) if fuse_merge else out
-    block_splits = triton.next_power_of_2(num_splits)
-    # The direct launches: a persistent count and the PDL launch attribute are outside what a traced kernel
-    # call can take, so those variants run in an opaque op (decode_attention()).
-    launch = (lambda kernel: kernel) if fuse_merge or merge_pdl else wrap_triton
+    # The PDL launch attribute is not passed by Inductor's call of a traced kernel, so with it the kernels are
+    # launched here, inside an opaque op (decode_attention()).
+    launch = (lambda kernel: kernel) if merge_pdl else wrap_triton
     launch(_decode_attention_kernel)[(num_splits, Hkv, B)](
-        q, k_cache, v_cache, lengths, out, part_out, part_lse, counters,
+        q, k_cache, v_cache, lengths, out, part_out, part_lse,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -484,15 +426,12 @@ def _decode_attention_triton(
         NUM_SPLITS=num_splits,
         EXACT_DOT=q.dtype == torch.float32 or dot_in_fp32,
         DOT_IN_FP32=dot_in_fp32,
-        SIGNAL=merge_pdl or (signal and one_kernel),
-        FUSE_MERGE=fuse_merge,
-        G_M=triton.next_power_of_2(H // Hkv),
-        BLOCK_SPLITS=block_splits,
-        SPLITS_PER_STEP=min(8, block_splits),
+        SIGNAL=merge_pdl,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-    if not one_kernel:
+    if num_splits > 1:
+        block_splits = triton.next_power_of_2(num_splits)
         launch(_decode_attention_merge_kernel)[(H, B)](
             part_out, part_lse, lengths, out,
             out.stride(0), out.stride(1),
@@ -503,7 +442,6 @@ def _decode_attention_triton(
             BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
             BLOCK_SPLITS=block_splits,
-            SIGNAL=signal,
             PDL=merge_pdl,
             num_warps=min(16, max(4, block_splits * block_d // 2048)),  # <= 64 float32 per thread
             num_stages=1,
@@ -512,31 +450,16 @@ def _decode_attention_triton(
     return out
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least n counts on `device`, kept for the process: the fused merge leaves it
-    zeroed after every call, so a captured CUDA graph can reuse it without a memset. Made on first use, which
-    must come before any capture (the Generator warms up outside it)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise BlitzgenError("decode_attention: the fused merge's counts must be made before CUDA-graph capture")
-        buf = _COUNTERS[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return buf
-
-
 def _decode_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, sliding_window: int | None
 ) -> torch.Tensor:
-    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window)
+    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window, merge_pdl=False)
 
 
-def _decode_attention_direct_op(
+def _decode_attention_pdl_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, sliding_window: int | None
 ) -> torch.Tensor:
-    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window)
+    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window, merge_pdl=True)
 
 
 if triton is not None:
@@ -547,8 +470,8 @@ if triton is not None:
         torch.library.register_fake("blitzgen::decode_attention")(lambda q, *_: q.new_empty(q.shape))
     else:
         torch.library.triton_op("blitzgen::decode_attention", _decode_attention_op, mutates_args=())
-        torch.library.custom_op("blitzgen::decode_attention_direct", _decode_attention_direct_op, mutates_args=())
-        torch.library.register_fake("blitzgen::decode_attention_direct")(lambda q, *_: q.new_empty(q.shape))
+        torch.library.custom_op("blitzgen::decode_attention_pdl", _decode_attention_pdl_op, mutates_args=())
+        torch.library.register_fake("blitzgen::decode_attention_pdl")(lambda q, *_: q.new_empty(q.shape))
 
 
 def decode_attention(
@@ -563,7 +486,6 @@ def decode_attention(
     TRITON_INTERPRET=1; the plain-PyTorch reference otherwise."""
     _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
     if triton is not None and (q.is_cuda or _INTERPRET):
-        direct = q.is_cuda and (FUSE_MERGE or (MERGE_PDL and hopper(q)))
-        op = torch.ops.blitzgen.decode_attention_direct if direct else torch.ops.blitzgen.decode_attention
+        op = torch.ops.blitzgen.decode_attention_pdl if MERGE_PDL and hopper(q) else torch.ops.blitzgen.decode_attention
         return op(q, k_cache, v_cache, lengths, sliding_window)
     return decode_attention_ref(q, k_cache, v_cache, lengths, sliding_window)

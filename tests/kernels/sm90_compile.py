@@ -90,11 +90,9 @@ def main():
             q = torch.randn(B, H, D).to(dtype)
             cache = torch.randn(B, S, Hkv, D).to(dtype)
             _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits)
-            decode_attention.SIGNAL_DEPENDENTS, decode_attention.hopper = True, lambda t: True  # + the PDL signal
-            for fuse_merge, merge_pdl in ((False, False), (True, False), (False, True)):  # + merged in the first
-                _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits,
-                                         fuse_merge=fuse_merge, merge_pdl=merge_pdl)  # kernel; merge as dependent
-            decode_attention.SIGNAL_DEPENDENTS, decode_attention.hopper = False, hopper
+            decode_attention.hopper = lambda t: True  # + the merge as a programmatic dependent launch
+            _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits)
+            decode_attention.hopper = hopper
         B, H, Hkv, D = 2, 8, 2, 128
         for pdl in (False, True):
             _rope_cache_op(torch.randn(B, 1, (H + 2 * Hkv) * D).to(dtype), torch.randn(B, 1, D).to(dtype),
