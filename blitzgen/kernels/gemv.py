@@ -52,8 +52,9 @@ rounded to the weights' dtype for the product. The model uses it only when asked
 Inductor's products at 8 rows (a layer's products at 25% of read against 76%; batch 8 decode 80.7
 against 212.7 tokens/s per sequence, BENCHMARKS.md 2026-12-02), so batch > 1 keeps Inductor's. That
 version prefetched one weight tile into registers by hand, so a program had one tile in flight (and wo
-had 128 programs for 132 SMs); its weights now go through Triton's software pipeline instead, not yet
-measured.
+had 128 programs for 132 SMs); its weights now go through Triton's software pipeline instead, and that
+measured no better (session 9: a layer's products at 23-27% of read with 3-5 stages against Inductor's
+75%, batch 8 decode 71.9 against 212.3 tokens/s per sequence). It stays off.
 
 One program owns BLOCK_N output rows (with gate_up, the same rows of both halves) and reads them
 over all of K in tiles of BLOCK_K, multiplying into a (BLOCK_N, BLOCK_K) fp32 register tile that is
@@ -403,7 +404,7 @@ BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 # against 3.73-4.42 for 8 x 1024 / 4 x 2048 tiles). The codes become floats by the conversion instruction: making
 # them with byte permutes and a float subtraction instead (no int-to-float instruction) measured 22% slower there.
 # Several rows: tensor-core tiles need block_n >= 16. With weights prefetched by hand the H200 sweep at 8 rows
-# peaked at 43% of read (BENCHMARKS.md, 2026-12-02); the pipelined loop and these values are not measured yet.
+# peaked at 43% of read (BENCHMARKS.md, 2026-12-02); the pipelined loop with these values read 23-27% (session 9).
 ROWS_STAGES = 4
 ROWS_BLOCKS = (16, 256, 4)
 MAX_ROWS = 8

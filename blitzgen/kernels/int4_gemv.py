@@ -33,7 +33,10 @@ On an H200 the one-row path reads only 17-33% of the bandwidth (compute-bound): 
 decode takes gemv_a8.py instead (activations rounded to int8, integer dot products; quantize.py's
 INT4_ACTIVATIONS_INT8), and this kernel serves several rows, float32 and exact activations. (A
 one-row tensor-core variant, codes made 16-bit floats by bit pattern and rows padded to 16, was
-measured there at 12-24% and removed: BENCHMARKS.md, 2026-12-01 session 5.)
+measured there at 12-24% and removed: BENCHMARKS.md, 2026-12-01 session 5. Several bf16 rows with the
+codes themselves as the dot's operand, made 16-bit floats by bit pattern (0x4300 | q is 128 + q) and
+scale and zero point applied once per group after a per-group dot, read 11-19% of the bandwidth against
+this tile dequantization's 14-25% (each 7B shape ~25% slower at 2-8 rows) and batch 8 decode 179.1 against 206.9 tokens/s: removed, session 9.)
 Registered as `torch.ops.blitzgen.int4_gemv` (torch.library.triton_op) for torch.compile.
 """
 
@@ -116,54 +119,6 @@ def _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_s
 
 
 @triton.jit
-def _int4_rows_codes(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split,
-                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     CODE_BITS: tl.constexpr, CODE_OFFSET: tl.constexpr):
-    """Several 16-bit activation rows on tensor cores, with the codes themselves as the dot's operand. The 16-bit
-    float with bits CODE_BITS | q is CODE_OFFSET + q exactly (bf16: 0x4300 = 128 + q; fp16: 0x6400 = 1024 + q),
-    so making an operand of a code takes integer instructions only (no int-to-float conversion, no multiply-add
-    per weight). Per group g the sum splits as
-        sum_k x_k w_k = s_g * (sum_k x_k (OFFSET + q_k) - OFFSET * sum_k x_k) + z_g * sum_k x_k,
-    so scale and zero point are applied once per (row, output channel, group), in fp32. The products of the dot
-    are exact (16-bit x times an integer of <= 11 bits); the cancellation of OFFSET costs 4 (bf16) or 7 (fp16)
-    of fp32's 24 bits, far below the output's rounding."""
-    HALF_G: tl.constexpr = GROUP // 2
-    GROUPS: tl.constexpr = BLOCK_K // GROUP
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    n_groups = K // GROUP
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    offs_c = tl.arange(0, HALF_G)
-    k_begin = pid_k * k_blocks_per_split * BLOCK_K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(k_blocks_per_split):
-        for j in tl.static_range(GROUPS):
-            k0 = k_begin + i * BLOCK_K + j * GROUP  # this group's first column
-            offs_b = k0 // 2 + offs_c
-            live = n_mask & (k0 + 0 * offs_n < K)  # (BLOCK_N,): the last tile may run past K by whole groups
-            packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :],
-                             mask=n_mask[:, None] & (offs_b < K // 2)[None, :], other=0)  # (BLOCK_N, GROUP / 2) uint8
-            lo = ((packed & 0xF).to(tl.int16) | CODE_BITS).to(x_ptr.dtype.element_ty, bitcast=True)
-            hi = ((packed >> 4).to(tl.int16) | CODE_BITS).to(x_ptr.dtype.element_ty, bitcast=True)
-            offs_k = k0 + tl.arange(0, GROUP)
-            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
-                        other=0.0)  # (BLOCK_M, GROUP)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_G, 2)))  # the low and the high nibbles' columns
-            d = tl.dot(x_even, tl.trans(lo))
-            d = tl.dot(x_odd, tl.trans(hi), d)  # (BLOCK_M, BLOCK_N) fp32: sum_k x_k (OFFSET + q_k)
-            xs = tl.sum(x.to(tl.float32), axis=1)  # (BLOCK_M,)
-            s = tl.load(s_ptr + offs_n * n_groups + k0 // GROUP, mask=live, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs_n * n_groups + k0 // GROUP, mask=live, other=0.0).to(tl.float32)
-            acc += (d - CODE_OFFSET * xs[:, None]) * s[None, :] + xs[:, None] * z[None, :]
-    tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
-             mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
 def _int4_gemv_kernel(
     x_ptr,  # (M, K) activations, contiguous
     w_ptr,  # (N, K / 2) uint8, two 4-bit codes per byte (even k low nibble, odd k high nibble)
@@ -180,15 +135,9 @@ def _int4_gemv_kernel(
     BLOCK_K: tl.constexpr,  # K elements per loop step, a multiple of GROUP (BLOCK_K / 2 bytes per row)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
     WORDS: tl.constexpr,  # one row, w_ptr the packed codes as int32 words (8 codes each)
-    CODE_BITS: tl.constexpr = 0,  # several 16-bit rows: codes as the dot's operand (_int4_rows_codes); 0: off
-    CODE_OFFSET: tl.constexpr = 0.0,
 ):
     if WORDS:
         _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split, GROUP, BLOCK_N, BLOCK_K)
-        return
-    if CODE_BITS:
-        _int4_rows_codes(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split, GROUP, BLOCK_M, BLOCK_N,
-                         BLOCK_K, CODE_BITS, CODE_OFFSET)
         return
     HALF: tl.constexpr = BLOCK_K // 2
     GROUPS: tl.constexpr = BLOCK_K // GROUP  # groups per tile row
@@ -243,18 +192,16 @@ def _int4_gemv_kernel(
 @triton_op("blitzgen::int4_gemv", mutates_args=())
 def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   bias: torch.Tensor | None, split_k: int, block_m: int, block_n: int, block_k: int,
-                  num_warps: int, words: bool, codes_in_dot: bool) -> torch.Tensor:
+                  num_warps: int, words: bool) -> torch.Tensor:
     M, K = x.shape
     N = packed.shape[0]
     per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, block_n), split_k, triton.cdiv(M, block_m))
-    code_bits, code_offset = _CODE_BITS[x.dtype] if codes_in_dot else (0, 0.0)
     wrap_triton(_int4_gemv_kernel)[grid](
         x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
         GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_IEEE=x.dtype == torch.float32, WORDS=words, CODE_BITS=code_bits, CODE_OFFSET=code_offset,
-        num_warps=num_warps,
+        DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
     )
     return finish_partials(partial, bias, x.dtype)
 
@@ -265,21 +212,15 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 ONE_ROW = (1, 64, 128, 4)
 MANY_ROWS = (16, 32, 128, 4)
 PROGRAMS_PER_SM = 8
-# Several bf16 / fp16 rows take the codes as the dot's operand (_int4_rows_codes) when this is on; off until
-# session 9's A/B on the H200 says which is faster.
-CODES_IN_DOT = False
-_CODE_BITS = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}  # bits | q is OFFSET + q
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               bias: torch.Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
-              split_k: int | None = None, words: bool = True, codes_in_dot: bool | None = None) -> torch.Tensor:
+              split_k: int | None = None, words: bool = True) -> torch.Tensor:
     """y = x @ W.T + bias for x (M, K) and W the int4 matrix (packed, scales, zeros) -> (M, N) in x.dtype.
 
     blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
-    words=False turns off the one-row path that reads the codes as int32 words (for comparison);
-    codes_in_dot (None: CODES_IN_DOT) chooses, for several bf16 / fp16 rows, between the codes as the dot's
-    operand and each weight dequantized in the tile.
+    words=False turns off the one-row path that reads the codes as int32 words (for comparison).
     Falls back to int4_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or packed.dim() != 2 or 2 * packed.shape[1] != x.shape[1]:
@@ -309,7 +250,5 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k), PROGRAMS_PER_SM)
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1  # K / 2 bytes a row is a multiple of 16: whole words
-    codes_in_dot = CODES_IN_DOT if codes_in_dot is None else codes_in_dot
-    codes_in_dot = codes_in_dot and block_m > 1 and x.dtype in _CODE_BITS
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
-                                        block_m, block_n, block_k, num_warps, words, codes_in_dot)
+                                        block_m, block_n, block_k, num_warps, words)

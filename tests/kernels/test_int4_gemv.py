@@ -41,11 +41,9 @@ def test_matches_reference(M, N, K, G, dtype):
 @pytest.mark.parametrize("words", [True, False])
 def test_split_k_and_blocks(split_k, blocks, words):
     # One row reads the codes as int32 words unless words=False; (1, 8, 256) puts 4 groups in a tile.
-    # Several rows in fp16: words=False there takes the codes dequantized in the tile instead of in the dot.
     M = 1 if blocks[0] == 1 else 5
-    dtype = torch.float32 if M == 1 else torch.float16
-    x, packed, scales, zeros, b = _inputs(M, 41, 448, 64, dtype, bias=True, seed=split_k)
-    _check(int4_gemv(x, packed, scales, zeros, b, blocks=blocks, split_k=split_k, words=words, codes_in_dot=words),
+    x, packed, scales, zeros, b = _inputs(M, 41, 448, 64, torch.float32, bias=True, seed=split_k)
+    _check(int4_gemv(x, packed, scales, zeros, b, blocks=blocks, split_k=split_k, words=words),
            int4_gemv_ref(x, packed, scales, zeros, b))
 
 
@@ -59,27 +57,6 @@ def test_every_code_in_every_position_converts_exactly():
     ones, zeros = torch.ones(N, 2, dtype=torch.bfloat16, device=DEVICE), torch.zeros(N, 2, dtype=torch.bfloat16, device=DEVICE)
     y = int4_gemv(torch.ones(1, K, device=DEVICE), packed, ones, zeros, blocks=(1, 16, 64, 4), split_k=1)
     assert torch.equal(y[0].cpu(), (torch.arange(N) % 16).float())
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_codes_as_the_dot_operand_are_exact(dtype):
-    """Several 16-bit rows take each code as a 16-bit float by bit pattern (OFFSET + q) and remove the offset
-    per group: with scale 1 and zero point 0 every output is a sum of whole codes, exactly; with a zero point
-    the offset's cancellation must leave the same sums. Groups of 32 (the smallest dot) over two K tiles."""
-    if INTERPRETED and dtype == torch.bfloat16:
-        pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
-    N, K, G = 48, 128, 32
-    g = torch.Generator().manual_seed(3)
-    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).float()  # (N, K)
-    x = torch.zeros(16, K)
-    x[torch.arange(16), torch.arange(16) * 5] = 1.0  # row m picks column 5 m: one code of each nibble kind
-    x[8:] += 1.0 / 4  # rows 8..15 also add a quarter of every code (sums of multiples of 1/4: exact in fp16)
-    ones = torch.ones(N, K // G, dtype=dtype)
-    for zero in (0.0, -8.0):
-        y = int4_gemv(x.to(DEVICE, dtype), packed.to(DEVICE), ones.to(DEVICE), (zero * ones).to(DEVICE),
-                      blocks=(16, 16, 64, 4), split_k=1, codes_in_dot=True)
-        assert torch.equal(y.float().cpu(), (x @ (codes + zero).t()).to(dtype).float())
 
 
 def test_bad_shapes_are_clear_errors():
