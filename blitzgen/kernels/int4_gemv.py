@@ -35,8 +35,9 @@ INT4_ACTIVATIONS_INT8), and this kernel serves several rows, float32 and exact a
 one-row tensor-core variant, codes made 16-bit floats by bit pattern and rows padded to 16, was
 measured there at 12-24% and removed: BENCHMARKS.md, 2026-12-01 session 5. Several bf16 rows with the
 codes themselves as the dot's operand, made 16-bit floats by bit pattern (0x4300 | q is 128 + q) and
-scale and zero point applied once per group after a per-group dot, read 11-19% of the bandwidth against
-this tile dequantization's 14-25% (each 7B shape ~25% slower at 2-8 rows) and batch 8 decode 179.1 against 206.9 tokens/s: removed, session 9.)
+scale and zero point applied once per group after a per-group dot, read 11-19% of the bandwidth
+against this tile dequantization's 14-25% (each 7B shape ~25% slower at 2-8 rows), and batch 8
+decode 179.1 against 206.9 tokens/s: removed, session 9.)
 Registered as `torch.ops.blitzgen.int4_gemv` (torch.library.triton_op) for torch.compile.
 """
 
