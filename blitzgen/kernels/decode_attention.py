@@ -210,15 +210,16 @@ if triton is not None:
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         start = first + split * split_len
         end = tl.minimum(start + split_len, length)
+        if NUM_SPLITS > 1:
+            if start >= end:  # past the live keys: no work, and the merge will not read this split
+                return
+
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         heads = kv_head * G + offs_g  # the query heads of this kv head; rows >= G are padding
         g_mask = offs_g < G
         d_mask = offs_d < D
-        if NUM_SPLITS > 1:
-            if start >= end:  # past the live keys: no work, and the merge will not read this split
-                return
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=g_mask[:, None] & d_mask[None, :],
