@@ -37,7 +37,8 @@ measured there at 12-24% and removed: BENCHMARKS.md, 2026-12-01 session 5. Sever
 codes themselves as the dot's operand, made 16-bit floats by bit pattern (0x4300 | q is 128 + q) and
 scale and zero point applied once per group after a per-group dot, read 11-19% of the bandwidth
 against this tile dequantization's 14-25% (each 7B shape ~25% slower at 2-8 rows), and batch 8
-decode 179.1 against 206.9 tokens/s: removed, session 9.)
+decode 179.1 against 206.9 tokens/s: removed, session 9. So was a CUDA-core path for 2..8 rows, each
+tile dequantized once and multiplied by every row: its time grew with the rows, 2.4x this one's at 8.)
 Registered as `torch.ops.blitzgen.int4_gemv` (torch.library.triton_op) for torch.compile.
 """
 
@@ -131,7 +132,7 @@ def _int4_gemv_kernel(
     K,  # input features, a multiple of GROUP
     k_blocks_per_split,  # BLOCK_K-wide blocks of K each program reduces
     GROUP: tl.constexpr,  # quantization group size along K
-    BLOCK_M: tl.constexpr,  # rows per program: 1 or 2..8 (CUDA cores), or >= 16 (tensor-core dot path)
+    BLOCK_M: tl.constexpr,  # rows per program: 1 (CUDA-core path) or >= 16 (tensor-core dot path)
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # K elements per loop step, a multiple of GROUP (BLOCK_K / 2 bytes per row)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
@@ -153,8 +154,6 @@ def _int4_gemv_kernel(
     k_begin = pid_k * k_blocks_per_split * BLOCK_K
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # reduced across K once, at the end
-    elif BLOCK_M < 16:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, HALF), dtype=tl.float32)  # the same for each row, on CUDA cores
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(k_blocks_per_split):
@@ -179,9 +178,6 @@ def _int4_gemv_kernel(
         x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))  # (BLOCK_M, HALF) each
         if BLOCK_M == 1:
             acc += w_even * x_even.to(tl.float32) + w_odd * x_odd.to(tl.float32)
-        elif BLOCK_M < 16:  # each weight dequantized once, then multiplied by every row
-            acc += (w_even[None, :, :] * x_even.to(tl.float32)[:, None, :]
-                    + w_odd[None, :, :] * x_odd.to(tl.float32)[:, None, :])
         elif DOT_IEEE:
             acc += tl.dot(x_even, tl.trans(w_even), input_precision="ieee")
             acc += tl.dot(x_odd, tl.trans(w_odd), input_precision="ieee")
@@ -190,9 +186,6 @@ def _int4_gemv_kernel(
             acc += tl.dot(x_odd, tl.trans(w_odd.to(x.dtype)))
     if BLOCK_M == 1:
         tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, tl.sum(acc, axis=1), mask=n_mask)
-    elif BLOCK_M < 16:
-        out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out, tl.sum(acc, axis=2), mask=m_mask[:, None] & n_mask[None, :])
     else:
         out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
         tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
@@ -220,10 +213,6 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 # H100 at Llama-2-7B shapes (BENCHMARKS.md, 2026-11-25); split-K as planned with 8 programs per SM.
 ONE_ROW = (1, 64, 128, 4)
 MANY_ROWS = (16, 32, 128, 4)
-# Several rows (2..8) on CUDA cores: block_m is M rounded up to a power of two; the tile is dequantized once for
-# all rows. CORE_ROWS (None: off) gives (block_n, block_k, num_warps); not measured yet, so the tensor-core
-# MANY_ROWS stays the default.
-CORE_ROWS = None
 PROGRAMS_PER_SM = 8
 
 
@@ -254,8 +243,6 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         raise BlitzgenError(f"int4_gemv: bias {tuple(bias.shape)} must be (N,) = ({N},)")
     if not triton_runs_on(x):
         return int4_gemv_ref(x, packed, scales, zeros, bias)
-    if blocks is None and 1 < M <= 8 and CORE_ROWS is not None:
-        blocks = (triton.next_power_of_2(M), *CORE_ROWS)
     block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
     block_k = max(block_k, group)
     if block_k % group or (block_m & (block_m - 1)) or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):

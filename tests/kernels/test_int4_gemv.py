@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-import triton
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import int4_gemv as int4_gemv_module
 from blitzgen.kernels.int4_gemv import int4_gemv, int4_gemv_ref
 from kernel_checks import assert_matches, random_int4
 
@@ -47,20 +45,6 @@ def test_split_k_and_blocks(split_k, blocks, words):
     x, packed, scales, zeros, b = _inputs(M, 41, 448, 64, torch.float32, bias=True, seed=split_k)
     _check(int4_gemv(x, packed, scales, zeros, b, blocks=blocks, split_k=split_k, words=words),
            int4_gemv_ref(x, packed, scales, zeros, b))
-
-
-@pytest.mark.parametrize("M,block_m", [(2, 2), (3, 4), (8, 8), (5, 4)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_several_rows_on_cuda_cores(M, block_m, dtype, monkeypatch):
-    """2..8 rows with block_m < 16: each tile dequantized once and multiplied by every row (no tl.dot, so bf16
-    runs under the interpreter too); 5 rows in programs of 4 leave a partial second program. Through the
-    default dispatch (CORE_ROWS set) where block_m is M rounded up to a power of two."""
-    x, packed, scales, zeros, b = _inputs(M, 37, 320, 64, dtype, bias=True, seed=M)
-    ref = int4_gemv_ref(x, packed, scales, zeros, b)
-    _check(int4_gemv(x, packed, scales, zeros, b, blocks=(block_m, 16, 128, 4), split_k=2), ref)
-    if block_m == triton.next_power_of_2(M):
-        monkeypatch.setattr(int4_gemv_module, "CORE_ROWS", (16, 128, 4))
-        _check(int4_gemv(x, packed, scales, zeros, b), ref)
 
 
 def test_every_code_in_every_position_converts_exactly():
