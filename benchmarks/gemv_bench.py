@@ -3,7 +3,7 @@
     python benchmarks/gemv_bench.py                 # GPU: Llama-2-7B and Llama-3.1-8B layer shapes
     python benchmarks/gemv_bench.py --dry-run       # CPU, tiny shapes, Triton interpreted: checks the script
 
-A layer's products at 1 and 8 rows (decode batch sizes; `--rows`), in three pieces, each timed as one
+A layer's products for one activation row (a batch-1 decode step), in three pieces, each timed as one
 function inside a CUDA graph over enough copies of its weights to overflow the L2 (every byte from
 HBM), against a streaming-read ceiling measured in the same run (torch.sum of 4 GiB):
 
@@ -45,7 +45,6 @@ SHAPES = {  # name: (dim, qkv rows, intermediate)
 TINY = {"tiny": (128, 192, 176)}
 SWEEP = [(bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048) for w in (2, 4, 8)
          if 512 <= bn * bk <= 16384]
-ROWS_SWEEP = [(bn, bk, w) for bn in (16, 32, 64) for bk in (64, 128, 256, 512) for w in (4, 8) if bn * bk <= 16384]
 EPS = 1e-5
 
 
@@ -108,9 +107,7 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreted kernels")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--models", default=",".join(SHAPES))
-    p.add_argument("--rows", default="1,8", help="activation rows (decode batch sizes) to time, up to 8")
     args = p.parse_args(argv)
-    rows_counts = [int(r) for r in args.rows.split(",")]
     device = torch.device("cpu" if args.dry_run else "cuda")
     shapes = TINY if args.dry_run else {m: SHAPES[m] for m in args.models.split(",")}
     ceiling = read_ceiling(device, 0.01 if args.dry_run else 4)
@@ -127,84 +124,77 @@ def main(argv=None):
         # Enough copies that the smallest matrix (wo) rotates through 256 MB: no product is served from L2.
         copies = max(2, -(-(256 << 20) // (2 * dim * dim))) if device.type == "cuda" else 1
         ws = weights(dim, qkv, inter, device, copies)
-        for M in rows_counts:
-            gen = torch.Generator(device=device).manual_seed(1)
-            x = torch.randn(M, dim, generator=gen, device=device).to(torch.bfloat16)
-            a = torch.randn(M, dim, generator=gen, device=device).to(torch.bfloat16)
-            g = (torch.rand(dim, generator=gen, device=device) + 0.5).to(torch.bfloat16)
-            pieces = {  # piece: (weight bytes, {row: call(i)})
-                "attention in (norm + wqkv)": (2 * qkv * dim, {
-                    "cuBLAS": lambda i: piece_attn_in(x, g, ws[i]["wqkv"]),
-                    "inductor": lambda i: inductor["piece_attn_in"](x, g, ws[i]["wqkv"]),
-                    "ours": lambda i: ours_attn_in(x, g, ws[i]["wqkv"])}),
-                "attention out (wo + residual)": (2 * dim * dim, {
-                    "cuBLAS": lambda i: piece_attn_out(x, a, ws[i]["wo"]),
-                    "inductor": lambda i: inductor["piece_attn_out"](x, a, ws[i]["wo"]),
-                    "ours": lambda i: ours_attn_out(x, a, ws[i]["wo"])}),
-                "feed-forward (norm + w13 + gate + w2 + residual)": (6 * inter * dim, {
-                    "cuBLAS": lambda i: piece_ffn(x, g, ws[i]["w13"], ws[i]["w2"]),
-                    "inductor": lambda i: inductor["piece_ffn"](x, g, ws[i]["w13"], ws[i]["w2"]),
-                    "ours": lambda i: ours_ffn(x, g, ws[i]["w13"], ws[i]["w2"])}),
-            }
-            # Correctness at the real shapes first: each row against the fp32 reference of its piece.
-            w0 = ws[0]
-            refs = {
-                "attention in (norm + wqkv)": gemv_ref(x, w0["wqkv"], norm_weight=g, eps=EPS),
-                "attention out (wo + residual)": gemv_ref(a, w0["wo"], residual=x),
-                "feed-forward (norm + w13 + gate + w2 + residual)": gemv_ref(
-                    gemv_ref(x, w0["w13"], norm_weight=g, eps=EPS, gate_up=True), w0["w2"], residual=x),
-            }
-            print(f"\n### {model}, {M} row{'s' if M > 1 else ''}: dim {dim}, qkv {qkv}, intermediate {inter}; "
-                  f"{copies} weight copies\n")
-            if M > 1 and device.type != "cuda":
-                print("(Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot: the several-row errors "
-                      "below mean nothing here; tests/kernels/test_gemv.py checks that kernel in fp16 / fp32)\n")
-            print("| piece | weight MB | row | us | GB/s | % of read | max rel. error vs fp32 ref |")
-            print("|---|---|---|---|---|---|---|")
-            for piece, (nbytes, rows) in pieces.items():
-                ref = refs[piece].float()
-                for row, call in rows.items():
-                    for pdl in ((True, False) if row == "ours" and device.type == "cuda" else (True,)):
-                        gemv_kernels.PDL = pdl
-                        err = ((call(0).float() - ref).abs().max() / ref.abs().max()).item()
-                        s = seconds_per_call(call, copies, device)
-                        name = row if pdl or device.type != "cuda" else row + ", no PDL"
-                        print(f"| {piece} | {nbytes / 1e6:.1f} | {name} | {s * 1e6:.1f} | {nbytes / s / 1e9:.0f} | "
-                              f"{100 * nbytes / s / ceiling:.0f}% | {err:.1e} |")
-            gemv_kernels.PDL = True
-            # A layer's products one after another, as in a decode step (minus attention): what the pieces
-            # cost together, launch gaps and, with PDL, the overlap of one kernel's tail with the next included.
-            print("\n| a layer's products in sequence | us | % of read |\n|---|---|---|")
-            for row in ("cuBLAS", "inductor", "ours", "ours, no PDL"):
-                gemv_kernels.PDL = row != "ours, no PDL"
-                key = row.split(",")[0]
-                layer = lambda i: [rows[key](i) for _, rows in pieces.values()]  # noqa: E731
-                s = seconds_per_call(layer, copies, device)
-                print(f"| {row} | {s * 1e6:.1f} | {100 * layer_bytes / s / ceiling:.0f}% |")
-            gemv_kernels.PDL = True
-            if args.no_sweep:
-                continue
-            products = {  # product: (weight bytes, call(i, blocks))
-                "norm + wqkv": (2 * qkv * dim, lambda i, b: ours_attn_in(x, g, ws[i]["wqkv"], b)),
-                "wo + residual": (2 * dim * dim, lambda i, b: ours_attn_out(x, a, ws[i]["wo"], b)),
-                "norm + w13 gated": (4 * inter * dim, lambda i, b: gemv(x, ws[i]["w13"], norm_weight=g, eps=EPS,
-                                                                       gate_up=True, blocks=b)),
-                "w2 + residual": (2 * inter * dim, lambda i, b: gemv(a.new_ones(M, inter), ws[i]["w2"], residual=x,
-                                                                    blocks=b)),
-            }
-            if device.type != "cuda":
-                sweep = [(4, 64, 4), (2, 128, 2)] if M == 1 else [(16, 64, 4)]
-            else:
-                sweep = SWEEP if M == 1 else ROWS_SWEEP
-            print("\n| product | " + " | ".join(f"{bn}x{bk} w{w}" for bn, bk, w in sweep) + " |")
-            print("|---|" + "---|" * len(sweep))
-            for name, (nbytes, call) in products.items():
-                cells = []
-                for blocks in sweep:
-                    s = seconds_per_call(lambda i: call(i, blocks), copies, device)
-                    cells.append(f"{100 * nbytes / s / ceiling:.0f}%")
-                print(f"| {name} | " + " | ".join(cells) + " |")
-            print(f"(defaults: {gemv_kernels.BLOCKS if M == 1 else gemv_kernels.ROWS_BLOCKS}; PDL on)")
+        gen = torch.Generator(device=device).manual_seed(1)
+        x = torch.randn(1, dim, generator=gen, device=device).to(torch.bfloat16)
+        a = torch.randn(1, dim, generator=gen, device=device).to(torch.bfloat16)
+        g = (torch.rand(dim, generator=gen, device=device) + 0.5).to(torch.bfloat16)
+        pieces = {  # piece: (weight bytes, {row: call(i)})
+            "attention in (norm + wqkv)": (2 * qkv * dim, {
+                "cuBLAS": lambda i: piece_attn_in(x, g, ws[i]["wqkv"]),
+                "inductor": lambda i: inductor["piece_attn_in"](x, g, ws[i]["wqkv"]),
+                "ours": lambda i: ours_attn_in(x, g, ws[i]["wqkv"])}),
+            "attention out (wo + residual)": (2 * dim * dim, {
+                "cuBLAS": lambda i: piece_attn_out(x, a, ws[i]["wo"]),
+                "inductor": lambda i: inductor["piece_attn_out"](x, a, ws[i]["wo"]),
+                "ours": lambda i: ours_attn_out(x, a, ws[i]["wo"])}),
+            "feed-forward (norm + w13 + gate + w2 + residual)": (6 * inter * dim, {
+                "cuBLAS": lambda i: piece_ffn(x, g, ws[i]["w13"], ws[i]["w2"]),
+                "inductor": lambda i: inductor["piece_ffn"](x, g, ws[i]["w13"], ws[i]["w2"]),
+                "ours": lambda i: ours_ffn(x, g, ws[i]["w13"], ws[i]["w2"])}),
+        }
+        # Correctness at the real shapes first: each row against the fp32 reference of its piece.
+        w0 = ws[0]
+        refs = {
+            "attention in (norm + wqkv)": gemv_ref(x, w0["wqkv"], norm_weight=g, eps=EPS),
+            "attention out (wo + residual)": gemv_ref(a, w0["wo"], residual=x),
+            "feed-forward (norm + w13 + gate + w2 + residual)": gemv_ref(
+                gemv_ref(x, w0["w13"], norm_weight=g, eps=EPS, gate_up=True), w0["w2"], residual=x),
+        }
+        print(f"\n### {model}, one row: dim {dim}, qkv {qkv}, intermediate {inter}; "
+              f"{copies} weight copies\n")
+        print("| piece | weight MB | row | us | GB/s | % of read | max rel. error vs fp32 ref |")
+        print("|---|---|---|---|---|---|---|")
+        for piece, (nbytes, rows) in pieces.items():
+            ref = refs[piece].float()
+            for row, call in rows.items():
+                for pdl in ((True, False) if row == "ours" and device.type == "cuda" else (True,)):
+                    gemv_kernels.PDL = pdl
+                    err = ((call(0).float() - ref).abs().max() / ref.abs().max()).item()
+                    s = seconds_per_call(call, copies, device)
+                    name = row if pdl or device.type != "cuda" else row + ", no PDL"
+                    print(f"| {piece} | {nbytes / 1e6:.1f} | {name} | {s * 1e6:.1f} | {nbytes / s / 1e9:.0f} | "
+                          f"{100 * nbytes / s / ceiling:.0f}% | {err:.1e} |")
+        gemv_kernels.PDL = True
+        # A layer's products one after another, as in a decode step (minus attention): what the pieces
+        # cost together, launch gaps and, with PDL, the overlap of one kernel's tail with the next included.
+        print("\n| a layer's products in sequence | us | % of read |\n|---|---|---|")
+        for row in ("cuBLAS", "inductor", "ours", "ours, no PDL"):
+            gemv_kernels.PDL = row != "ours, no PDL"
+            key = row.split(",")[0]
+            layer = lambda i: [rows[key](i) for _, rows in pieces.values()]  # noqa: E731
+            s = seconds_per_call(layer, copies, device)
+            print(f"| {row} | {s * 1e6:.1f} | {100 * layer_bytes / s / ceiling:.0f}% |")
+        gemv_kernels.PDL = True
+        if args.no_sweep:
+            continue
+        products = {  # product: (weight bytes, call(i, blocks))
+            "norm + wqkv": (2 * qkv * dim, lambda i, b: ours_attn_in(x, g, ws[i]["wqkv"], b)),
+            "wo + residual": (2 * dim * dim, lambda i, b: ours_attn_out(x, a, ws[i]["wo"], b)),
+            "norm + w13 gated": (4 * inter * dim, lambda i, b: gemv(x, ws[i]["w13"], norm_weight=g, eps=EPS,
+                                                                   gate_up=True, blocks=b)),
+            "w2 + residual": (2 * inter * dim, lambda i, b: gemv(a.new_ones(1, inter), ws[i]["w2"], residual=x,
+                                                                blocks=b)),
+        }
+        sweep = SWEEP if device.type == "cuda" else [(4, 64, 4), (2, 128, 2)]
+        print("\n| product | " + " | ".join(f"{bn}x{bk} w{w}" for bn, bk, w in sweep) + " |")
+        print("|---|" + "---|" * len(sweep))
+        for name, (nbytes, call) in products.items():
+            cells = []
+            for blocks in sweep:
+                s = seconds_per_call(lambda i: call(i, blocks), copies, device)
+                cells.append(f"{100 * nbytes / s / ceiling:.0f}%")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"(defaults: {gemv_kernels.BLOCKS}; PDL on)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from blitzgen.checkpoint import load_model
 from blitzgen.config import PRESETS, ModelConfig
 from blitzgen.errors import BlitzgenError
 from blitzgen.generate import DEFAULT_MODEL, DTYPES, Generator, resolve_device
-from blitzgen.kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from blitzgen.model import Transformer
 from blitzgen.sampling import SamplingParams
 
@@ -293,9 +292,6 @@ def run(args) -> dict:
     batch_sizes = sorted(set(args.batch_size or [1]))
     if any(b < 1 for b in batch_sizes) or args.new_tokens < 2 or args.runs < 1:
         raise BlitzgenError("--batch-size, --runs must be >= 1 and --new-tokens >= 2")
-    if not 0 <= args.gemv_rows <= GEMV_MAX_ROWS:  # the Generator checks it too, but only after the model is built
-        raise BlitzgenError(f"--gemv-rows {args.gemv_rows}: expected 0 to {GEMV_MAX_ROWS} (the GEMV kernels take up "
-                            f"to {GEMV_MAX_ROWS} rows)")
     variants = parse_variants(args.variants) if args.variants else []
     phases = (4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths) + bool(args.profile)
               + bool(variants))
@@ -319,7 +315,6 @@ def run(args) -> dict:
             "model": args.arch or str(args.model or DEFAULT_MODEL),
             "quantize": args.quantize,
             "rope_kernel": args.rope_kernel,
-            "gemv_rows": args.gemv_rows,
             "inductor_options": dict(args.inductor or []),
         }
         phase("ceilings")
@@ -348,7 +343,7 @@ def run(args) -> dict:
         def generator(compile=True, rope_kernel=args.rope_kernel, inductor_options=None, gemv_kernels=None):
             gen = Generator(model, NullTokenizer(), compile=compile,
                             attention_kernel=False if args.masked_attention else None,
-                            rope_kernel=rope_kernel, gemv_kernels=gemv_kernels, gemv_rows=args.gemv_rows)
+                            rope_kernel=rope_kernel, gemv_kernels=gemv_kernels)
             if args.compile_scope:
                 gen.compile_scope = args.compile_scope
             gen.inductor_options = {**dict(args.inductor or []), **(inductor_options or {})}
@@ -441,8 +436,6 @@ def format_table(res: dict) -> str:
         + (f", quantized {res['quantize']}" if res.get("quantize") else "") + f") on {res['device']}, "
         f"torch {res['torch']}, {res['date']}"
         + (", RoPE + cache-write kernel" if res.get("rope_kernel") else "")
-        + (f", GEMV kernels for decode steps of up to {res['gemv_rows']} sequences" if res.get("gemv_rows", 1) != 1
-           else "")
         + "".join(f", {k}={v}" for k, v in res.get("inductor_options", {}).items()),
         f"ceilings: streaming read {res['read_tbps']:.2f} TB/s, copy {res['copy_tbps']:.2f} TB/s",
         f"load {res['load_s']:.1f} s; compile + capture + first token {res['compile_s']:.1f} s; "

@@ -299,9 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rope-kernel", action="store_true",
                    help="RoPE and the K/V cache write as one Triton kernel in decode steps the GEMV kernels do not "
                         "take (several sequences; one sequence has them in the q/k/v product's epilogue)")
-    b.add_argument("--gemv-rows", type=int, default=1, metavar="N",
-                   help="decode steps of up to N sequences run their products through the GEMV kernels (default 1: "
-                        "at 8 rows the kernel measured slower than Inductor's products)")
     b.add_argument("--variants", metavar="A,B+C,...",
                    help="also time batch-1 decode of these variants in this one process, runs interleaved: "
                         "base (the command line's settings), inductor-products (batch-1 products as Inductor compiles "

@@ -28,7 +28,6 @@ from blitzgen import inductor_fix
 from blitzgen.cache import KVCache
 from blitzgen.checkpoint import load_model
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from blitzgen.model import Transformer, gemv_args
 from blitzgen.sampling import SamplingParams, params_to_tensors, sample
 from blitzgen.tokenizer import StreamDecoder, Tokenizer
@@ -307,11 +306,7 @@ class Generator:
         attention_kernel: bool | None = None,
         rope_kernel: bool = False,
         gemv_kernels: bool | None = None,
-        gemv_rows: int = 1,
     ):
-        if not 0 <= gemv_rows <= GEMV_MAX_ROWS:
-            raise BlitzgenError(f"gemv_rows {gemv_rows}: expected 0 to {GEMV_MAX_ROWS} (the GEMV kernels take up to "
-                                f"{GEMV_MAX_ROWS} rows)")
         # Inference only: no autograd graph may grow through the cache. (torch.no_grad rather than
         # inference_mode below: cache tensors made in inference mode could not be updated in place
         # by a caller, e.g. a server thread, outside it.)
@@ -327,16 +322,15 @@ class Generator:
             # in wqkv's epilogue). Off by default: not measured on that path; beside one-row GEMVs it took a
             # step from 3.81 to 3.68 ms, where the fused epilogue gives 3.66 (BENCHMARKS.md, 2026-12-02).
             layer.attention.rope_kernel = rope_kernel
-            # Decode steps of up to gemv_rows sequences run their products through kernels/gemv.py with
-            # norms, gate, residuals and (one sequence) RoPE + the cache write fused in (Block.gemv_decode),
-            # on CUDA by default: on an H200 a Llama-2-7B step at batch 1 took 3.66 ms against 4.21-4.36
-            # through Inductor's products, and an int8 one 2.93 against 3.05 through gemv_a8 (BENCHMARKS.md,
-            # 2026-12-01 / 12-02 sessions 7-8). Several rows (gemv_rows > 1) measured 2.6x slower at 8 rows
-            # than Inductor's products, so the default is 1. int4 layers keep their own kernels.
+            # Decode steps of one sequence run their products through kernels/gemv.py with norms, gate,
+            # residuals and RoPE + the cache write fused in (Block.gemv_decode), on CUDA by default: on an H200 a
+            # Llama-2-7B step took 3.66 ms against 4.21-4.36 through Inductor's products, and an int8 one 2.93
+            # against 3.05 through gemv_a8 (BENCHMARKS.md, 2026-12-01 / 12-02 sessions 7-8). Several sequences
+            # keep Inductor's products (a several-row kernel lost to them by 2.6-3x and was removed); int4
+            # layers keep their own kernels.
             products = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
             on = (self.device.type == "cuda") if gemv_kernels is None else gemv_kernels
-            readable = all(gemv_args(m) is not None for m in products)  # float or int8, not int4
-            layer.gemv_rows = gemv_rows if on and readable else 0
+            layer.gemv_kernels = on and all(gemv_args(m) is not None for m in products)  # float or int8, not int4
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

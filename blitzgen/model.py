@@ -190,36 +190,36 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
-        # Decode steps of up to this many sequences run their four products through kernels/gemv.py, with
-        # the norms, the SiLU gate and the residual adds fused into them (gemv_decode below); 0: never.
-        # Generator(gemv_kernels=, gemv_rows=) sets it, only where gemv.py reads all four (gemv_args: float or int8).
-        self.gemv_rows = 0
+        # Decode steps of one sequence run their four products through kernels/gemv.py, with the norms, the
+        # SiLU gate and the residual adds fused into them (gemv_decode below). Generator(gemv_kernels=) sets it,
+        # only where gemv.py reads all four (gemv_args: float or int8).
+        self.gemv_kernels = False
 
     def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None):
-        if x.shape[1] == 1 and x.shape[0] <= self.gemv_rows and rows is None:
+        if x.shape[:2] == (1, 1) and self.gemv_kernels and rows is None:
             return self.gemv_decode(x, cos, sin, positions, k_cache, v_cache, kv_len)
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, k_cache, v_cache, mask, kv_len, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def gemv_decode(self, x, cos, sin, positions, k_cache, v_cache, kv_len):
-        """forward for one token of each of B <= gemv_rows sequences, x (B, 1, C): the same math in four GEMV
-        launches around attention, where Inductor makes six to eight kernels of the products, norms and adds
-        (and three to four more of RoPE and the cache write, which one sequence's first launch does too)."""
-        att, ffn, (B, _, C) = self.attention, self.feed_forward, x.shape
-        x = x.view(B, C)
+        """forward for one token of one sequence, x (1, 1, C): the same math in four GEMV launches around
+        attention, where Inductor makes six to eight kernels of the products, norms and adds (and three to four
+        more of RoPE and the cache write, which the first launch does too)."""
+        att, ffn, C = self.attention, self.feed_forward, x.shape[-1]
+        x = x.view(1, C)
         norm = dict(norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps)
-        if B == 1 and att.decode_kernel and att.q_norm is None:
-            # One sequence: RoPE and the cache write happen in the product's epilogue, one launch instead of
-            # the product plus Inductor's rotation and scatter kernels (kernels/gemv.py, gemv_rope_cache).
+        if att.decode_kernel and att.q_norm is None:
+            # RoPE and the cache write happen in the product's epilogue, one launch instead of the product plus
+            # Inductor's rotation and scatter kernels (kernels/gemv.py, gemv_rope_cache).
             q, lengths = gemv_rope_cache(x, **gemv_args(att.wqkv), **norm, cos=cos, sin=sin, positions=positions,
                                          k_cache=k_cache, v_cache=v_cache, n_heads=att.n_heads)
-            out = decode_attention(q, k_cache, v_cache, lengths, att.sliding_window).view(B, 1, -1)  # (B, 1, H D)
-        else:
-            qkv = gemv(x, **gemv_args(att.wqkv), **norm)  # (B, (H + 2 Hkv) D)
-            out = att.attend(qkv.view(B, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (B, 1, H D)
-        h = gemv(out.view(B, -1), **gemv_args(att.wo), residual=x)  # (B, C)
+            out = decode_attention(q, k_cache, v_cache, lengths, att.sliding_window).view(1, 1, -1)  # (1, 1, H D)
+        else:  # q/k norms (Qwen3) come between the product and RoPE; or no decode attention kernel
+            qkv = gemv(x, **gemv_args(att.wqkv), **norm)  # (1, (H + 2 Hkv) D)
+            out = att.attend(qkv.view(1, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (1, 1, H D)
+        h = gemv(out.view(1, -1), **gemv_args(att.wo), residual=x)  # (1, C)
         act = gemv(h, **gemv_args(ffn.w13), norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, gate_up=True)
-        return gemv(act, **gemv_args(ffn.w2), residual=h).view(B, 1, C)
+        return gemv(act, **gemv_args(ffn.w2), residual=h).view(1, 1, C)
 
 
 class Transformer(nn.Module):
@@ -266,7 +266,7 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         B, T, C = x.shape
         output = gemv_args(self.output)
-        if T == 1 and B <= self.layers[0].gemv_rows and output is not None:
+        if (B, T) == (1, 1) and self.layers[0].gemv_kernels and output is not None:
             # Decode: the final norm folded into the output product, as the blocks' products (Block.gemv_decode).
             logits = gemv(x.view(B, C), **output, norm_weight=self.norm.weight, eps=self.norm.eps)
             return logits.view(B, 1, -1)

@@ -427,7 +427,7 @@ def test_gemv_kernels_in_the_model_match_transformers(tiny_models, hf_greedy, va
     for compile in (False, True):
         gen = load(path, device="cpu", dtype="fp32", compile=compile)
         gen = Generator(gen.model, gen.tokenizer, compile=compile, attention_kernel=True, gemv_kernels=True)
-        assert all(layer.gemv_rows == 1 for layer in gen.model.layers)
+        assert all(layer.gemv_kernels for layer in gen.model.layers)
         with monkeypatch.context() as patch:
             if not compile:  # count the kernel calls eagerly (a patched global would make Dynamo recompile)
                 patch.setattr(blitzgen.model, "gemv", lambda *a, **k: calls.append("gemv") or fused(*a, **k))
@@ -449,7 +449,7 @@ def test_gemv_kernels_stay_off_for_int4_layers(tiny_model):
     gen = generator_for(tiny_model[1])
     quantize_model(gen.model, "int4", group_size=32)
     gen = Generator(gen.model, gen.tokenizer, compile=False, gemv_kernels=True)
-    assert not any(layer.gemv_rows for layer in gen.model.layers)
+    assert not any(layer.gemv_kernels for layer in gen.model.layers)
 
 
 def test_gemv_kernels_read_int8_codes(tiny_models, monkeypatch):
@@ -466,7 +466,7 @@ def test_gemv_kernels_read_int8_codes(tiny_models, monkeypatch):
     calls, fused = [], blitzgen.model.gemv_rope_cache
     for compile in (False, True):
         kernels = Generator(gen.model, gen.tokenizer, compile=compile, attention_kernel=True, gemv_kernels=True)
-        assert all(layer.gemv_rows == 1 for layer in kernels.model.layers)
+        assert all(layer.gemv_kernels for layer in kernels.model.layers)
         with monkeypatch.context() as patch:
             if not compile:
                 patch.setattr(blitzgen.model, "gemv_rope_cache", lambda *a, **k: calls.append(k["scales"]) or fused(*a, **k))
@@ -544,9 +544,3 @@ def test_cpu_generation_without_triton():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "4"
-
-
-def test_gemv_rows_past_the_kernels_is_one_clear_error(tiny_model):
-    gen = generator_for(tiny_model[1])
-    with pytest.raises(BlitzgenError, match=r"gemv_rows 9: expected 0 to 8"):
-        Generator(gen.model, gen.tokenizer, gemv_rows=9)

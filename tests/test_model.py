@@ -120,23 +120,20 @@ def test_last_only_returns_the_last_position(tiny_models):
     assert_logits_close(logits[0, 0], reference_logits(hf_model, prompt)[-1], "last_only prefill")
 
 
-# One row without the attention kernel takes the unfused wqkv + attend() branch, which qwen3 (q/k norms) and
-# three rows cover here already.
-@pytest.mark.parametrize("batch, attention_kernel", [(1, True), (3, True)])
 @torch.inference_mode()
-def test_gemv_decode_matches_transformers(tiny_model, batch, attention_kernel):
+def test_gemv_decode_matches_transformers(tiny_model):
     """Block.gemv_decode (kernels/gemv.py, interpreted on CPU: the norms, gate, biases and residual adds fused
-    into the four products, the final norm into the output product; one row, or three on the several-row
-    kernel; with the attention kernel and one row, RoPE and the cache write in wqkv's epilogue too, except
-    for qwen3's q/k norms) decodes to transformers' logits."""
+    into the four products, the final norm into the output product, RoPE and the cache write in wqkv's
+    epilogue; for qwen3's q/k norms the unfused wqkv + attend() branch) decodes one sequence to transformers'
+    logits."""
     hf_model, path = tiny_model
     model = load_model(path, dtype=torch.float32)
     for layer in model.layers:
-        layer.gemv_rows = batch
-        layer.attention.decode_kernel = attention_kernel
+        layer.gemv_kernels = True
+        layer.attention.decode_kernel = True
     prompts, continuations = sequences(model.config.vocab_size)
-    if batch == 1:  # 17 tokens: past mistral_window's window of 8
-        prompts, continuations = prompts[1:2], continuations[1:2]
+    prompts, continuations = prompts[1:2], continuations[1:2]  # 17 tokens: past mistral_window's window of 8
+    batch = 1
     references = [reference_logits(hf_model, torch.cat([p, c])) for p, c in zip(prompts, continuations)]
     cache = noisy_cache(model.config, batch)
     for slot, prompt in enumerate(prompts):

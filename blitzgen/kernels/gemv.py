@@ -37,24 +37,19 @@ residual add is done in bf16 after rounding the product; so in bf16 the results 
 reference implementations by a few bf16 ulps, and in fp32 by fp32 rounding only.
 
 Contract:
-    x           (M, K)   bf16 | fp16 | fp32, M <= MAX_ROWS activation rows (the decode step passes one)
+    x           (1, K)   bf16 | fp16 | fp32: one activation row
     weight      (N, K)   x's dtype, contiguous (gate_up: (2 I, K), gate rows first, as FeedForward.w13),
                          or int8 codes with scales (N,) (gate_up: (2 I,))
     bias        (N,)     or None (not with gate_up: no supported model has one there)
     norm_weight (K,)     or None: RMSNorm of each row of x with this weight and eps first
-    residual    (M, N)   or None: added to the product (not with gate_up)
-    returns     (M, N)   (gate_up: (M, I)) in x.dtype
+    residual    (1, N)   or None: added to the product (not with gate_up)
+    returns     (1, N)   (gate_up: (1, I)) in x.dtype
 
-Several rows (2..8, a batch of sequences) take a second kernel that multiplies on tensor cores, the
-rows padded to 16 (the smallest tl.dot tile), so each weight tile is read once for all rows; x * g is
-rounded to the weights' dtype for the product. The model uses it only when asked
-(Generator(gemv_rows=) > 1, blitzgen bench --gemv-rows): measured on an H200 it was 2.5-3x slower than
-Inductor's products at 8 rows (a layer's products at 25% of read against 76%; batch 8 decode 80.7
-against 212.7 tokens/s per sequence, BENCHMARKS.md 2026-12-02), so batch > 1 keeps Inductor's. That
-version prefetched one weight tile into registers by hand, so a program had one tile in flight (and wo
-had 128 programs for 132 SMs); its weights now go through Triton's software pipeline instead, and that
-measured no better (session 9: a layer's products at 23-27% of read with 3-5 stages against Inductor's
-75%, batch 8 decode 71.9 against 212.3 tokens/s per sequence). It stays off.
+One row only. A several-row kernel (2..8 sequences on tensor cores, each weight tile read once for all
+rows) was built and measured three times on an H200 and lost to Inductor's products every time: a layer's
+products at 25% of read against 76% with weights prefetched by hand, 23-27% through Triton's software
+pipeline; batch 8 decode 80.7 and 71.9 against 212.7 tokens/s per sequence (BENCHMARKS.md, 2026-12-02
+sessions 8-9). It was removed: decode steps of several sequences keep Inductor's products.
 
 One program owns BLOCK_N output rows (with gate_up, the same rows of both halves) and reads them
 over all of K in tiles of BLOCK_K, multiplying into a (BLOCK_N, BLOCK_K) fp32 register tile that is
@@ -267,97 +262,20 @@ if triton is not None:
             tl.store(lengths_ptr, position + 1)
 
 
-    @triton.jit
-    def _gemv_rows_kernel(
-        x_ptr,  # (M, K) activation rows, contiguous
-        g_ptr, w_ptr, s_ptr, b_ptr,  # as in _gemv_kernel
-        r_ptr,  # (M, N) residual (HAS_RESIDUAL)
-        out_ptr,  # (M, N)
-        M, N, K, eps,
-        NORM: tl.constexpr, GATE_UP: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-        DOT_IEEE: tl.constexpr,  # fp32: keep the dot in full fp32 (no TF32 rounding)
-        BLOCK_M: tl.constexpr,  # 16: the rows padded to the smallest tl.dot tile
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        STAGES: tl.constexpr,  # weight tiles in flight (Triton's software pipeline, through shared memory)
-    ):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            # Before any load: the pipeline's first loads are placed ahead of the loop, where a wait inside
-            # the loop's prologue cannot go, so this kernel does not stream weights during its predecessor.
-            tl.extra.cuda.gdc_wait()
-        offs_m = tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        # The weight tiles are loaded in the loop and Triton pipelines them (asynchronous copies to shared
-        # memory, STAGES - 1 tiles ahead), the way a matmul streams its operands; prefetching the next tile into
-        # registers by hand, as the one-row kernel does, left one tile in flight per program and read at 25-43%.
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            w, w_up = _weight_tile(rows, N * K, K, offs_k, n_mask, GATE_UP)
-            k_mask = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0, eviction_policy="evict_last").to(tl.float32)  # (BLOCK_M, BLOCK_K)
-            if NORM:
-                squares += x * x
-                x *= tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)[None, :]
-            # int8 codes become x's dtype for the product (exact: |code| <= 127 fits bf16's 8 bits)
-            wd, wd_up = w.to(x_ptr.dtype.element_ty), w_up.to(x_ptr.dtype.element_ty)
-            if DOT_IEEE:
-                acc += tl.dot(x, tl.trans(wd), input_precision="ieee")
-                if GATE_UP:
-                    acc_up += tl.dot(x, tl.trans(wd_up), input_precision="ieee")
-            else:
-                xd = x.to(wd.dtype)
-                acc += tl.dot(xd, tl.trans(wd))
-                if GATE_UP:
-                    acc_up += tl.dot(xd, tl.trans(wd_up))
-        y = acc  # (BLOCK_M, BLOCK_N)
-        up = acc_up
-        if NORM:
-            scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # (BLOCK_M, 1)
-            y *= scale
-            up *= scale
-        if HAS_SCALES:
-            y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            if GATE_UP:
-                up *= tl.load(s_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if GATE_UP:
-            y = y * tl.sigmoid(y) * up
-        mn = offs_m[:, None] * N + offs_n[None, :]
-        mn_mask = m_mask[:, None] & n_mask[None, :]
-        if HAS_RESIDUAL:
-            y += tl.load(r_ptr + mn, mask=mn_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + mn, y.to(out_ptr.dtype.element_ty), mask=mn_mask)
-
-
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
              norm_weight: torch.Tensor | None, eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int,
              block_k: int, num_warps: int, pdl: bool) -> torch.Tensor:
-    """Launch the one-row or the several-row kernel (the body of torch.ops.blitzgen.gemv / gemv_pdl)."""
+    """Launch _gemv_kernel (the body of torch.ops.blitzgen.gemv / gemv_pdl)."""
     wrap = (lambda kernel: kernel) if pdl else wrap_triton  # PDL: launched here, with the launch attribute
-    M, K = x.shape
+    K = x.shape[1]
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
     args = (x, x if norm_weight is None else norm_weight, weight, x if scales is None else scales,
             x if bias is None else bias, x if residual is None else residual, out)
     flags = dict(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
                  HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k,
                  num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
-    grid = (triton.cdiv(N, block_n),)
-    if M == 1:
-        wrap(_gemv_kernel)[grid](*args, N, K, eps, **flags)
-    else:
-        wrap(_gemv_rows_kernel)[grid](*args, M, N, K, eps, DOT_IEEE=x.dtype == torch.float32, BLOCK_M=16,
-                                      STAGES=ROWS_STAGES, **flags)
+    wrap(_gemv_kernel)[(triton.cdiv(N, block_n),)](*args, N, K, eps, **flags)
     return out
 
 
@@ -403,11 +321,6 @@ BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 # int8 codes take the same tiles (half the bytes a tile): the best of four in an H200 decode step (2.934 ms,
 # against 3.73-4.42 for 8 x 1024 / 4 x 2048 tiles). The codes become floats by the conversion instruction: making
 # them with byte permutes and a float subtraction instead (no int-to-float instruction) measured 22% slower there.
-# Several rows: tensor-core tiles need block_n >= 16. With weights prefetched by hand the H200 sweep at 8 rows
-# peaked at 43% of read (BENCHMARKS.md, 2026-12-02); the pipelined loop with these values read 23-27% (session 9).
-ROWS_STAGES = 4
-ROWS_BLOCKS = (16, 256, 4)
-MAX_ROWS = 8
 # Programmatic dependent launch on Hopper and later (see the module docstring; gemv_bench turns it off to compare).
 PDL = True
 
@@ -433,16 +346,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gate_up: bool = False,
          residual: torch.Tensor | None = None, scales: torch.Tensor | None = None,
          blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Activation rows x (M, K) times weight.T with the fusions of the module docstring -> (M, N) in x.dtype.
+    """One activation row x (1, K) times weight.T with the fusions of the module docstring -> (1, N) in x.dtype.
 
     weight is of x's dtype, or int8 codes with per-row `scales` (N,) (quantize.Int8Linear's format; with
     gate_up the gate rows' scales first). blocks (block_n, block_k, num_warps) overrides the defaults
     (tests, sweeps). Falls back to gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
-    if (x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or weight.dim() != 2
-            or x.shape[1] != weight.shape[1]):
-        raise BlitzgenError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (M, K) with "
-                            f"M <= {MAX_ROWS} and (N, K)")
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise BlitzgenError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (1, K) and (N, K)")
     _check_weight("gemv", x, weight, scales)
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     if gate_up and (weight.shape[0] % 2 or bias is not None or residual is not None):
@@ -451,17 +362,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise BlitzgenError(f"gemv: bias {tuple(bias.shape)} must be ({N},)")
     if norm_weight is not None and norm_weight.shape != (x.shape[1],):
         raise BlitzgenError(f"gemv: norm_weight {tuple(norm_weight.shape)} must be ({x.shape[1]},)")
-    if residual is not None and residual.shape != (x.shape[0], N):
-        raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be ({x.shape[0]}, {N})")
+    if residual is not None and residual.shape != (1, N):
+        raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be (1, {N})")
     if triton is None or not triton_runs_on(x):
         return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual,
                         scales=scales)
     kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
-    block_n, block_k, num_warps = blocks or (BLOCKS[kind] if x.shape[0] == 1 else ROWS_BLOCKS)
+    block_n, block_k, num_warps = blocks or BLOCKS[kind]
     if (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"gemv: blocks {block_n, block_k} must be powers of two")
-    if x.shape[0] > 1 and (block_n < 16 or block_k < 16):
-        raise BlitzgenError(f"gemv: several rows need blocks of at least 16 x 16, got {block_n, block_k}")
     pdl = PDL and hopper(x)
     op = torch.ops.blitzgen.gemv_pdl if pdl else torch.ops.blitzgen.gemv
     return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(bias), _contiguous(norm_weight),

@@ -73,10 +73,6 @@ def main():
         w8f = torch.randint(-127, 128, (2 * N, K), dtype=torch.int8, generator=g)  # int8 codes, every epilogue
         gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
         gemv.gemv(x, w8f, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype), scales=torch.rand(2 * N).to(dtype))
-        x5 = torch.randn(5, K).to(dtype)  # several rows: the tensor-core kernel, plain and as a dependent launch
-        gemv.gemv(x5, wf, norm_weight=nw, eps=1e-5, gate_up=True)
-        gemv.gemv(x5, wf, wf[:, 0], residual=torch.randn(5, 2 * N).to(dtype))
-        gemv._gemv_op(x5, wf, None, None, nw, 1e-5, False, None, 32, 256, 4, True)
         H, Hkv, D = 8, 2, 64  # wqkv with RoPE and the cache write in the epilogue, plain and as a dependent launch
         wqkv, caches = torch.randn((H + 2 * Hkv) * D, K).to(dtype), torch.zeros(2, 1, 16, Hkv, D, dtype=dtype)
         for pdl in (False, True):

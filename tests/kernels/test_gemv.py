@@ -1,5 +1,5 @@
 """gemv (Triton, under TRITON_INTERPRET=1 on CPU) against gemv_ref and against transformers' own Llama
-RMSNorm / MLP, at sizes that are multiples of no block: the one-row kernel and the several-row one."""
+RMSNorm / MLP, at sizes that are multiples of no block."""
 
 import pytest
 import torch
@@ -45,21 +45,6 @@ def test_matches_reference(N, K, dtype, fusion):
     assert_matches(gemv(x, w, **kw), gemv_ref(x, w, **kw))
 
 
-@pytest.mark.parametrize("M", [2, 5, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fusion", ["norm+bias", "bias+residual", "gate_up"])
-def test_several_rows_match_reference(M, dtype, fusion):
-    """The tensor-core kernel for 2..8 rows: each row as the reference computes it. In 16-bit dtypes x * g is
-    rounded to the weights' dtype before the product (the reference multiplies in fp32), so the normed
-    products carry one more rounding of each term: two units in the last place."""
-    if INTERPRETED and dtype == torch.bfloat16:
-        pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
-    x, w, kw = _fused(M, 45, 200, dtype, fusion, seed=20)
-    ulps = 2 if "norm" in fusion or fusion == "gate_up" else 1
-    for blocks in (None, (16, 64, 4)):
-        assert_matches(gemv(x, w, blocks=blocks, **kw), gemv_ref(x, w, **kw), ulps)
-
-
 def _int8(w):
     """quantize.py's int8 format of a float weight: codes (N, K) int8 and per-row bf16 scales."""
     from blitzgen.quantize import int8_quantize
@@ -68,20 +53,16 @@ def _int8(w):
     return codes.to(DEVICE), scales.to(DEVICE)
 
 
-@pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fusion", ["bias", "norm", "bias+residual", "gate_up"])
-def test_int8_codes_match_reference(M, dtype, fusion):
+def test_int8_codes_match_reference(dtype, fusion):
     """int8 weight codes with per-row scales (quantize.Int8Linear's format): the codes made floats in the
     kernel, the scales applied to the sums. Against gemv_ref, and against the product with the dequantized
     matrix, which Int8Linear stands for."""
-    if INTERPRETED and dtype == torch.bfloat16 and M > 1:
-        pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
-    x, w, kw = _fused(M, 45, 300, dtype, fusion, seed=50)
+    x, w, kw = _fused(1, 45, 300, dtype, fusion, seed=50)
     codes, scales = _int8(w)
-    ulps = 2 if M > 1 and ("norm" in fusion or fusion == "gate_up") else 1  # as test_several_rows_match_reference
     for blocks in (None, (16, 64, 4)):
-        assert_matches(gemv(x, codes, scales=scales, blocks=blocks, **kw), gemv_ref(x, codes, scales=scales, **kw), ulps)
+        assert_matches(gemv(x, codes, scales=scales, blocks=blocks, **kw), gemv_ref(x, codes, scales=scales, **kw))
     dense = (codes.float() * scales.float()[:, None]).to(dtype)  # exact in fp32; in bf16 one more rounding
     if dtype == torch.float32:
         assert_matches(gemv(x, codes, scales=scales, **kw), gemv_ref(x, dense, **kw))
@@ -135,8 +116,7 @@ def test_norm_matches_transformers_in_bf16():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda x, w: gemv(x.expand(9, -1), w), "must be (M, K) with M <= 8 and (N, K)"),
-    (lambda x, w: gemv(x.expand(2, -1), w, blocks=(8, 64, 4)), "several rows need blocks of at least 16 x 16"),
+    (lambda x, w: gemv(x.expand(2, -1), w), "x (2, 64) and weight (8, 64) must be (1, K) and (N, K)"),
     (lambda x, w: gemv(x, w.half()), "the weight must be x's dtype (torch.float32) without scales, or int8 codes"),
     (lambda x, w: gemv(x, w, scales=w[:, 0]), "got torch.float32 with scales"),
     (lambda x, w: gemv(x, w.to(torch.int8)), "int8 weight codes need scales of shape (8,), got None"),
