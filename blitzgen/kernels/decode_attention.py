@@ -127,6 +127,11 @@ SPLIT_MIN_TILES = 2  # fewest tiles per split
 PROGRAMS_PER_SM = 2  # target programs per SM when choosing NUM_SPLITS
 MAX_SPLITS = 128  # the merge kernel holds all splits of a head in registers
 NUM_STAGES = 3
+# Warps a program for 16-bit inputs (float32 takes 8: see _decode_attention_triton). With 4 the warps split a
+# tile's 32 score columns, so the online softmax's row max and sum cross warps: the sm_90 SASS has 7 CTA
+# barriers an iteration, against 2 with one warp (which then has 36 KiB of shared memory a program, room for 6
+# a SM). attention_bench --sweep has 1- and 2-warp rows; not measured yet.
+NUM_WARPS = 4
 _INTERPRETER_SMS = 4  # the "SM count" used on the CPU interpreter: a few splits at test sizes
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # On Hopper the merge kernel is a programmatic dependent launch of the first: the first lets it launch at its start
@@ -378,7 +383,7 @@ def _decode_attention_triton(
     num_splits: int | None = None,  # tuning overrides for tests and benchmarks; None: the defaults above
     block_n: int | None = None,
     split_min: int | None = None,
-    programs_per_sm: int = PROGRAMS_PER_SM,
+    programs_per_sm: int | None = None,
     num_warps: int | None = None,
     num_stages: int = NUM_STAGES,
     merge_pdl: bool | None = None,  # None: MERGE_PDL on Hopper
@@ -392,10 +397,10 @@ def _decode_attention_triton(
     block_n = block_n or min(128, max(16, TILE_BYTES // (block_d * q.element_size())))
     split_min = split_min or SPLIT_MIN_TILES * block_n
     # float32 products run on FMAs ("ieee"): 4 warps would need 255+ registers; 8 need ~52.
-    num_warps = num_warps or (8 if q.dtype == torch.float32 else 4)
+    num_warps = num_warps or (8 if q.dtype == torch.float32 else NUM_WARPS)
     assert block_n >= 16 and split_min % block_n == 0, (block_n, split_min)
     if num_splits is None:
-        num_splits = plan_splits(B, Hkv, S, _sm_count(q.device), split_min, programs_per_sm)
+        num_splits = plan_splits(B, Hkv, S, _sm_count(q.device), split_min, programs_per_sm or PROGRAMS_PER_SM)
     assert 1 <= num_splits <= MAX_SPLITS, num_splits
     window = S if sliding_window is None else min(sliding_window, S)
     # Triton 3.9's interpreter runs tl.dot on bf16 as a product of the raw 16-bit integers.
