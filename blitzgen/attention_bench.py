@@ -463,6 +463,8 @@ def run_sweep(device, ceiling):
         "warps 1, 4 programs/SM": dict(num_warps=1, programs_per_sm=4),
         "warps 1, 6 programs/SM": dict(num_warps=1, programs_per_sm=6),
         "warps 2, 4 programs/SM": dict(num_warps=2, programs_per_sm=4),
+        "warps 1, block_n 64, 4 programs/SM": dict(num_warps=1, block_n=64, split_min=128, programs_per_sm=4),
+        "warps 2, block_n 64, 4 programs/SM": dict(num_warps=2, block_n=64, split_min=128, programs_per_sm=4),
     }
     sizes = [(1, 1 * K), (1, 8 * K), (1, 32 * K), (1, 128 * K), (8, 8 * K), (8, 32 * K)]
     capacity = 128 * K
