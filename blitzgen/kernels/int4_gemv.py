@@ -121,14 +121,6 @@ def _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_s
 
 
 @triton.jit
-def _int4_tile(w_ptr, offs_n, n_mask, offs_b, split_end, K):
-    """The (BLOCK_N, HALF) packed bytes at byte columns offs_b, zeros (no traffic) past this split's end. K is a
-    multiple of GROUP, so the masking is by whole groups."""
-    return tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :],
-                   mask=n_mask[:, None] & (offs_b < split_end)[None, :], other=0)
-
-
-@triton.jit
 def _int4_gemv_kernel(
     x_ptr,  # (M, K) activations, contiguous
     w_ptr,  # (N, K / 2) uint8, two 4-bit codes per byte (even k low nibble, odd k high nibble)
@@ -145,7 +137,6 @@ def _int4_gemv_kernel(
     BLOCK_K: tl.constexpr,  # K elements per loop step, a multiple of GROUP (BLOCK_K / 2 bytes per row)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
     WORDS: tl.constexpr,  # one row, w_ptr the packed codes as int32 words (8 codes each)
-    PREFETCH: tl.constexpr,  # the next packed tile loaded one step ahead, in registers (PREFETCH below)
 ):
     if WORDS:
         _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split, GROUP, BLOCK_N, BLOCK_K)
@@ -165,16 +156,12 @@ def _int4_gemv_kernel(
         acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # reduced across K once, at the end
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    split_end = tl.minimum(k_begin + k_blocks_per_split * BLOCK_K, K) // 2  # this split's last byte column + 1
-    if PREFETCH:  # the first tile now; each iteration then loads the next one before it computes on this one
-        packed_next = _int4_tile(w_ptr, offs_n, n_mask, k_begin // 2 + tl.arange(0, HALF), split_end, K)
     for i in range(k_blocks_per_split):
         k0 = k_begin + i * BLOCK_K
-        if PREFETCH:
-            packed = packed_next
-            packed_next = _int4_tile(w_ptr, offs_n, n_mask, (k0 + BLOCK_K) // 2 + tl.arange(0, HALF), split_end, K)
-        else:
-            packed = _int4_tile(w_ptr, offs_n, n_mask, k0 // 2 + tl.arange(0, HALF), split_end, K)
+        offs_b = k0 // 2 + tl.arange(0, HALF)  # byte columns of this tile
+        b_mask = offs_b < K // 2  # K is a multiple of GROUP, so masking is by whole groups
+        packed = tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :],
+                         mask=n_mask[:, None] & b_mask[None, :], other=0)  # (BLOCK_N, HALF) uint8
         offs_g = k0 // GROUP + tl.arange(0, GROUPS)
         g_mask = n_mask[:, None] & (offs_g < n_groups)[None, :]
         s = tl.load(s_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
@@ -207,7 +194,7 @@ def _int4_gemv_kernel(
 @triton_op("blitzgen::int4_gemv", mutates_args=())
 def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   bias: torch.Tensor | None, split_k: int, block_m: int, block_n: int, block_k: int,
-                  num_warps: int, words: bool, prefetch: bool) -> torch.Tensor:
+                  num_warps: int, words: bool) -> torch.Tensor:
     M, K = x.shape
     N = packed.shape[0]
     per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
@@ -216,7 +203,7 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     wrap_triton(_int4_gemv_kernel)[grid](
         x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
         GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_IEEE=x.dtype == torch.float32, WORDS=words, PREFETCH=prefetch, num_warps=num_warps,
+        DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
     )
     return finish_partials(partial, bias, x.dtype)
 
@@ -227,21 +214,15 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 ONE_ROW = (1, 64, 128, 4)
 MANY_ROWS = (16, 32, 128, 4)
 PROGRAMS_PER_SM = 8
-# Several rows: load the next packed tile before dequantizing this one, as gemv.py's one-row kernels do, so a
-# program has a tile in flight while it computes. The idea from session 9 (H200): this path's time is flat
-# from 2 to 8 rows (neither its code conversion nor its tensor cores set it; BENCHMARKS.md), as if each
-# iteration waited out a whole memory latency. Not measured yet: off.
-PREFETCH = False
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               bias: torch.Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
-              split_k: int | None = None, words: bool = True, prefetch: bool | None = None) -> torch.Tensor:
+              split_k: int | None = None, words: bool = True) -> torch.Tensor:
     """y = x @ W.T + bias for x (M, K) and W the int4 matrix (packed, scales, zeros) -> (M, N) in x.dtype.
 
     blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
-    words=False turns off the one-row path that reads the codes as int32 words (for comparison); prefetch
-    (None: PREFETCH) loads each next tile one step ahead on the tiled paths.
+    words=False turns off the one-row path that reads the codes as int32 words (for comparison).
     Falls back to int4_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or packed.dim() != 2 or 2 * packed.shape[1] != x.shape[1]:
@@ -271,6 +252,5 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k), PROGRAMS_PER_SM)
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1  # K / 2 bytes a row is a multiple of 16: whole words
-    prefetch = PREFETCH if prefetch is None else prefetch
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
-                                        block_m, block_n, block_k, num_warps, words, prefetch and not words)
+                                        block_m, block_n, block_k, num_warps, words)
