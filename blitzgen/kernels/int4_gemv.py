@@ -38,7 +38,11 @@ codes themselves as the dot's operand, made 16-bit floats by bit pattern (0x4300
 scale and zero point applied once per group after a per-group dot, read 11-19% of the bandwidth
 against this tile dequantization's 14-25% (each 7B shape ~25% slower at 2-8 rows), and batch 8
 decode 179.1 against 206.9 tokens/s: removed, session 9. So was a CUDA-core path for 2..8 rows, each
-tile dequantized once and multiplied by every row: its time grew with the rows, 2.4x this one's at 8.)
+tile dequantized once and multiplied by every row: its time grew with the rows, 2.4x this one's at 8.
+This path's time is flat from 2 to 8 rows because its cost is the per-code dequantization, which does not
+depend on the rows: its sm_90 SASS streams the packed tiles through shared memory with cp.async (Triton's
+pipeline, 3 stages), then spends an int-to-float conversion and a multiply-add per code and two barriers an
+iteration on the tile's exchange into the tensor cores' operand layout.)
 Registered as `torch.ops.blitzgen.int4_gemv` (torch.library.triton_op) for torch.compile.
 """
 

@@ -62,7 +62,6 @@ def main():
             x = torch.randn(rows, K, generator=g).to(dtype)
             int8_gemv.int8_gemv(x, w8, s8)
             int4_gemv.int4_gemv(x, w4, s4, z4)
-            int4_gemv.int4_gemv(x, w4, s4, z4, prefetch=True, words=False)  # the tiled paths, next tile ahead
             gemv_a8.gemv_a8(x, w8, s8)
             gemv_a8.gemv_a8(x, w4, s4, z4)
         dequantize.int8_dequantize(w8, s8, dtype)
