@@ -46,6 +46,8 @@ iteration on the tile's exchange into the tensor cores' operand layout.)
 Registered as `torch.ops.blitzgen.int4_gemv` (torch.library.triton_op) for torch.compile.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -55,6 +57,8 @@ from blitzgen.errors import BlitzgenError
 from blitzgen.kernels.dequantize import int4_dequantize_ref
 from blitzgen.kernels import triton_runs_on
 from blitzgen.kernels.int8_gemv import finish_partials, plan_split_k
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -124,6 +128,51 @@ def _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_s
     tl.store(out_ptr + (pid_k * M + pid_m) * N + offs_n, acc, mask=n_mask)
 
 
+# Four packed bytes (8 codes) and 4 scales / zero points in 16-bit pairs -> the 4 low-nibble and the 4 high-nibble
+# weights as 16-bit pairs. A code q becomes the 16-bit float OFFSET + q by bit pattern (prmt spreads bytes 0, 1
+# (2, 3) to the two halves of a word, lop3 masks a nibble and ORs in OFFSET's bits), one fma removes OFFSET
+# exactly and a second makes q * s + z, rounded once: two codes an instruction, no int-to-float conversion.
+# OFFSET is 128 in bf16 (bits 0x4300) and 1024 in fp16 (0x6400).
+_PAIRS_ASM = """{{
+.reg .b32 t01, t23, one, neg, v;
+prmt.b32 t01, $4, 0, 0x4140;
+prmt.b32 t23, $4, 0, 0x4342;
+mov.b32 one, {one};
+mov.b32 neg, {neg};
+lop3.b32 v, t01, 0x000F000F, {magic}, 0xea;
+fma.rn.{ty} v, v, one, neg;
+fma.rn.{ty} $0, v, $5, $7;
+lop3.b32 v, t23, 0x000F000F, {magic}, 0xea;
+fma.rn.{ty} v, v, one, neg;
+fma.rn.{ty} $1, v, $6, $8;
+shr.b32 t01, t01, 4;
+shr.b32 t23, t23, 4;
+lop3.b32 v, t01, 0x000F000F, {magic}, 0xea;
+fma.rn.{ty} v, v, one, neg;
+fma.rn.{ty} $2, v, $5, $7;
+lop3.b32 v, t23, 0x000F000F, {magic}, 0xea;
+fma.rn.{ty} v, v, one, neg;
+fma.rn.{ty} $3, v, $6, $8;
+}}"""
+_PAIRS_BF16 = _PAIRS_ASM.format(one="0x3F803F80", neg="0xC300C300", magic="0x43004300", ty="bf16x2")
+_PAIRS_FP16 = _PAIRS_ASM.format(one="0x3C003C00", neg="0xE400E400", magic="0x64006400", ty="f16x2")
+
+
+@triton.jit
+def _nibble_weights(packed, s, z, PTX: tl.constexpr):
+    """(w_lo, w_hi), each like packed (BLOCK_N, HALF): the weights q * s + z of the low and the high nibble of
+    each byte, in s's 16-bit dtype, with s and z given per byte (broadcast from their group). PTX: _PAIRS_BF16 or
+    _PAIRS_FP16 for s's dtype, or "" for plain arithmetic (the interpreter)."""
+    if PTX != "":
+        lo, hi = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, z], dtype=(s.dtype, s.dtype),
+                                           is_pure=True, pack=4)
+    else:  # the same values: fp32, then one rounding to s's dtype
+        sf, zf = s.to(tl.float32), z.to(tl.float32)
+        lo = ((packed & 0xF).to(tl.float32) * sf + zf).to(s.dtype)
+        hi = ((packed >> 4).to(tl.float32) * sf + zf).to(s.dtype)
+    return lo, hi
+
+
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr,  # (M, K) activations, contiguous
@@ -141,6 +190,8 @@ def _int4_gemv_kernel(
     BLOCK_K: tl.constexpr,  # K elements per loop step, a multiple of GROUP (BLOCK_K / 2 bytes per row)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
     WORDS: tl.constexpr,  # one row, w_ptr the packed codes as int32 words (8 codes each)
+    PAIRS: tl.constexpr = False,  # several 16-bit rows: weights made in 16-bit pairs (_nibble_weights)
+    PAIRS_PTX: tl.constexpr = "",  # its PTX for x's dtype; "" under the interpreter
 ):
     if WORDS:
         _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split, GROUP, BLOCK_N, BLOCK_K)
@@ -170,11 +221,17 @@ def _int4_gemv_kernel(
         g_mask = n_mask[:, None] & (offs_g < n_groups)[None, :]
         s = tl.load(s_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + offs_n[:, None] * n_groups + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        # Codes -> values, group by group: (BLOCK_N, GROUPS, GROUP / 2) x (BLOCK_N, GROUPS, 1).
-        lo = tl.reshape((packed & 0xF).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2))
-        hi = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2))
-        w_even = tl.reshape(lo * s[:, :, None] + z[:, :, None], (BLOCK_N, HALF))  # columns k0, k0 + 2, ...
-        w_odd = tl.reshape(hi * s[:, :, None] + z[:, :, None], (BLOCK_N, HALF))  # columns k0 + 1, k0 + 3, ...
+        if PAIRS:  # the scale and zero point of each byte's group, then both nibbles' weights at once
+            sb = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP // 2)), (BLOCK_N, HALF))
+            zb = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GROUPS, GROUP // 2)), (BLOCK_N, HALF))
+            w_even, w_odd = _nibble_weights(packed, sb.to(x_ptr.dtype.element_ty), zb.to(x_ptr.dtype.element_ty),
+                                            PAIRS_PTX)
+        else:
+            # Codes -> values, group by group: (BLOCK_N, GROUPS, GROUP / 2) x (BLOCK_N, GROUPS, 1).
+            lo = tl.reshape((packed & 0xF).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2))
+            hi = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2))
+            w_even = tl.reshape(lo * s[:, :, None] + z[:, :, None], (BLOCK_N, HALF))  # columns k0, k0 + 2, ...
+            w_odd = tl.reshape(hi * s[:, :, None] + z[:, :, None], (BLOCK_N, HALF))  # columns k0 + 1, k0 + 3, ...
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
@@ -198,7 +255,7 @@ def _int4_gemv_kernel(
 @triton_op("blitzgen::int4_gemv", mutates_args=())
 def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   bias: torch.Tensor | None, split_k: int, block_m: int, block_n: int, block_k: int,
-                  num_warps: int, words: bool) -> torch.Tensor:
+                  num_warps: int, words: bool, pairs: bool) -> torch.Tensor:
     M, K = x.shape
     N = packed.shape[0]
     per_split = triton.cdiv(triton.cdiv(K, block_k), split_k)
@@ -207,7 +264,9 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     wrap_triton(_int4_gemv_kernel)[grid](
         x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
         GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_IEEE=x.dtype == torch.float32, WORDS=words, num_warps=num_warps,
+        DOT_IEEE=x.dtype == torch.float32, WORDS=words, PAIRS=pairs,
+        PAIRS_PTX="" if _INTERPRET or not pairs else _PAIRS_FP16 if x.dtype == torch.float16 else _PAIRS_BF16,
+        num_warps=num_warps,
     )
     return finish_partials(partial, bias, x.dtype)
 
@@ -218,15 +277,21 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 ONE_ROW = (1, 64, 128, 4)
 MANY_ROWS = (16, 32, 128, 4)
 PROGRAMS_PER_SM = 8
+# Several bf16 / fp16 rows make the tile's weights two a PTX instruction from bit patterns (_nibble_weights)
+# instead of converting each code to fp32 and back: session 9's SASS of the default shows that conversion, a
+# multiply-add a code and the tile's exchange into the tensor cores' layout as this path's cost (its time is flat
+# from 2 to 8 rows). Not measured yet: off.
+PAIRS = False
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               bias: torch.Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
-              split_k: int | None = None, words: bool = True) -> torch.Tensor:
+              split_k: int | None = None, words: bool = True, pairs: bool | None = None) -> torch.Tensor:
     """y = x @ W.T + bias for x (M, K) and W the int4 matrix (packed, scales, zeros) -> (M, N) in x.dtype.
 
     blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
-    words=False turns off the one-row path that reads the codes as int32 words (for comparison).
+    words=False turns off the one-row path that reads the codes as int32 words (for comparison); pairs (None:
+    PAIRS) makes several bf16 / fp16 rows' weights in 16-bit pairs by bit operations.
     Falls back to int4_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or packed.dim() != 2 or 2 * packed.shape[1] != x.shape[1]:
@@ -256,5 +321,6 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k), PROGRAMS_PER_SM)
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1  # K / 2 bytes a row is a multiple of 16: whole words
+    pairs = (PAIRS if pairs is None else pairs) and block_m >= 16 and x.dtype in (torch.bfloat16, torch.float16)
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
-                                        block_m, block_n, block_k, num_warps, words)
+                                        block_m, block_n, block_k, num_warps, words, pairs)

@@ -62,6 +62,8 @@ def main():
             x = torch.randn(rows, K, generator=g).to(dtype)
             int8_gemv.int8_gemv(x, w8, s8)
             int4_gemv.int4_gemv(x, w4, s4, z4)
+            int4_gemv.int4_gemv(x, w4, s4, z4, pairs=True)  # several 16-bit rows: weights in 16-bit pairs (PTX)
+            int4_gemv.int4_gemv(x.half(), w4, s4.half(), z4.half(), pairs=True)
             gemv_a8.gemv_a8(x, w8, s8)
             gemv_a8.gemv_a8(x, w4, s4, z4)
         dequantize.int8_dequantize(w8, s8, dtype)
