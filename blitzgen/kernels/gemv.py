@@ -408,8 +408,8 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     x (1, K); weight ((H + 2 Hkv) D, K), heads in q, k, v order; the rotation as cos, sin (1, [1,] D) in
     rotate-half layout, or as inv_freq (D/2,) float32 (the kernel then computes what model.rope_cos_sin would,
-    which saves the step the kernels that make the table); positions (1, [1]) the token's cache position; k_cache, v_cache (1, S, Hkv, D) with the last dim
-    contiguous, written in place. Returns rotated q (1, H, D) in x.dtype and lengths = positions + 1 (1,)
+    which saves the step the kernels that make the table); positions (1, [1]) the token's cache position;
+    k_cache, v_cache (1, S, Hkv, D) with the last dim contiguous, written in place. Returns rotated q (1, H, D) in x.dtype and lengths = positions + 1 (1,)
     int64, the live keys decode attention takes. weight and scales as in gemv; blocks as in gemv (block_n rows
     a program: half from each half of a head)."""
     B, K = x.shape if x.dim() == 2 else (0, 0)
@@ -422,8 +422,9 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             or norm_weight.shape != (K,) or (bias is not None and bias.shape != (N,))):
         raise BlitzgenError(
             f"gemv_rope_cache: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)} for {n_heads} heads, "
-            f"cos {None if cos is None else tuple(cos.shape)}, inv_freq {None if inv_freq is None else tuple(inv_freq.shape)} "
-            f"(give cos and sin, or inv_freq), positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
+            f"cos {None if cos is None else tuple(cos.shape)}, "
+            f"inv_freq {None if inv_freq is None else tuple(inv_freq.shape)} (give cos and sin, or inv_freq), "
+            f"positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
     _check_weight("gemv_rope_cache", x, weight, scales)
     if triton is None or not triton_runs_on(x):
         return gemv_rope_cache_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, cos=cos, sin=sin,
