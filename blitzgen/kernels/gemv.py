@@ -409,9 +409,9 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     x (1, K); weight ((H + 2 Hkv) D, K), heads in q, k, v order; the rotation as cos, sin (1, [1,] D) in
     rotate-half layout, or as inv_freq (D/2,) float32 (the kernel then computes what model.rope_cos_sin would,
     which saves the step the kernels that make the table); positions (1, [1]) the token's cache position;
-    k_cache, v_cache (1, S, Hkv, D) with the last dim contiguous, written in place. Returns rotated q (1, H, D) in x.dtype and lengths = positions + 1 (1,)
-    int64, the live keys decode attention takes. weight and scales as in gemv; blocks as in gemv (block_n rows
-    a program: half from each half of a head)."""
+    k_cache, v_cache (1, S, Hkv, D) with the last dim contiguous, written in place. Returns rotated q (1, H, D)
+    in x.dtype and lengths = positions + 1 (1,) int64, the live keys decode attention takes. weight and scales
+    as in gemv; blocks as in gemv (block_n rows a program: half from each half of a head)."""
     B, K = x.shape if x.dim() == 2 else (0, 0)
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     N = (n_heads + 2 * Hkv) * D
