@@ -110,7 +110,7 @@ from functools import lru_cache
 import torch
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import hopper
+from blitzgen.kernels import define_ops, hopper
 
 try:
     import triton
@@ -456,28 +456,15 @@ def _decode_attention_triton(
     return out
 
 
-def _decode_attention_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, sliding_window: int | None
-) -> torch.Tensor:
-    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window, merge_pdl=False)
-
-
-def _decode_attention_pdl_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, sliding_window: int | None
-) -> torch.Tensor:
-    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window, merge_pdl=True)
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                         sliding_window: int | None, pdl: bool) -> torch.Tensor:
+    """The body of torch.ops.blitzgen.decode_attention / decode_attention_pdl (pdl: the merge kernel as a
+    programmatic dependent of the first)."""
+    return _decode_attention_triton(q, k_cache, v_cache, lengths, sliding_window, merge_pdl=pdl)
 
 
 if triton is not None:
-    if _INTERPRET:
-        # Interpreted kernels run eagerly on CPU tensors and cannot be traced through, so the
-        # op is opaque here (torch.compile still traces a call to it, using the fake below).
-        torch.library.custom_op("blitzgen::decode_attention", _decode_attention_op, mutates_args=())
-        torch.library.register_fake("blitzgen::decode_attention")(lambda q, *_: q.new_empty(q.shape))
-    else:
-        torch.library.triton_op("blitzgen::decode_attention", _decode_attention_op, mutates_args=())
-        torch.library.custom_op("blitzgen::decode_attention_pdl", _decode_attention_pdl_op, mutates_args=())
-        torch.library.register_fake("blitzgen::decode_attention_pdl")(lambda q, *_: q.new_empty(q.shape))
+    define_ops("decode_attention", _decode_attention_op, lambda q, *_: q.new_empty(q.shape))
 
 
 def decode_attention(
@@ -492,6 +479,7 @@ def decode_attention(
     TRITON_INTERPRET=1; the plain-PyTorch reference otherwise."""
     _check_inputs(q, k_cache, v_cache, lengths, sliding_window)
     if triton is not None and (q.is_cuda or _INTERPRET):
-        op = torch.ops.blitzgen.decode_attention_pdl if MERGE_PDL and hopper(q) else torch.ops.blitzgen.decode_attention
-        return op(q, k_cache, v_cache, lengths, sliding_window)
+        pdl = MERGE_PDL and hopper(q)
+        op = torch.ops.blitzgen.decode_attention_pdl if pdl else torch.ops.blitzgen.decode_attention
+        return op(q, k_cache, v_cache, lengths, sliding_window, pdl)
     return decode_attention_ref(q, k_cache, v_cache, lengths, sliding_window)

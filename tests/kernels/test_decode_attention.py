@@ -278,7 +278,7 @@ def _gpu_build_checks():
     for B, H, Hkv, D, S, dtype in shapes:
         q, k, v = (torch.zeros(shape, dtype=dtype) for shape in [(B, H, D), (B, S, Hkv, D), (B, S, Hkv, D)])
         lengths = torch.full((B,), S)
-        kernels = traced_kernels(q, k, v, lengths, None)
+        kernels = traced_kernels(q, k, v, lengths, None, False)
         names = [fn.__name__ for fn, *_ in kernels]
         num_splits = kernels[0][2]["NUM_SPLITS"]
         expected = ["_decode_attention_kernel"] + (["_decode_attention_merge_kernel"] if num_splits > 1 else [])
