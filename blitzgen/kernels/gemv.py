@@ -75,8 +75,6 @@ kernel does not pass, so on Hopper `torch.ops.blitzgen.gemv_pdl`, an opaque cust
 kernel itself. Under TRITON_INTERPRET=1 (the CPU tests) the op is opaque too.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -89,7 +87,6 @@ try:
     from torch.library import wrap_triton
 except ImportError:  # a CPU-only install without Triton (model.py imports this module): gemv() runs gemv_ref
     triton = None
-
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
