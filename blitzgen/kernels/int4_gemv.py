@@ -133,29 +133,24 @@ def _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_s
 # (2, 3) to the two halves of a word, lop3 masks a nibble and ORs in OFFSET's bits), one fma removes OFFSET
 # exactly and a second makes q * s + z, rounded once: two codes an instruction, no int-to-float conversion.
 # OFFSET is 128 in bf16 (bits 0x4300) and 1024 in fp16 (0x6400).
-_PAIRS_ASM = """{{
-.reg .b32 t01, t23, one, neg, v;
-prmt.b32 t01, $4, 0, 0x4140;
-prmt.b32 t23, $4, 0, 0x4342;
-mov.b32 one, {one};
-mov.b32 neg, {neg};
-lop3.b32 v, t01, 0x000F000F, {magic}, 0xea;
-fma.rn.{ty} v, v, one, neg;
-fma.rn.{ty} $0, v, $5, $7;
-lop3.b32 v, t23, 0x000F000F, {magic}, 0xea;
-fma.rn.{ty} v, v, one, neg;
-fma.rn.{ty} $1, v, $6, $8;
-shr.b32 t01, t01, 4;
-shr.b32 t23, t23, 4;
-lop3.b32 v, t01, 0x000F000F, {magic}, 0xea;
-fma.rn.{ty} v, v, one, neg;
-fma.rn.{ty} $2, v, $5, $7;
-lop3.b32 v, t23, 0x000F000F, {magic}, 0xea;
-fma.rn.{ty} v, v, one, neg;
-fma.rn.{ty} $3, v, $6, $8;
-}}"""
-_PAIRS_BF16 = _PAIRS_ASM.format(one="0x3F803F80", neg="0xC300C300", magic="0x43004300", ty="bf16x2")
-_PAIRS_FP16 = _PAIRS_ASM.format(one="0x3C003C00", neg="0xE400E400", magic="0x64006400", ty="f16x2")
+def _pairs_ptx(one: str, neg: str, magic: str, ty: str) -> str:
+    """The PTX of _nibble_weights for one 16-bit type: `one` and `neg` are the bits of 1.0 and -OFFSET in pairs,
+    `magic` OFFSET's. Out $0, $1: the low nibbles of bytes 0-1 and 2-3; $2, $3: the high ones; in $4: the 4 bytes,
+    $5, $6: scale pairs, $7, $8: zero-point pairs."""
+    def pair(src, out, scale, zero):  # the two nibbles at bits 0-3 and 16-19 of src -> q * s + z
+        return (f"lop3.b32 v, {src}, 0x000F000F, {magic}, 0xea;\n"  # (src & mask) | magic: OFFSET + q
+                f"fma.rn.{ty} v, v, one, neg;\n"  # q, exactly
+                f"fma.rn.{ty} {out}, v, {scale}, {zero};\n")
+    return ("{\n.reg .b32 t01, t23, one, neg, v;\n"
+            "prmt.b32 t01, $4, 0, 0x4140;\nprmt.b32 t23, $4, 0, 0x4342;\n"  # bytes 0, 1 (2, 3) to bits 0 and 16
+            f"mov.b32 one, {one};\nmov.b32 neg, {neg};\n"
+            + pair("t01", "$0", "$5", "$7") + pair("t23", "$1", "$6", "$8")
+            + "shr.b32 t01, t01, 4;\nshr.b32 t23, t23, 4;\n"
+            + pair("t01", "$2", "$5", "$7") + pair("t23", "$3", "$6", "$8") + "}")
+
+
+_PAIRS_BF16 = _pairs_ptx(one="0x3F803F80", neg="0xC300C300", magic="0x43004300", ty="bf16x2")
+_PAIRS_FP16 = _pairs_ptx(one="0x3C003C00", neg="0xE400E400", magic="0x64006400", ty="f16x2")
 
 
 @triton.jit
