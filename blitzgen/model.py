@@ -195,29 +195,23 @@ class Block(nn.Module):
         # only where gemv.py reads all four (gemv_args: float or int8).
         self.gemv_kernels = False
 
-    def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None, inv_freq=None):
+    def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None):
         if x.shape[:2] == (1, 1) and self.gemv_kernels and rows is None:
-            return self.gemv_decode(x, cos, sin, positions, k_cache, v_cache, kv_len, inv_freq)
+            return self.gemv_decode(x, cos, sin, positions, k_cache, v_cache, kv_len)
         h = x + self.attention(self.attention_norm(x), cos, sin, positions, k_cache, v_cache, mask, kv_len, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def rotates_in_wqkv(self) -> bool:
-        """Whether a one-sequence decode step applies RoPE and writes the cache in wqkv's kernel (gemv_decode)."""
-        return self.gemv_kernels and self.attention.decode_kernel and self.attention.q_norm is None
-
-    def gemv_decode(self, x, cos, sin, positions, k_cache, v_cache, kv_len, inv_freq=None):
+    def gemv_decode(self, x, cos, sin, positions, k_cache, v_cache, kv_len):
         """forward for one token of one sequence, x (1, 1, C): the same math in four GEMV launches around
         attention, where Inductor makes six to eight kernels of the products, norms and adds (and three to four
-        more of RoPE and the cache write, which the first launch does too). cos and sin are None when the
-        rotation is to be computed in that launch from inv_freq (Transformer.rope_in_kernel)."""
+        more of RoPE and the cache write, which the first launch does too)."""
         att, ffn, C = self.attention, self.feed_forward, x.shape[-1]
         x = x.view(1, C)
         norm = dict(norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps)
-        if self.rotates_in_wqkv():
+        if att.decode_kernel and att.q_norm is None:
             # RoPE and the cache write happen in the product's epilogue, one launch instead of the product plus
             # Inductor's rotation and scatter kernels (kernels/gemv.py, gemv_rope_cache).
-            rope = dict(cos=cos, sin=sin) if cos is not None else dict(inv_freq=inv_freq)
-            q, lengths = gemv_rope_cache(x, **gemv_args(att.wqkv), **norm, **rope, positions=positions,
+            q, lengths = gemv_rope_cache(x, **gemv_args(att.wqkv), **norm, cos=cos, sin=sin, positions=positions,
                                          k_cache=k_cache, v_cache=v_cache, n_heads=att.n_heads)
             out = decode_attention(q, k_cache, v_cache, lengths, att.sliding_window).view(1, 1, -1)  # (1, 1, H D)
         else:  # q/k norms (Qwen3) come between the product and RoPE; or no decode attention kernel
@@ -239,11 +233,6 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # (D/2,)
-        # A one-sequence decode step whose every layer rotates in wqkv's kernel (Block.rotates_in_wqkv) can let
-        # that kernel compute cos and sin from inv_freq, skipping the ~7 small kernels that make the (1, 1, D)
-        # table each step (~15 us of a 3.65 ms Llama-2-7B step on an H200, session 9's profile). Off until
-        # measured.
-        self.rope_in_kernel = False
 
     def forward(
         self,
@@ -264,17 +253,13 @@ class Transformer(nn.Module):
         need_mask = T > 1 and not causal_from_zero
         mask = attention_mask(positions, kv_len, self.config.sliding_window) if need_mask else None
         x = self.tok_embeddings(tokens)  # (B, T, C)
-        in_kernel = (tokens.shape == (1, 1) and self.rope_in_kernel and not isinstance(slots, torch.Tensor)
-                     and all(layer.rotates_in_wqkv() for layer in self.layers))
-        cos, sin = (None, None) if in_kernel else rope_cos_sin(self.inv_freq, positions, x.dtype)
-        rope_args = (None, self.inv_freq) if in_kernel else ()  # Block.forward's rows and inv_freq
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         run_block = run_block or Block.__call__
         for i, layer in enumerate(self.layers):
             if isinstance(slots, torch.Tensor):
                 x = run_block(layer, x, cos, sin, positions, cache.k[i], cache.v[i], mask, kv_len, slots[:, None])
             else:
-                x = run_block(layer, x, cos, sin, positions, cache.k[i, slots], cache.v[i, slots], mask, kv_len,
-                              *rope_args)
+                x = run_block(layer, x, cos, sin, positions, cache.k[i, slots], cache.v[i, slots], mask, kv_len)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]  # (B, 1, C)
         elif last_only:

@@ -209,7 +209,7 @@ if triton is not None:
         w_ptr,  # (N, K) = ((H + 2 Hkv) D, K): wqkv, q heads, then k heads, then v heads; float or int8 codes
         s_ptr,  # (N,) per-row scales of int8 codes (HAS_SCALES)
         b_ptr,  # (N,) bias (HAS_BIAS)
-        cos_ptr, sin_ptr,  # (D,) the new token's rotation (model.rope_cos_sin); FREQS: cos_ptr is inv_freq (D/2,)
+        cos_ptr, sin_ptr,  # (D,) the new token's rotation (model.rope_cos_sin)
         positions_ptr,  # (1,) its cache position p
         q_out_ptr,  # (H, D) out: rotated q
         lengths_ptr,  # (1,) out: p + 1, the live keys decode attention reads next
@@ -218,7 +218,6 @@ if triton is not None:
         K, eps,
         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-        FREQS: tl.constexpr,  # the rotation computed here from the position and inv_freq
         BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
         BLOCK_K: tl.constexpr,
     ):
@@ -239,13 +238,8 @@ if triton is not None:
             lo += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             hi += tl.load(b_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
         position = tl.load(positions_ptr).to(tl.int64)
-        if FREQS:  # as model.rope_cos_sin makes the table: fp32 angle, (accurate) cos and sin rounded to x's dtype
-            angle = position.to(tl.float32) * tl.load(cos_ptr + offs_i, mask=n_mask, other=0.0)
-            cos = tl.cos(angle).to(q_out_ptr.dtype.element_ty).to(tl.float32)
-            sin = tl.sin(angle).to(q_out_ptr.dtype.element_ty).to(tl.float32)
-        else:
-            cos = tl.load(cos_ptr + offs_i, mask=n_mask, other=0.0).to(tl.float32)  # cos[i] == cos[i + D/2] here
-            sin = tl.load(sin_ptr + offs_i, mask=n_mask, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + offs_i, mask=n_mask, other=0.0).to(tl.float32)  # cos[i] == cos[i + D/2] here
+        sin = tl.load(sin_ptr + offs_i, mask=n_mask, other=0.0).to(tl.float32)
         rot_lo, rot_hi = lo * cos - hi * sin, hi * cos + lo * sin  # q and k heads; v heads store lo, hi
         # Each store's address is computed from a kernel argument inside its own branch, so torch.compile's
         # analysis of what the kernel writes sees exactly q_out, lengths and the two caches.
@@ -288,10 +282,10 @@ def _gemv_fake(x, weight, scales, bias, norm_weight, eps, gate_up, *_):
 
 def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
                   norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, freqs: bool, block_n: int, block_k: int,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
                   num_warps: int, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch _gemv_rope_kernel (the body of torch.ops.blitzgen.gemv_rope / gemv_rope_pdl) -> rotated q (1, H, D)
-    and lengths (1,) int64. freqs: cos (and sin, unused) is inv_freq (D/2,) float32."""
+    and lengths (1,) int64."""
     wrap = (lambda kernel: kernel) if pdl else wrap_triton
     K = x.shape[1]
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
@@ -303,7 +297,7 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         x, norm_weight, weight, x if scales is None else scales, x if bias is None else bias, cos, sin, positions,
         q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         K, eps, H=n_heads, HKV=Hkv, D=D, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, PDL=pdl,
-        FREQS=freqs, BLOCK_N=half_block, BLOCK_K=block_k, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+        BLOCK_N=half_block, BLOCK_K=block_k, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
 
 
@@ -380,53 +374,43 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
               float(eps), gate_up, _contiguous(residual), block_n, block_k, num_warps, pdl)
 
 
-def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, positions, k_cache, v_cache, n_heads, cos=None, sin=None,
-                        inv_freq=None, scales=None):
-    """Plain-PyTorch twin of gemv_rope_cache: the normed product, then rope_cache_write's reference (with inv_freq,
-    the table from model.rope_cos_sin)."""
+def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
+                        scales=None):
+    """Plain-PyTorch twin of gemv_rope_cache: the normed product, then rope_cache_write's reference."""
     from blitzgen.kernels.rope_cache import rope_cache_write_ref
-    from blitzgen.model import rope_cos_sin
 
-    if inv_freq is not None:
-        cos, sin = rope_cos_sin(inv_freq, positions.reshape(1, 1), x.dtype)
     qkv = gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, scales=scales)
     return rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
 
 
 def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                    norm_weight: torch.Tensor, eps: float, positions: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, n_heads: int, cos: torch.Tensor | None = None,
-                    sin: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
+                    norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                    positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
                     scales: torch.Tensor | None = None,
                     blocks: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A one-sequence decode step's attention input in one launch: RMSNorm + wqkv product, RoPE on q and k in
     the product's fp32 sums, k and v written to the cache at the token's position, as gemv() followed by
     kernels/rope_cache.py's rope_cache_write would do in two (and Inductor in four to five).
 
-    x (1, K); weight ((H + 2 Hkv) D, K), heads in q, k, v order; the rotation as cos, sin (1, [1,] D) in
-    rotate-half layout, or as inv_freq (D/2,) float32 (the kernel then computes what model.rope_cos_sin would,
-    which saves the step the kernels that make the table); positions (1, [1]) the token's cache position;
-    k_cache, v_cache (1, S, Hkv, D) with the last dim contiguous, written in place. Returns rotated q (1, H, D)
-    in x.dtype and lengths = positions + 1 (1,) int64, the live keys decode attention takes. weight and scales
-    as in gemv; blocks as in gemv (block_n rows a program: half from each half of a head)."""
+    x (1, K); weight ((H + 2 Hkv) D, K), heads in q, k, v order; cos, sin (1, [1,] D) in rotate-half layout;
+    positions (1, [1]) the token's cache position; k_cache, v_cache (1, S, Hkv, D) with the last dim
+    contiguous, written in place. Returns rotated q (1, H, D) in x.dtype and lengths = positions + 1 (1,)
+    int64, the live keys decode attention takes. weight and scales as in gemv; blocks as in gemv (block_n rows
+    a program: half from each half of a head)."""
     B, K = x.shape if x.dim() == 2 else (0, 0)
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     N = (n_heads + 2 * Hkv) * D
-    rope_ok = (inv_freq.shape == (D // 2,) and cos is None and sin is None if inv_freq is not None
-               else cos is not None and sin is not None and cos.numel() == D and sin.shape == cos.shape)
-    if (x.dim() != 2 or B != 1 or weight.shape != (N, K) or not rope_ok
+    if (x.dim() != 2 or B != 1 or weight.shape != (N, K) or cos.numel() != D or sin.shape != cos.shape
             or positions.numel() != 1 or k_cache.shape[0] != 1 or v_cache.shape != k_cache.shape or D % 2
             or norm_weight.shape != (K,) or (bias is not None and bias.shape != (N,))):
         raise BlitzgenError(
             f"gemv_rope_cache: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)} for {n_heads} heads, "
-            f"cos {None if cos is None else tuple(cos.shape)}, "
-            f"inv_freq {None if inv_freq is None else tuple(inv_freq.shape)} (give cos and sin, or inv_freq), "
-            f"positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
+            f"cos {tuple(cos.shape)}, positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
     _check_weight("gemv_rope_cache", x, weight, scales)
     if triton is None or not triton_runs_on(x):
         return gemv_rope_cache_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, cos=cos, sin=sin,
-                                   inv_freq=inv_freq, positions=positions, k_cache=k_cache, v_cache=v_cache,
-                                   n_heads=n_heads, scales=scales)
+                                   positions=positions, k_cache=k_cache, v_cache=v_cache, n_heads=n_heads,
+                                   scales=scales)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise BlitzgenError("gemv_rope_cache: the caches' last dim must be contiguous")
     block_n, block_k, num_warps = blocks or BLOCKS["norm"]
@@ -436,6 +420,5 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     op = torch.ops.blitzgen.gemv_rope_pdl if pdl else torch.ops.blitzgen.gemv_rope
     return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(bias), norm_weight.contiguous(),
               float(eps),
-              *((inv_freq.float().contiguous(),) * 2 if inv_freq is not None
-                else (cos.reshape(D).contiguous(), sin.reshape(D).contiguous())),
-              positions.reshape(1), k_cache, v_cache, n_heads, inv_freq is not None, block_n, block_k, num_warps, pdl)
+              cos.reshape(D).contiguous(), sin.reshape(D).contiguous(), positions.reshape(1), k_cache, v_cache,
+              n_heads, block_n, block_k, num_warps, pdl)

@@ -80,10 +80,7 @@ def main():
         for pdl in (False, True):
             for w, s in ((wqkv, None), (wqkv.to(torch.int8), torch.rand(wqkv.shape[0]).to(dtype))):
                 gemv._gemv_rope_op(x, w, s, wqkv[:, 0], nw, 1e-5, torch.randn(D).to(dtype), torch.randn(D).to(dtype),
-                                   torch.zeros(1, dtype=torch.int64), caches[0], caches[1], H, False, 16, 512, 4, pdl)
-            inv_freq = torch.rand(D // 2)  # the rotation computed in the kernel
-            gemv._gemv_rope_op(x, wqkv, None, None, nw, 1e-5, inv_freq, inv_freq, torch.zeros(1, dtype=torch.int64),
-                               caches[0], caches[1], H, True, 16, 512, 4, pdl)
+                                   torch.zeros(1, dtype=torch.int64), caches[0], caches[1], H, 16, 512, 4, pdl)
         dequantize.int4_dequantize(w4, s4, z4, dtype)
     for dtype in (torch.bfloat16, torch.float32):
         for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split
@@ -93,8 +90,8 @@ def main():
             decode_attention.hopper = lambda t: True  # + the merge as a programmatic dependent launch
             _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits)
             decode_attention.hopper = hopper
-            if dtype == torch.bfloat16:  # one and two warps a program (attention_bench --sweep)
-                for warps in (1, 2):
+            if dtype == torch.bfloat16:  # the other warp counts attention_bench --sweep times
+                for warps in (1, 4):
                     _decode_attention_triton(q, cache, cache, torch.full((B,), S // 2), None, num_splits=splits,
                                              num_warps=warps)
         B, H, Hkv, D = 2, 8, 2, 128

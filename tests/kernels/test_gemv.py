@@ -172,31 +172,6 @@ def test_rope_cache_epilogue_matches_reference(H, Hkv, D, dtype, bias):
         assert torch.equal(cache[~written], ref_cache[~written])  # every other row as it was (bit for bit)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("position", [5, 70000])
-def test_rope_cache_epilogue_from_inv_freq(dtype, position):
-    """The rotation computed in the kernel from the position and inv_freq, as model.rope_cos_sin makes the table
-    (an fp32 angle, then cos and sin rounded to x's dtype): the same q and cache rows as the table gives, at a
-    small and at a long-context position (angles up to 7e4 radians). Both sides compute cos and sin of the same
-    fp32 angles with accurate functions that may differ in the last fp32 place: in bf16 the rounded tables then
-    agree (two ulps for a rare tie), in fp32 to 1e-5 of the output's scale."""
-    x, w, b, kw, cache = _rope_case(6, 2, 20, 150, dtype, True, position=position % 11, seed=70)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, 20, 2, device=DEVICE).float() / 20))
-    positions = torch.tensor([[position]], device=DEVICE)
-    big = torch.zeros(1, position + 1, 2, 20, dtype=dtype, device=DEVICE), torch.zeros(1, position + 1, 2, 20,
-                                                                                       dtype=dtype, device=DEVICE)
-    cos, sin = rope_cos_sin(inv_freq, positions, dtype)
-    table = dict(kw, cos=cos, sin=sin, positions=positions, k_cache=big[0], v_cache=big[1])
-    q_ref, _ = gemv_rope_cache_ref(x, w, b, **table)
-    k_ref, v_ref = big[0][0, position].clone(), big[1][0, position].clone()
-    table.update(cos=None, sin=None)
-    q, lengths = gemv_rope_cache(x, w, b, **table, inv_freq=inv_freq)
-    assert lengths.tolist() == [position + 1]
-    assert_matches(q, q_ref, ulps=2)
-    assert_matches(big[0][0, position], k_ref, ulps=2)
-    assert_matches(big[1][0, position], v_ref)  # v is not rotated
-
-
 def test_rope_cache_epilogue_with_int8_codes():
     x, w, b, kw, cache = _rope_case(6, 2, 20, 150, torch.float32, True, position=3, seed=60)
     codes, scales = _int8(w)
@@ -220,7 +195,3 @@ def test_rope_cache_errors():
         gemv_rope_cache(x, w.to(torch.int8), b, **kw)
     with pytest.raises(BlitzgenError, match="must be powers of two, block_n >= 2"):
         gemv_rope_cache(x, w, b, **kw, blocks=(1, 64, 4))
-    with pytest.raises(BlitzgenError, match=r"give cos and sin, or inv_freq"):
-        gemv_rope_cache(x, w, b, **kw, inv_freq=torch.ones(8, device=DEVICE))  # both
-    with pytest.raises(BlitzgenError, match=r"give cos and sin, or inv_freq"):
-        gemv_rope_cache(x, w, b, **dict(kw, cos=None, sin=None), inv_freq=torch.ones(5, device=DEVICE))
