@@ -187,6 +187,9 @@ def gemv_tables(shapes, device, ceiling, reps, sweep: bool, inductor: bool):
             # Codes cast one by one (the path before int32 words), to compare.
             "int8 cast": (module_bytes(m8), lambda w, x: int8_gemv(x, *w, words=False), (m8.weight, m8.scales)),
             "int4 cast": (module_bytes(m4), lambda w, x: int4_gemv(x, *w, words=False), (m4.packed, m4.scales, m4.zeros)),
+            # Several rows with the tile dequantized through fp32 (the path before 16-bit pairs), to compare.
+            "int4 no pairs": (module_bytes(m4), lambda w, x: int4_gemv(x, *w, pairs=False),
+                              (m4.packed, m4.scales, m4.zeros)),
             # Activations rounded to int8, integer dot products (kernels/gemv_a8.py): the kernel alone, on
             # activations quantized beforehand (in the decode step Inductor fuses that into x's producer).
             "int8 a8": (module_bytes(m8), lambda w, x, **kw: gemv_a8_codes(*A8_X[x.shape[0], False], *w, **kw),

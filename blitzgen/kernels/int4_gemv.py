@@ -43,6 +43,12 @@ This path's time is flat from 2 to 8 rows because its cost is the per-code dequa
 depend on the rows: its sm_90 SASS streams the packed tiles through shared memory with cp.async (Triton's
 pipeline, 3 stages), then spends an int-to-float conversion and a multiply-add per code and two barriers an
 iteration on the tile's exchange into the tensor cores' operand layout.)
+So several bf16 / fp16 rows (the default, PAIRS) make the tile's weights in 16-bit pairs by bit operations
+(_nibble_weights: a byte permute and a lop3 give OFFSET + q for two codes, two paired fmas remove OFFSET and
+apply scale and zero point), with no conversion instruction, on larger tiles (PAIRS_ROWS). On an H200 at
+Llama-2-7B shapes that reads 25-34% of the bandwidth against 14-22% for the fp32 dequantization, and a batch-8
+int4 decode step takes 3.43 ms against 4.83 (bf16: 4.85; BENCHMARKS.md, 2026-12-02 session 10). float32 rows
+keep the fp32 dequantization (MANY_ROWS).
 Registered as `torch.ops.blitzgen.int4_gemv` (torch.library.triton_op) for torch.compile.
 """
 
@@ -146,21 +152,28 @@ def _pairs_ptx(one: str, neg: str, magic: str, ty: str) -> str:
             f"mov.b32 one, {one};\nmov.b32 neg, {neg};\n"
             + pair("t01", "$0", "$5", "$7") + pair("t23", "$1", "$6", "$8")
             + "shr.b32 t01, t01, 4;\nshr.b32 t23, t23, 4;\n"
-            + pair("t01", "$2", "$5", "$7") + pair("t23", "$3", "$6", "$8") + "}")
+            + pair("t01", "$2", "$5", "$7") + pair("t23", "$3", "$6", "$8") + "}").replace("\n", " ")
 
 
-_PAIRS_BF16 = _pairs_ptx(one="0x3F803F80", neg="0xC300C300", magic="0x43004300", ty="bf16x2")
-_PAIRS_FP16 = _pairs_ptx(one="0x3C003C00", neg="0xE400E400", magic="0x64006400", ty="f16x2")
+# Globals the kernel reads, not constexpr arguments, and on one line: Inductor writes a traced kernel's string
+# arguments into its generated Python unescaped (the braces made a SyntaxError there), and a global by repr inside
+# the kernel's source, itself a string literal there, where each "\n" of the repr becomes a real line break.
+_PAIRS_BF16 = tl.constexpr(_pairs_ptx(one="0x3F803F80", neg="0xC300C300", magic="0x43004300", ty="bf16x2"))
+_PAIRS_FP16 = tl.constexpr(_pairs_ptx(one="0x3C003C00", neg="0xE400E400", magic="0x64006400", ty="f16x2"))
+PAIRS_OFF, PAIRS_BF16, PAIRS_FP16, PAIRS_ARITHMETIC = 0, 1, 2, 3  # the kernel's PAIRS
 
 
 @triton.jit
-def _nibble_weights(packed, s, z, PTX: tl.constexpr):
+def _nibble_weights(packed, s, z, PAIRS: tl.constexpr):
     """(w_lo, w_hi), each like packed (BLOCK_N, HALF): the weights q * s + z of the low and the high nibble of
-    each byte, in s's 16-bit dtype, with s and z given per byte (broadcast from their group). PTX: _PAIRS_BF16 or
-    _PAIRS_FP16 for s's dtype, or "" for plain arithmetic (the interpreter)."""
-    if PTX != "":
-        lo, hi = tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, z], dtype=(s.dtype, s.dtype),
-                                           is_pure=True, pack=4)
+    each byte, in s's 16-bit dtype, with s and z given per byte (broadcast from their group). PAIRS: PAIRS_BF16 or
+    PAIRS_FP16 (the PTX for s's dtype), or PAIRS_ARITHMETIC for plain arithmetic (the interpreter)."""
+    if PAIRS == 1:
+        lo, hi = tl.inline_asm_elementwise(_PAIRS_BF16, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, z],
+                                           dtype=(s.dtype, s.dtype), is_pure=True, pack=4)
+    elif PAIRS == 2:
+        lo, hi = tl.inline_asm_elementwise(_PAIRS_FP16, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, z],
+                                           dtype=(s.dtype, s.dtype), is_pure=True, pack=4)
     else:  # the same values: fp32, then one rounding to s's dtype
         sf, zf = s.to(tl.float32), z.to(tl.float32)
         lo = ((packed & 0xF).to(tl.float32) * sf + zf).to(s.dtype)
@@ -185,8 +198,7 @@ def _int4_gemv_kernel(
     BLOCK_K: tl.constexpr,  # K elements per loop step, a multiple of GROUP (BLOCK_K / 2 bytes per row)
     DOT_IEEE: tl.constexpr,  # fp32 activations: keep the dot in full fp32 (no TF32 rounding)
     WORDS: tl.constexpr,  # one row, w_ptr the packed codes as int32 words (8 codes each)
-    PAIRS: tl.constexpr = False,  # several 16-bit rows: weights made in 16-bit pairs (_nibble_weights)
-    PAIRS_PTX: tl.constexpr = "",  # its PTX for x's dtype; "" under the interpreter
+    PAIRS: tl.constexpr = 0,  # several 16-bit rows: weights made in 16-bit pairs (_nibble_weights), PAIRS_* above
 ):
     if WORDS:
         _int4_row_words(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_blocks_per_split, GROUP, BLOCK_N, BLOCK_K)
@@ -220,7 +232,7 @@ def _int4_gemv_kernel(
             sb = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP // 2)), (BLOCK_N, HALF))
             zb = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GROUPS, GROUP // 2)), (BLOCK_N, HALF))
             w_even, w_odd = _nibble_weights(packed, sb.to(x_ptr.dtype.element_ty), zb.to(x_ptr.dtype.element_ty),
-                                            PAIRS_PTX)
+                                            PAIRS)
         else:
             # Codes -> values, group by group: (BLOCK_N, GROUPS, GROUP / 2) x (BLOCK_N, GROUPS, 1).
             lo = tl.reshape((packed & 0xF).to(tl.float32), (BLOCK_N, GROUPS, GROUP // 2))
@@ -259,8 +271,9 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     wrap_triton(_int4_gemv_kernel)[grid](
         x, packed.view(torch.int32) if words else packed, scales, zeros, partial, M, N, K, per_split,
         GROUP=K // scales.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_IEEE=x.dtype == torch.float32, WORDS=words, PAIRS=pairs,
-        PAIRS_PTX="" if _INTERPRET or not pairs else _PAIRS_FP16 if x.dtype == torch.float16 else _PAIRS_BF16,
+        DOT_IEEE=x.dtype == torch.float32, WORDS=words,
+        PAIRS=PAIRS_OFF if not pairs else PAIRS_ARITHMETIC if _INTERPRET else
+        PAIRS_FP16 if x.dtype == torch.float16 else PAIRS_BF16,
         num_warps=num_warps,
     )
     return finish_partials(partial, bias, x.dtype)
@@ -272,11 +285,12 @@ def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 ONE_ROW = (1, 64, 128, 4)
 MANY_ROWS = (16, 32, 128, 4)
 PROGRAMS_PER_SM = 8
-# Several bf16 / fp16 rows make the tile's weights two a PTX instruction from bit patterns (_nibble_weights)
-# instead of converting each code to fp32 and back: session 9's SASS of the default shows that conversion, a
-# multiply-add a code and the tile's exchange into the tensor cores' layout as this path's cost (its time is flat
-# from 2 to 8 rows). Not measured yet: off.
-PAIRS = False
+# Several bf16 / fp16 rows make the tile's weights two a PTX instruction from bit patterns (_nibble_weights),
+# with their own tiles and split-K plan: the best sum over a 7B layer's four products at 2 and 8 rows of an H200
+# sweep (6 tiles x 1, 2, 4, 8 programs an SM; BENCHMARKS.md, 2026-12-02 session 10).
+PAIRS = True
+PAIRS_ROWS = (16, 64, 256, 4)
+PAIRS_PROGRAMS_PER_SM = 2
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -286,7 +300,8 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
 
     blocks (block_m, block_n, block_k, num_warps) and split_k override the defaults (tests, sweeps);
     words=False turns off the one-row path that reads the codes as int32 words (for comparison); pairs (None:
-    PAIRS) makes several bf16 / fp16 rows' weights in 16-bit pairs by bit operations.
+    PAIRS) makes several bf16 / fp16 rows' weights in 16-bit pairs by bit operations (False: the fp32
+    dequantization, for comparison).
     Falls back to int4_gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
     if x.dim() != 2 or packed.dim() != 2 or 2 * packed.shape[1] != x.shape[1]:
@@ -307,15 +322,17 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         raise BlitzgenError(f"int4_gemv: bias {tuple(bias.shape)} must be (N,) = ({N},)")
     if not triton_runs_on(x):
         return int4_gemv_ref(x, packed, scales, zeros, bias)
-    block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else MANY_ROWS)
+    pairs = (PAIRS if pairs is None else pairs) and x.dtype in (torch.bfloat16, torch.float16)
+    block_m, block_n, block_k, num_warps = blocks or (ONE_ROW if M == 1 else PAIRS_ROWS if pairs else MANY_ROWS)
+    pairs = pairs and block_m >= 16
     block_k = max(block_k, group)
     if block_k % group or (block_m & (block_m - 1)) or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
         raise BlitzgenError(f"int4_gemv: blocks {block_m, block_n, block_k} must be powers of two, block_k a "
                             f"multiple of the group size {group}")
     if split_k is None:
-        split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k), PROGRAMS_PER_SM)
+        split_k = plan_split_k(x.device, triton.cdiv(N, block_n), triton.cdiv(K, block_k),
+                               PAIRS_PROGRAMS_PER_SM if pairs else PROGRAMS_PER_SM)
     split_k = min(split_k, triton.cdiv(K, block_k))
     words = words and block_m == 1  # K / 2 bytes a row is a multiple of 16: whole words
-    pairs = (PAIRS if pairs is None else pairs) and block_m >= 16 and x.dtype in (torch.bfloat16, torch.float16)
     return torch.ops.blitzgen.int4_gemv(x.contiguous(), packed.contiguous(), scales, zeros, bias, split_k,
                                         block_m, block_n, block_k, num_warps, words, pairs)

@@ -57,7 +57,8 @@ def test_weights_in_16_bit_pairs(dtype, G):
     if INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("Triton 3.9's interpreter multiplies bf16 bit patterns in tl.dot; checked on the GPU")
     x, packed, scales, zeros, b = _inputs(8, 50, 320 if G == 32 else 640, G, dtype, bias=True, seed=G)
-    _check(int4_gemv(x, packed, scales, zeros, b, pairs=True), int4_gemv_ref(x, packed, scales, zeros, b))
+    for pairs in (True, False):  # the default, and the fp32 dequantization it replaced
+        _check(int4_gemv(x, packed, scales, zeros, b, pairs=pairs), int4_gemv_ref(x, packed, scales, zeros, b))
     N, K = 32, 2 * G
     codes = torch.arange(N * K, dtype=torch.int64).remainder(16).view(N, K).to(torch.uint8)
     codes = codes[:, torch.randperm(K, generator=torch.Generator().manual_seed(1))]  # each code at many positions
@@ -94,7 +95,10 @@ def test_bad_shapes_are_clear_errors():
 
 
 @pytest.mark.skipif(INTERPRETED, reason="wrap_triton cannot trace an interpreted kernel with fake tensors")
-def test_compiles_as_one_graph():
-    x, packed, scales, zeros, b = _inputs(3, 40, 256, 64, torch.float32, bias=True)
-    fn = torch.compile(lambda x: int4_gemv(x, packed, scales, zeros, b) * 2, fullgraph=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiles_as_one_graph(dtype):
+    """bf16 with pairs=True: Inductor must also write the kernel that carries the pairs PTX (a string argument
+    with braces once broke its generated Python)."""
+    x, packed, scales, zeros, b = _inputs(3, 40, 256, 64, dtype, bias=True)
+    fn = torch.compile(lambda x: int4_gemv(x, packed, scales, zeros, b, pairs=True) * 2, fullgraph=True)
     _check(fn(x), int4_gemv_ref(x, packed, scales, zeros, b) * 2)
