@@ -457,8 +457,9 @@ def run_sweep(device, ceiling):
         "block_n 32, stages 4, 4 programs/SM": dict(block_n=32, split_min=64, num_stages=4, programs_per_sm=4),
         "split_min 32, 4 programs/SM": dict(split_min=32, programs_per_sm=4),
         "block_n 64, 4 programs/SM": dict(block_n=64, split_min=128, programs_per_sm=4),
-        # One or two warps a program keep more of the online softmax's reductions inside a warp (fewer CTA
-        # barriers an iteration: decode_attention.NUM_WARPS), with more programs a SM to keep bytes in flight.
+        # Fewer warps a program keep more of the online softmax's reductions inside a warp (fewer CTA barriers
+        # an iteration: decode_attention.NUM_WARPS, 2 by default), with more programs a SM to keep bytes in flight.
+        "warps 4": dict(num_warps=4),
         "warps 1": dict(num_warps=1),
         "warps 1, 4 programs/SM": dict(num_warps=1, programs_per_sm=4),
         "warps 1, 6 programs/SM": dict(num_warps=1, programs_per_sm=6),

@@ -51,8 +51,9 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
   64-key ones at batch 1 (17.2 against 17.4 us at 8k, 181 against 181 us at 128k) and beat them
   at batch 8 (92% against 88% of the read ceiling at 8k, 98% against 94% at 32k): more, smaller
   tiles keep more requests in flight when there are few splits. More stages, more warps, more or
-  fewer programs per SM and 128-key tiles were all slower or no better. float32 uses num_warps = 8:
-  its exact "ieee" products run on FMAs and need 255+ registers per thread at 4 warps.
+  fewer programs per SM and 128-key tiles were all slower or no better. 16-bit inputs take 2 warps
+  (NUM_WARPS: measured on an H200, session 10), float32 8: its exact "ieee" products run on FMAs
+  and need 255+ registers per thread at 4 warps.
 - NUM_SPLITS = ceil(PROGRAMS_PER_SM * SMs / (B * Hkv)), at most ceil(S / split_min) and
   MAX_SPLITS: 33 at batch 1 and 5 at batch 8 for Llama-3-8B (8 kv heads) on 132 SMs, about two
   programs per SM. Memory-bound work needs bytes in flight on every SM rather than exact waves,
@@ -129,9 +130,11 @@ MAX_SPLITS = 128  # the merge kernel holds all splits of a head in registers
 NUM_STAGES = 3
 # Warps a program for 16-bit inputs (float32 takes 8: see _decode_attention_triton). With 4 the warps split a
 # tile's 32 score columns, so the online softmax's row max and sum cross warps: the sm_90 SASS has 7 CTA
-# barriers an iteration, against 2 with one warp (which then has 36 KiB of shared memory a program, room for 6
-# a SM). attention_bench --sweep has 1- and 2-warp rows; not measured yet.
-NUM_WARPS = 4
+# barriers an iteration, against 2 with one warp. On an H200 (BENCHMARKS.md, 2026-12-02 session 10) 2 warps
+# matched or beat 4 at every size by up to 0.5 us (8k 13.6 against 13.8 us, 32k 36.9 against 37.3) and took a
+# Llama-2-7B step from 3.684 to 3.671 ms; one warp lost from 8k up (14.6 us at 8k), as did 4-8 programs an SM.
+# So the barriers were not what a tile costs.
+NUM_WARPS = 2
 _INTERPRETER_SMS = 4  # the "SM count" used on the CPU interpreter: a few splits at test sizes
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # On Hopper the merge kernel is a programmatic dependent launch of the first: the first lets it launch at its start
