@@ -16,6 +16,7 @@ uncompiled (--compare-eager).
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -181,7 +182,9 @@ def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, st
 
 
 # bench --variants: what each named variant changes in the Generator; "a+b" applies both;
-# "inductor:KEY=VALUE" adds one torch.compile option. "base" is the command line's own settings.
+# "inductor:KEY=VALUE" adds one torch.compile option; "set:MODULE.NAME=VALUE" sets a module constant of
+# blitzgen (e.g. set:kernels.decode_attention.NUM_WARPS=4) while that variant compiles and captures, so a
+# kernel's tuning can be compared in one process. "base" is the command line's own settings.
 VARIANTS = {
     "base": {},
     "rope-kernel": {"rope_kernel": True},
@@ -190,15 +193,87 @@ VARIANTS = {
 }
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas outside brackets: 'a,set:m.X=(1, 2),b' -> ['a', 'set:m.X=(1, 2)', 'b']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def module_constant(text: str) -> tuple[str, str, object]:
+    """'kernels.decode_attention.NUM_WARPS=4' -> ('kernels.decode_attention', 'NUM_WARPS', 4): an existing
+    upper-case constant of a blitzgen module and a Python literal of the same type (an int may stand for a
+    float). Anything else is a BlitzgenError."""
+    import ast
+    import importlib
+
+    target, eq, value_text = text.partition("=")
+    module_name, _, name = target.strip().rpartition(".")
+    if not eq or not module_name or not name:
+        raise BlitzgenError(f"expected MODULE.NAME=VALUE, got {text!r}")
+    try:
+        module = importlib.import_module(f"blitzgen.{module_name}")
+    except ImportError:
+        raise BlitzgenError(f"no module blitzgen.{module_name}") from None
+    if not name.isupper() or not hasattr(module, name):
+        raise BlitzgenError(f"blitzgen.{module_name} has no constant {name}")
+    try:
+        value = ast.literal_eval(value_text.strip())
+    except (ValueError, SyntaxError):
+        raise BlitzgenError(f"{value_text.strip()!r} is not a Python literal") from None
+    old = getattr(module, name)
+    if type(value) is not type(old) and not (isinstance(old, float) and type(value) is int):
+        raise BlitzgenError(f"blitzgen.{module_name}.{name} holds {type(old).__name__} values, got {value!r}")
+    return module_name, name, value
+
+
+@contextlib.contextmanager
+def module_constants(constants: dict[tuple[str, str], object]):
+    """Set blitzgen module constants {(module, NAME): value} inside the block, restore them after. While any is
+    set, Inductor's and AOTAutograd's caches are off: a constant read where a traced kernel's launcher runs
+    becomes part of the compiled code without being part of the cache key."""
+    import importlib
+
+    saved = []
+    patches = contextlib.ExitStack()
+    try:
+        if constants:
+            import torch._functorch.config
+            import torch._inductor.config
+
+            patches.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            patches.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+        for (module_name, name), value in constants.items():
+            module = importlib.import_module(f"blitzgen.{module_name}")
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+        patches.close()
+
+
 def parse_variants(text: str) -> list[tuple[str, dict]]:
-    """'base,rope-kernel+combo-kernels' -> [(name, Generator settings)]; unknown names are a BlitzgenError."""
+    """'base,rope-kernel+combo-kernels' -> [(name, Generator settings)]; unknown names are a BlitzgenError.
+    Module constants (set:...) come back under the key "constants", {(module, NAME): value}."""
     from blitzgen.cli import inductor_option
 
     out = []
-    for name in filter(None, (part.strip() for part in text.split(","))):
+    for name in filter(None, (part.strip() for part in _split_top_level(text))):
         settings = {}
         for piece in name.split("+"):
-            if piece.startswith("inductor:"):
+            if piece.startswith("set:"):
+                try:
+                    module_name, constant, value = module_constant(piece.removeprefix("set:"))
+                except BlitzgenError as error:
+                    raise BlitzgenError(f"--variants: {piece!r}: {error}") from None
+                changes = {"constants": {(module_name, constant): value}}
+            elif piece.startswith("inductor:"):
                 try:
                     key, value = inductor_option(piece.removeprefix("inductor:"))
                 except argparse.ArgumentTypeError as error:
@@ -208,7 +283,7 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
                 changes = VARIANTS[piece]
             else:
                 raise BlitzgenError(f"--variants: unknown variant {piece!r}; expected {', '.join(VARIANTS)}, "
-                                    "inductor:KEY=VALUE, or several joined by '+'")
+                                    "inductor:KEY=VALUE, set:MODULE.NAME=VALUE, or several joined by '+'")
             for key, value in changes.items():
                 settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
         out.append((name, settings))
@@ -216,25 +291,29 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
 
 
 def compare_variants(make_generator, variants: list[tuple[str, dict]], prompt_len: int, steps: int,
-                     runs: int) -> list[dict]:
-    """Batch-1 decode of each variant in this one process, the runs interleaved (A B C A B C ...), so
-    that a difference between variants is not one between processes or machines (on an H200 the same
-    code measured 3.99-4.26 ms a step across processes). Also each variant's kernel totals."""
+                     runs: int, batch: int = 1) -> list[dict]:
+    """Decode of each variant at `batch` sequences in this one process, the runs interleaved (A B C A B C
+    ...), so that a difference between variants is not one between processes or machines (on an H200 the
+    same code measured 3.99-4.26 ms a step across processes). At batch 1 also each variant's kernel totals."""
     built = []
     for name, settings in variants:
-        gen = make_generator(**settings)
-        built.append((name, gen, prepare_decode(gen, 1, prompt_len, steps)))
+        settings = dict(settings)
+        with module_constants(settings.pop("constants", {})):  # set while the step compiles and is captured
+            gen = make_generator(**settings)
+            built.append((name, gen, prepare_decode(gen, batch, prompt_len, steps)))
     times = [[] for _ in built]  # by position: a name may repeat ("base,base" times two captures)
     for _ in range(runs):
         for i, (_, gen, step) in enumerate(built):
-            times[i].append(time_steps(gen, step, 1, prompt_len, steps))
+            times[i].append(time_steps(gen, step, batch, prompt_len, steps))
     rows = []
     for (name, gen, _), runs_s in zip(built, times):
         seconds = statistics.median(runs_s)
-        _, totals = profile_step(gen, prompt_len, steps=10)
-        rows.append({"variant": name, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds,
-                     "runs_ms": [1000 * t for t in runs_s], "kernel_us_per_step": totals["us_per_step"],
-                     "launches_per_step": totals["launches_per_step"]})
+        row = {"variant": name, "batch": batch, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds,
+               "runs_ms": [1000 * t for t in runs_s], "kernel_us_per_step": None, "launches_per_step": None}
+        if batch == 1:  # profile_step replays the batch-1 step captured above
+            _, totals = profile_step(gen, prompt_len, steps=10)
+            row.update(kernel_us_per_step=totals["us_per_step"], launches_per_step=totals["launches_per_step"])
+        rows.append(row)
     return rows
 
 
@@ -418,13 +497,13 @@ def run(args) -> dict:
             phase("profile")
             res["profile"], res["profile_totals"] = profile_step(generator(), args.prompt_len, steps=20)
         progress.update(bool(args.profile))
-        if variants:
-            phase("variants")
-            res["variants"] = compare_variants(generator, variants, args.prompt_len, args.new_tokens,
-                                               max(args.runs, 3))
-            base = res["variants"][0]["step_ms"]
-            for row in res["variants"]:
-                row["vs_first"] = base / row["step_ms"]
+        res["variants"] = []
+        for b in batch_sizes if variants else []:
+            phase(f"variants, batch {b}")
+            rows = compare_variants(generator, variants, args.prompt_len, args.new_tokens, max(args.runs, 3), b)
+            for row in rows:
+                row["vs_first"] = rows[0]["step_ms"] / row["step_ms"]
+            res["variants"] += rows
         progress.update(bool(variants))
         res["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         return res
@@ -474,10 +553,12 @@ def format_table(res: dict) -> str:
         lines.append(f"eager (uncompiled, no CUDA graph), batch {r['batch']}: {r['tokens_per_s']:.1f} tokens/s "
                      f"per sequence, {r['pct_of_read']:.0f}% of read")
     if res.get("variants"):
-        lines += ["", "| variant (batch 1, one process, runs interleaved) | step ms | tokens/s | speed vs first "
-                  "| all kernels us per step | launches per step | each run, ms |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | {r['vs_first']:.3f}x | "
-                  f"{r['kernel_us_per_step']:.0f} | {r['launches_per_step']:.0f} | "
+        lines += ["", "| variant (one process, runs interleaved) | batch | step ms | tokens/s per seq | speed vs first "
+                  "| all kernels us per step | launches per step | each run, ms |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+                  f"{r['vs_first']:.3f}x | "
+                  + ("- | - | " if r["kernel_us_per_step"] is None else
+                     f"{r['kernel_us_per_step']:.0f} | {r['launches_per_step']:.0f} | ")
                   + ", ".join(f"{t:.3f}" for t in r["runs_ms"]) + " |" for r in res["variants"]]
     return "\n".join(lines)
 

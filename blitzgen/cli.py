@@ -300,10 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RoPE and the K/V cache write as one Triton kernel in decode steps the GEMV kernels do not "
                         "take (several sequences; one sequence has them in the q/k/v product's epilogue)")
     b.add_argument("--variants", metavar="A,B+C,...",
-                   help="also time batch-1 decode of these variants in this one process, runs interleaved: "
-                        "base (the command line's settings), inductor-products (batch-1 products as Inductor compiles "
-                        "them, not kernels/gemv.py), rope-kernel, combo-kernels, "
-                        "inductor:KEY=VALUE, or several joined by '+'")
+                   help="also time decode of these variants at each --batch-size in this one process, runs "
+                        "interleaved: base (the command line's settings), inductor-products (batch-1 products as "
+                        "Inductor compiles them, not kernels/gemv.py), rope-kernel, combo-kernels, "
+                        "inductor:KEY=VALUE, set:MODULE.NAME=VALUE (a blitzgen module constant while the variant "
+                        "compiles, e.g. set:kernels.decode_attention.NUM_WARPS=4), or several joined by '+'")
     b.add_argument("--inductor", type=inductor_option, action="append", metavar="KEY=VALUE",
                    help="an extra torch.compile option for the decode step, e.g. combo_kernels=true (repeatable)")
     b.add_argument("--compile-scope", choices=["block", "step"], help="compile one shared block or the whole step")

@@ -127,7 +127,7 @@ def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):
         assert len(r["runs_ms"]) == 3  # at least 3 interleaved runs whatever --runs says
         assert abs(r["step_ms"] * r["tokens_per_s"] - 1000) < 1e-6 and r["launches_per_step"] > 0
     assert rows[0]["vs_first"] == 1.0
-    assert "| variant (batch 1, one process, runs interleaved) |" in capsys.readouterr().out
+    assert "| variant (one process, runs interleaved) | batch |" in capsys.readouterr().out
 
 
 def test_bench_repeated_variant_keeps_its_own_runs(tmp_path):
@@ -146,6 +146,59 @@ def test_bench_unknown_variant_is_a_clear_error(capsys):
     assert "expected KEY=VALUE, got 'combo_kernels'" in capsys.readouterr().err
 
 
+def test_variants_at_each_batch_size_with_module_constants(tmp_path, capsys, monkeypatch):
+    """set:MODULE.NAME=VALUE variants, a tuple value with commas included, timed at every --batch-size; the
+    constants hold while each variant's step is built and are restored afterwards; kernel totals only at batch 1
+    (the profile replays a batch-1 step)."""
+    import blitzgen.bench
+    from blitzgen.kernels import decode_attention, int4_gemv
+
+    built_with, prepare = [], blitzgen.bench.prepare_decode
+    monkeypatch.setattr(blitzgen.bench, "prepare_decode", lambda gen, batch, *a: built_with.append(
+        (batch, decode_attention.NUM_WARPS, int4_gemv.PAIRS_ROWS)) or prepare(gen, batch, *a))
+
+    out = tmp_path / "bench.json"
+    variants = "base,set:kernels.decode_attention.NUM_WARPS=1+set:kernels.int4_gemv.PAIRS_ROWS=(16, 32, 128, 4)"
+    assert main(["bench", "--device", "cpu", "--prompt-len", "8", "--prompt-lengths", "8", "--new-tokens", "4",
+                 "--runs", "1", "--ceiling-gib", "0.01", "--batch-size", "1", "--batch-size", "2",
+                 "--variants", variants, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["variants"]
+    assert [(r["batch"], r["variant"]) for r in rows] == [(1, "base"), (1, variants[5:]), (2, "base"), (2, variants[5:])]
+    assert [r["launches_per_step"] is None for r in rows] == [False, False, True, True]
+    changed, defaults = (1, (16, 32, 128, 4)), (2, (16, 64, 256, 4))
+    assert [b for b in built_with if b[1:] == changed] == [(1, *changed), (2, *changed)]  # the variant's builds
+    assert all(b[1:] in (changed, defaults) for b in built_with)  # every other build had the defaults
+    assert rows[2]["vs_first"] == 1.0
+    assert decode_attention.NUM_WARPS == 2 and int4_gemv.PAIRS_ROWS == (16, 64, 256, 4)
+    assert "| - | - |" in capsys.readouterr().out
+
+
+def test_module_constants_are_set_inside_and_restored_after_an_error():
+    from blitzgen.bench import module_constants
+    from blitzgen.kernels import decode_attention
+
+    with pytest.raises(RuntimeError):
+        with module_constants({("kernels.decode_attention", "NUM_WARPS"): 8,
+                               ("kernels.decode_attention", "SPLIT_MIN_TILES"): 4}):
+            assert (decode_attention.NUM_WARPS, decode_attention.SPLIT_MIN_TILES) == (8, 4)
+            raise RuntimeError("inside")
+    assert (decode_attention.NUM_WARPS, decode_attention.SPLIT_MIN_TILES) == (2, 2)
+
+
+@pytest.mark.parametrize("piece, message", [
+    ("set:NUM_WARPS=4", "expected MODULE.NAME=VALUE"),
+    ("set:kernels.nope.X=1", "no module blitzgen.kernels.nope"),
+    ("set:kernels.decode_attention.NUM_WARP=4", "has no constant NUM_WARP"),
+    ("set:kernels.decode_attention.plan_splits=4", "has no constant plan_splits"),
+    ("set:kernels.decode_attention.NUM_WARPS=four", "'four' is not a Python literal"),
+    ("set:kernels.decode_attention.NUM_WARPS=4.0", "NUM_WARPS holds int values, got 4.0"),
+])
+def test_bad_module_constant_is_a_clear_error(capsys, piece, message):
+    assert main(["bench", "--device", "cpu", "--variants", f"base,{piece}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--variants: {piece!r}: " in err and message in err and "Traceback" not in err
+
+
 def test_variants_join_their_settings():
     from blitzgen.bench import parse_variants
 
@@ -153,6 +206,10 @@ def test_variants_join_their_settings():
         ("base", {}),
         ("combo-kernels+inductor:triton.enable_pdl=true+rope-kernel",
          {"inductor_options": {"combo_kernels": True, "triton.enable_pdl": True}, "rope_kernel": True}),
+    ]
+    assert parse_variants("set:quantize.INT4_ACTIVATIONS_INT8=False+set:kernels.int4_gemv.MANY_ROWS=(16, 64, 128, 4)") == [
+        ("set:quantize.INT4_ACTIVATIONS_INT8=False+set:kernels.int4_gemv.MANY_ROWS=(16, 64, 128, 4)",
+         {"constants": {("quantize", "INT4_ACTIVATIONS_INT8"): False, ("kernels.int4_gemv", "MANY_ROWS"): (16, 64, 128, 4)}}),
     ]
 
 
