@@ -29,7 +29,9 @@ the product and 3.676 with kernels/rope_cache.py's kernel there.
 int8 codes (quantize.Int8Linear's format: (N, K) int8, one scale per row) are read by the same
 kernels: the codes become floats in registers and the scales multiply the sums. On an H200 an int8
 Llama-2-7B step took 2.934 ms this way against 3.047 through gemv_a8 (int8 activations, integer dot
-products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact.
+products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact. INT8_WORDS (off until
+measured) reads them as int32 words instead and makes floats of codes and bf16 activations by bit
+operations, without the int-to-float instruction that bounds this path (_row_products_words).
 
 Rounding. Everything is accumulated in fp32 and rounded to the activation dtype once, at the store.
 Hugging Face's RMSNorm rounds x * r to bf16 and multiplies by g in bf16 before the product, and the
@@ -166,6 +168,76 @@ if triton is not None:
 
 
     @triton.jit
+    def _code(words, SHIFT: tl.constexpr):
+        """The int8 code q in byte SHIFT / 8 of each int32 word, as fp32, without a conversion instruction: q + 128
+        in the low bits of 2^23's pattern is the float 2^23 + q + 128, exactly; subtracting that leaves q."""
+        return ((((words >> SHIFT) & 0xFF) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+
+    @triton.jit
+    def _bf16_at(quads, SHIFT: tl.constexpr):
+        """The bf16 at bit SHIFT of each int64 (four bf16 values) as fp32: a bf16 is the top half of its fp32."""
+        return (((quads >> SHIFT) & 0xFFFF) << 16).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+    @triton.jit
+    def _row_products_words(x_ptr, g_ptr, rows, second, n_mask, K, eps, NORM: tl.constexpr, TWO: tl.constexpr,
+                            PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """_row_products for int8 codes read as int32 words of four (rows, second in words) and bf16 activations
+        (and norm weight) read as int64 quads of four (x_ptr, g_ptr): codes and activations become fp32 by bit
+        operations and float adds, with no int-to-float conversion (see INT8_WORDS). Both are loaded as
+        (BLOCK_N, BLOCK_K / 4) tiles, two elements a thread, so they get the same register layout (an activation
+        vector broadcast over the rows would go through shared memory every tile)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        W: tl.constexpr = BLOCK_K // 4  # words (and quads) a tile row
+        KW = K // 4
+        offs_w = tl.arange(0, W)
+        lanes = tl.zeros((BLOCK_N, 1), dtype=tl.int32)  # the activations' offsets, repeated for every row
+        acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_N, W), dtype=tl.float32)  # every row sums the same squares
+        w_mask = n_mask[:, None] & (offs_w < KW)[None, :]
+        w = tl.load(tl.max_contiguous(rows + offs_w[None, :], [1, 2]), mask=w_mask, other=0,
+                    eviction_policy="evict_first")
+        w2 = w
+        if TWO:
+            w2 = tl.load(tl.max_contiguous(rows + second + offs_w[None, :], [1, 2]), mask=w_mask, other=0,
+                         eviction_policy="evict_first")
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for k0 in range(0, K, BLOCK_K):
+            ow = k0 // 4 + offs_w
+            q_mask = (ow < KW)[None, :] & (lanes == 0)
+            quads = tl.load(tl.max_contiguous(x_ptr + ow[None, :] + lanes, [1, 2]), mask=q_mask, other=0,
+                            eviction_policy="evict_last")
+            x0, x1 = _bf16_at(quads, 0), _bf16_at(quads, 16)
+            x2, x3 = _bf16_at(quads, 32), _bf16_at(quads, 48)
+            if NORM:
+                squares += x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3
+                g = tl.load(tl.max_contiguous(g_ptr + ow[None, :] + lanes, [1, 2]), mask=q_mask, other=0,
+                            eviction_policy="evict_last")
+                x0, x1 = x0 * _bf16_at(g, 0), x1 * _bf16_at(g, 16)
+                x2, x3 = x2 * _bf16_at(g, 32), x3 * _bf16_at(g, 48)
+            acc += _code(w, 0) * x0 + _code(w, 8) * x1 + _code(w, 16) * x2 + _code(w, 24) * x3
+            if TWO:
+                acc2 += _code(w2, 0) * x0 + _code(w2, 8) * x1 + _code(w2, 16) * x2 + _code(w2, 24) * x3
+            w_mask = n_mask[:, None] & (ow + W < KW)[None, :]  # the next tile; past K: masked, no traffic
+            w = tl.load(tl.max_contiguous(rows + W + ow[None, :], [1, 2]), mask=w_mask, other=0,
+                        eviction_policy="evict_first")
+            if TWO:
+                w2 = tl.load(tl.max_contiguous(rows + second + W + ow[None, :], [1, 2]), mask=w_mask, other=0,
+                             eviction_policy="evict_first")
+        y = tl.sum(acc, axis=1)
+        y2 = tl.sum(acc2, axis=1)
+        if NORM:
+            scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+            y *= scale
+            y2 *= scale
+        return y, y2
+
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,  # (K,) the activation row
         g_ptr,  # (K,) norm weight (NORM)
@@ -185,11 +257,17 @@ if triton is not None:
         PDL: tl.constexpr,  # launched as a programmatic dependent launch (Hopper): see gemv()
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        WORDS: tl.constexpr = False,  # int8 codes as int32 words, x and g as int64 quads (_row_products_words)
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-        y, up = _row_products(x_ptr, g_ptr, rows, N * K, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K)
+        if WORDS:
+            rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 4)
+            y, up = _row_products_words(x_ptr, g_ptr, rows, N * (K // 4), n_mask, K, eps, NORM, GATE_UP, PDL,
+                                        BLOCK_N, BLOCK_K)
+        else:
+            rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+            y, up = _row_products(x_ptr, g_ptr, rows, N * K, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K)
         if HAS_SCALES:  # before bias and gate: the scales belong to the product
             y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if GATE_UP:
@@ -220,6 +298,7 @@ if triton is not None:
         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
         BLOCK_K: tl.constexpr,
+        WORDS: tl.constexpr = False,  # as in _gemv_kernel
     ):
         # RoPE pairs row i of a head with row i + D/2, so a program owns rows [i0, i0 + BLOCK_N) of a head and the
         # rows D/2 further: the rotation is applied to the fp32 sums before anything is stored.
@@ -229,8 +308,13 @@ if triton is not None:
         offs_i = (tl.program_id(0) % PER_HEAD) * BLOCK_N + tl.arange(0, BLOCK_N)  # within the head's first half
         offs_n = head * D + offs_i
         n_mask = offs_i < HALF
-        rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-        lo, hi = _row_products(x_ptr, g_ptr, rows, HALF * K, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K)
+        if WORDS:
+            rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 4)
+            lo, hi = _row_products_words(x_ptr, g_ptr, rows, HALF * (K // 4), n_mask, K, eps, True, True, PDL,
+                                         BLOCK_N, BLOCK_K)
+        else:
+            rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+            lo, hi = _row_products(x_ptr, g_ptr, rows, HALF * K, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K)
         if HAS_SCALES:
             lo *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             hi *= tl.load(s_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
@@ -267,10 +351,12 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
     K = x.shape[1]
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    args = (x, x if norm_weight is None else norm_weight, weight, x if scales is None else scales,
+    words = _words(x, weight, norm_weight)
+    xs, ws, gs = _as_words(x, weight, norm_weight) if words else (x, weight, norm_weight)
+    args = (xs, xs if gs is None else gs, ws, x if scales is None else scales,
             x if bias is None else bias, x if residual is None else residual, out)
     flags = dict(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k,
+                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, WORDS=words,
                  num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     wrap(_gemv_kernel)[(triton.cdiv(N, block_n),)](*args, N, K, eps, **flags)
     return out
@@ -293,11 +379,14 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     lengths = torch.empty((1,), dtype=torch.int64, device=x.device)
     half_block = block_n // 2  # rows of each half of a head a program owns: block_n rows in all, as in gemv
     grid = ((n_heads + 2 * Hkv) * triton.cdiv(D // 2, half_block),)
+    words = _words(x, weight, norm_weight)
+    xs, ws, gs = _as_words(x, weight, norm_weight) if words else (x, weight, norm_weight)
     wrap(_gemv_rope_kernel)[grid](
-        x, norm_weight, weight, x if scales is None else scales, x if bias is None else bias, cos, sin, positions,
+        xs, gs, ws, x if scales is None else scales, x if bias is None else bias, cos, sin, positions,
         q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         K, eps, H=n_heads, HKV=Hkv, D=D, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, PDL=pdl,
-        BLOCK_N=half_block, BLOCK_K=block_k, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+        BLOCK_N=half_block, BLOCK_K=block_k, WORDS=words, num_warps=num_warps,
+        **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
 
 
@@ -322,6 +411,27 @@ BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 # made a 7B step 14% slower in int8 (3.330 against 2.914 ms) and 22% slower in bf16 (session 10).
 # Programmatic dependent launch on Hopper and later (see the module docstring; gemv_bench turns it off to compare).
 PDL = True
+# int8 codes times bf16 activations with no int-to-float instruction (_row_products_words): the codes read as int32
+# words, each code made fp32 by a byte mask, an OR into 2^23's pattern and a float subtraction, the activations
+# read four to an int64 and made fp32 by shifts. The default path's sm_90 SASS spends an I2F a code on the
+# conversion pipe (16 a clock an SM, a quarter of the FFMA rate: ~90% of an H200's bandwidth in clocks) where
+# int8 steps read ~54% of it; this loop's SASS has no I2F and no shared memory (BENCHMARKS.md, 2026-12-02
+# session 10). Not measured yet: off (`blitzgen bench --quantize int8 --variants
+# base,set:kernels.gemv.INT8_WORDS=True` compares).
+INT8_WORDS = False
+
+
+def _words(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None) -> bool:
+    """Whether a launch takes _row_products_words: INT8_WORDS, int8 codes, bf16 activations (and norm weight),
+    K a multiple of 4. Read where the op is traced or launched, so a benchmark can set it per build."""
+    return (INT8_WORDS and weight.dtype == torch.int8 and x.dtype == torch.bfloat16 and x.shape[1] % 4 == 0
+            and (norm_weight is None or norm_weight.dtype == torch.bfloat16))
+
+
+def _as_words(x, weight, norm_weight):
+    """x, the codes and the norm weight as the int64 quads / int32 words _row_products_words reads."""
+    return (x.view(torch.int64), weight.view(torch.int32),
+            None if norm_weight is None else norm_weight.view(torch.int64))
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:

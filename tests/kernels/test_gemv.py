@@ -68,6 +68,42 @@ def test_int8_codes_match_reference(dtype, fusion):
         assert_matches(gemv(x, codes, scales=scales, **kw), gemv_ref(x, dense, **kw))
 
 
+@pytest.mark.parametrize("fusion", ["bias", "norm", "bias+residual", "gate_up"])
+def test_int8_codes_as_words_match_reference(monkeypatch, fusion):
+    """gemv.INT8_WORDS: int8 codes read as int32 words and bf16 activations as int64 quads, both made fp32 by bit
+    operations. K = 300 and 1000 leave a partial tile of (16, 64) and (4, 1024) blocks; K = 302 is no multiple of
+    4 and takes the default path. Every code -128..127 at each of a word's four bytes comes out exactly."""
+    import blitzgen.kernels.gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "INT8_WORDS", True)
+    for K, blocks in ((300, (16, 64, 4)), (1000, None), (302, None)):
+        x, w, kw = _fused(1, 45, K, torch.bfloat16, fusion, seed=K)
+        codes, scales = _int8(w)
+        assert_matches(gemv(x, codes, scales=scales, blocks=blocks, **kw), gemv_ref(x, codes, scales=scales, **kw))
+    codes = (torch.arange(256 * 4) % 256 - 128).to(torch.int8).view(64, 16)  # row r: codes 16 r .. 16 r + 15
+    one_hot = torch.zeros(1, 16)
+    for j in range(4):  # x picks column j + 4 of each row: byte j of its second word
+        one_hot.zero_()
+        one_hot[0, j + 4] = 1.0
+        y = gemv(one_hot.to(DEVICE, torch.bfloat16), codes.to(DEVICE), scales=torch.ones(64, dtype=torch.bfloat16,
+                 device=DEVICE), blocks=(16, 16, 4))
+        assert torch.equal(y.float().cpu()[0], codes[:, j + 4].float())
+
+
+def test_rope_cache_epilogue_with_int8_words(monkeypatch):
+    import blitzgen.kernels.gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "INT8_WORDS", True)
+    x, w, b, kw, cache = _rope_case(6, 2, 20, 152, torch.bfloat16, True, position=3, seed=62)
+    codes, scales = _int8(w)
+    ref_cache = cache.clone()
+    q, _ = gemv_rope_cache(x, codes, b, **kw, scales=scales, blocks=(16, 64, 4))
+    q_ref, _ = gemv_rope_cache_ref(x, codes, b, **dict(kw, k_cache=ref_cache[0, 1, 1:2], v_cache=ref_cache[1, 1, 1:2]),
+                                   scales=scales)
+    assert_matches(q, q_ref)
+    assert_matches(cache, ref_cache)
+
+
 @pytest.mark.parametrize("blocks", [(1, 32, 1), (4, 64, 4), (16, 16, 2), (2, 512, 8)])
 def test_block_sizes(blocks):
     # 45 rows, K = 252: every block size leaves a partial row block and a partial K tile.
