@@ -351,8 +351,7 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
     K = x.shape[1]
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    words = _words(x, weight, norm_weight)
-    xs, ws, gs = _as_words(x, weight, norm_weight) if words else (x, weight, norm_weight)
+    words, xs, ws, gs = _operands(x, weight, norm_weight)
     args = (xs, xs if gs is None else gs, ws, x if scales is None else scales,
             x if bias is None else bias, x if residual is None else residual, out)
     flags = dict(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
@@ -379,8 +378,7 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     lengths = torch.empty((1,), dtype=torch.int64, device=x.device)
     half_block = block_n // 2  # rows of each half of a head a program owns: block_n rows in all, as in gemv
     grid = ((n_heads + 2 * Hkv) * triton.cdiv(D // 2, half_block),)
-    words = _words(x, weight, norm_weight)
-    xs, ws, gs = _as_words(x, weight, norm_weight) if words else (x, weight, norm_weight)
+    words, xs, ws, gs = _operands(x, weight, norm_weight)
     wrap(_gemv_rope_kernel)[grid](
         xs, gs, ws, x if scales is None else scales, x if bias is None else bias, cos, sin, positions,
         q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
@@ -421,17 +419,16 @@ PDL = True
 INT8_WORDS = False
 
 
-def _words(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None) -> bool:
-    """Whether a launch takes _row_products_words: INT8_WORDS, int8 codes, bf16 activations (and norm weight),
-    K a multiple of 4. Read where the op is traced or launched, so a benchmark can set it per build."""
-    return (INT8_WORDS and weight.dtype == torch.int8 and x.dtype == torch.bfloat16 and x.shape[1] % 4 == 0
-            and (norm_weight is None or norm_weight.dtype == torch.bfloat16))
-
-
-def _as_words(x, weight, norm_weight):
-    """x, the codes and the norm weight as the int64 quads / int32 words _row_products_words reads."""
-    return (x.view(torch.int64), weight.view(torch.int32),
-            None if norm_weight is None else norm_weight.view(torch.int64))
+def _operands(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None):
+    """(words, x, weight, norm_weight) as a launch passes them: words says whether it takes _row_products_words
+    (INT8_WORDS, int8 codes, bf16 activations and norm weight, K a multiple of 4), which reads x and the norm
+    weight as int64 quads and the codes as int32 words. Decided where the op is traced or launched, so a
+    benchmark can set INT8_WORDS per build."""
+    words = (INT8_WORDS and weight.dtype == torch.int8 and x.dtype == torch.bfloat16 and x.shape[1] % 4 == 0
+             and (norm_weight is None or norm_weight.dtype == torch.bfloat16))
+    if not words:
+        return False, x, weight, norm_weight
+    return True, x.view(torch.int64), weight.view(torch.int32), None if norm_weight is None else norm_weight.view(torch.int64)
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
