@@ -428,7 +428,8 @@ def _operands(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor |
              and (norm_weight is None or norm_weight.dtype == torch.bfloat16))
     if not words:
         return False, x, weight, norm_weight
-    return True, x.view(torch.int64), weight.view(torch.int32), None if norm_weight is None else norm_weight.view(torch.int64)
+    quads = None if norm_weight is None else norm_weight.view(torch.int64)
+    return True, x.view(torch.int64), weight.view(torch.int32), quads
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
