@@ -238,6 +238,22 @@ if triton is not None:
 
 
     @triton.jit
+    def _products(x_ptr, g_ptr, w_ptr, offs_n, second_rows, n_mask, K, eps, NORM: tl.constexpr, TWO: tl.constexpr,
+                  PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
+        """_row_products (or with WORDS _row_products_words) of weight rows offs_n, and with TWO of the rows
+        second_rows further on."""
+        if WORDS:
+            rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 4)
+            y, y2 = _row_products_words(x_ptr, g_ptr, rows, second_rows * (K // 4), n_mask, K, eps, NORM, TWO, PDL,
+                                        BLOCK_N, BLOCK_K)
+        else:
+            rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+            y, y2 = _row_products(x_ptr, g_ptr, rows, second_rows * K, n_mask, K, eps, NORM, TWO, PDL, BLOCK_N,
+                                  BLOCK_K)
+        return y, y2
+
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,  # (K,) the activation row
         g_ptr,  # (K,) norm weight (NORM)
@@ -261,13 +277,7 @@ if triton is not None:
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        if WORDS:
-            rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 4)
-            y, up = _row_products_words(x_ptr, g_ptr, rows, N * (K // 4), n_mask, K, eps, NORM, GATE_UP, PDL,
-                                        BLOCK_N, BLOCK_K)
-        else:
-            rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-            y, up = _row_products(x_ptr, g_ptr, rows, N * K, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K)
+        y, up = _products(x_ptr, g_ptr, w_ptr, offs_n, N, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K, WORDS)
         if HAS_SCALES:  # before bias and gate: the scales belong to the product
             y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if GATE_UP:
@@ -308,13 +318,7 @@ if triton is not None:
         offs_i = (tl.program_id(0) % PER_HEAD) * BLOCK_N + tl.arange(0, BLOCK_N)  # within the head's first half
         offs_n = head * D + offs_i
         n_mask = offs_i < HALF
-        if WORDS:
-            rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 4)
-            lo, hi = _row_products_words(x_ptr, g_ptr, rows, HALF * (K // 4), n_mask, K, eps, True, True, PDL,
-                                         BLOCK_N, BLOCK_K)
-        else:
-            rows = w_ptr + offs_n[:, None].to(tl.int64) * K
-            lo, hi = _row_products(x_ptr, g_ptr, rows, HALF * K, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K)
+        lo, hi = _products(x_ptr, g_ptr, w_ptr, offs_n, HALF, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K, WORDS)
         if HAS_SCALES:
             lo *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             hi *= tl.load(s_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
