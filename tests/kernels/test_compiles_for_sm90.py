@@ -15,6 +15,8 @@ def test_every_kernel_launch_compiles_for_sm90(tmp_path):
     # into interpreted Python at import time. A fresh Triton cache, so that nothing compiled is reused.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = Path(__file__).resolve().parents[2]  # blitzgen importable where it is not installed (the GPU machine)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     script = Path(__file__).with_name("sm90_compile.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -197,8 +197,9 @@ def test_gpu_build_without_a_gpu():
     real JIT functions: the op traces into the two kernels writing only their outputs, and both
     kernels compile to H100 (sm_90) machine code without spilling registers."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))  # blitzgen uninstalled too
     result = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     assert "ok" in result.stdout
