@@ -181,6 +181,27 @@ if triton is not None:
 
 
     @triton.jit
+    def _word_tile(rows, second, KW, offs_w, n_mask, TWO: tl.constexpr):
+        """_weight_tile for int8 codes as int32 words: the (BLOCK_N, W) words at offs_w (zeros past KW words),
+        two a thread, and with TWO the words `second` further on."""
+        mask = n_mask[:, None] & (offs_w < KW)[None, :]
+        ptrs = tl.max_contiguous(rows + offs_w[None, :], [1, 2])
+        w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+        w2 = w
+        if TWO:
+            w2 = tl.load(ptrs + second, mask=mask, other=0, eviction_policy="evict_first")
+        return w, w2
+
+
+    @triton.jit
+    def _quads(ptr, ow, KW, lanes):
+        """The int64 quads ptr[ow] (zeros past KW) repeated over the tile's rows (`lanes`), laid out as the words."""
+        mask = (ow < KW)[None, :] & (lanes == 0)
+        return tl.load(tl.max_contiguous(ptr + ow[None, :] + lanes, [1, 2]), mask=mask, other=0,
+                       eviction_policy="evict_last")
+
+
+    @triton.jit
     def _row_products_words(x_ptr, g_ptr, rows, second, n_mask, K, eps, NORM: tl.constexpr, TWO: tl.constexpr,
                             PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """_row_products for int8 codes read as int32 words of four (rows, second in words) and bf16 activations
@@ -197,37 +218,23 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
         squares = tl.zeros((BLOCK_N, W), dtype=tl.float32)  # every row sums the same squares
-        w_mask = n_mask[:, None] & (offs_w < KW)[None, :]
-        w = tl.load(tl.max_contiguous(rows + offs_w[None, :], [1, 2]), mask=w_mask, other=0,
-                    eviction_policy="evict_first")
-        w2 = w
-        if TWO:
-            w2 = tl.load(tl.max_contiguous(rows + second + offs_w[None, :], [1, 2]), mask=w_mask, other=0,
-                         eviction_policy="evict_first")
+        w, w2 = _word_tile(rows, second, KW, offs_w, n_mask, TWO)
         if PDL:
             tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
             ow = k0 // 4 + offs_w
-            q_mask = (ow < KW)[None, :] & (lanes == 0)
-            quads = tl.load(tl.max_contiguous(x_ptr + ow[None, :] + lanes, [1, 2]), mask=q_mask, other=0,
-                            eviction_policy="evict_last")
+            quads = _quads(x_ptr, ow, KW, lanes)
             x0, x1 = _bf16_at(quads, 0), _bf16_at(quads, 16)
             x2, x3 = _bf16_at(quads, 32), _bf16_at(quads, 48)
             if NORM:
                 squares += x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3
-                g = tl.load(tl.max_contiguous(g_ptr + ow[None, :] + lanes, [1, 2]), mask=q_mask, other=0,
-                            eviction_policy="evict_last")
+                g = _quads(g_ptr, ow, KW, lanes)
                 x0, x1 = x0 * _bf16_at(g, 0), x1 * _bf16_at(g, 16)
                 x2, x3 = x2 * _bf16_at(g, 32), x3 * _bf16_at(g, 48)
             acc += _code(w, 0) * x0 + _code(w, 8) * x1 + _code(w, 16) * x2 + _code(w, 24) * x3
             if TWO:
                 acc2 += _code(w2, 0) * x0 + _code(w2, 8) * x1 + _code(w2, 16) * x2 + _code(w2, 24) * x3
-            w_mask = n_mask[:, None] & (ow + W < KW)[None, :]  # the next tile; past K: masked, no traffic
-            w = tl.load(tl.max_contiguous(rows + W + ow[None, :], [1, 2]), mask=w_mask, other=0,
-                        eviction_policy="evict_first")
-            if TWO:
-                w2 = tl.load(tl.max_contiguous(rows + second + W + ow[None, :], [1, 2]), mask=w_mask, other=0,
-                             eviction_policy="evict_first")
+            w, w2 = _word_tile(rows, second, KW, ow + W, n_mask, TWO)  # the next tile; past K: masked, no traffic
         y = tl.sum(acc, axis=1)
         y2 = tl.sum(acc2, axis=1)
         if NORM:
