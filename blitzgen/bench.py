@@ -16,8 +16,10 @@ uncompiled (--compare-eager).
 """
 
 import argparse
+import ast
 import contextlib
 import gc
+import importlib
 import json
 import statistics
 import time
@@ -208,9 +210,6 @@ def module_constant(text: str) -> tuple[str, str, object]:
     """'kernels.decode_attention.NUM_WARPS=4' -> ('kernels.decode_attention', 'NUM_WARPS', 4): an existing
     upper-case constant of a blitzgen module and a Python literal of the same type (an int may stand for a
     float). Anything else is a BlitzgenError."""
-    import ast
-    import importlib
-
     target, eq, value_text = text.partition("=")
     module_name, _, name = target.strip().rpartition(".")
     if not eq or not module_name or not name:
@@ -236,26 +235,18 @@ def module_constants(constants: dict[tuple[str, str], object]):
     """Set blitzgen module constants {(module, NAME): value} inside the block, restore them after. While any is
     set, Inductor's and AOTAutograd's caches are off: a constant read where a traced kernel's launcher runs
     becomes part of the compiled code without being part of the cache key."""
-    import importlib
-
-    saved = []
-    patches = contextlib.ExitStack()
-    try:
+    with contextlib.ExitStack() as stack:  # undoes everything below in reverse order, on errors too
         if constants:
             import torch._functorch.config
             import torch._inductor.config
 
-            patches.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-            patches.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+            stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
         for (module_name, name), value in constants.items():
             module = importlib.import_module(f"blitzgen.{module_name}")
-            saved.append((module, name, getattr(module, name)))
+            stack.callback(setattr, module, name, getattr(module, name))
             setattr(module, name, value)
         yield
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
-        patches.close()
 
 
 def parse_variants(text: str) -> list[tuple[str, dict]]:
