@@ -168,12 +168,9 @@ def _nibble_weights(packed, s, z, PAIRS: tl.constexpr):
     """(w_lo, w_hi), each like packed (BLOCK_N, HALF): the weights q * s + z of the low and the high nibble of
     each byte, in s's 16-bit dtype, with s and z given per byte (broadcast from their group). PAIRS: PAIRS_BF16 or
     PAIRS_FP16 (the PTX for s's dtype), or PAIRS_ARITHMETIC for plain arithmetic (the interpreter)."""
-    if PAIRS == 1:
-        lo, hi = tl.inline_asm_elementwise(_PAIRS_BF16, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, z],
-                                           dtype=(s.dtype, s.dtype), is_pure=True, pack=4)
-    elif PAIRS == 2:
-        lo, hi = tl.inline_asm_elementwise(_PAIRS_FP16, "=r,=r,=r,=r,r,r,r,r,r", [packed, s, z],
-                                           dtype=(s.dtype, s.dtype), is_pure=True, pack=4)
+    if PAIRS == 1 or PAIRS == 2:
+        lo, hi = tl.inline_asm_elementwise(_PAIRS_BF16 if PAIRS == 1 else _PAIRS_FP16, "=r,=r,=r,=r,r,r,r,r,r",
+                                           [packed, s, z], dtype=(s.dtype, s.dtype), is_pure=True, pack=4)
     else:  # the same values: fp32, then one rounding to s's dtype
         sf, zf = s.to(tl.float32), z.to(tl.float32)
         lo = ((packed & 0xF).to(tl.float32) * sf + zf).to(s.dtype)
