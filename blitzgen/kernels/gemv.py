@@ -116,13 +116,16 @@ if triton is not None:
     @triton.jit
     def _weight_tile(rows, second, K, offs_k, n_mask, TWO: tl.constexpr):
         """The (BLOCK_N, BLOCK_K) weight tile at columns offs_k (zeros past K), and with TWO the tile of the
-        rows `second` elements further on (gate_up: the up rows; rope: the rows half a head on)."""
+        rows `second` elements further on (gate_up: the up rows; rope: the rows half a head on). For int32 words
+        of int8 codes (_row_products_words) K, offs_k and second count words."""
         mask = n_mask[:, None] & (offs_k < K)[None, :]
         ptrs = rows + offs_k[None, :]
         if rows.dtype.element_ty == tl.int8:
             # Load int8 codes 8 to a vector, as x's 16-bit entries are: with Triton's 16-byte vectors of 16 codes
             # the tile and x get different register layouts, and x is re-laid through shared memory every tile.
             ptrs = tl.max_contiguous(ptrs, [1, 8])
+        elif rows.dtype.element_ty == tl.int32:  # two words a thread, as the activations' int64 quads
+            ptrs = tl.max_contiguous(ptrs, [1, 2])
         # Each weight byte is read once: let it leave the L2 first, before the activation row every program reads.
         w = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
         w2 = w
@@ -158,10 +161,17 @@ if triton is not None:
             if TWO:
                 acc2 += w2.to(tl.float32) * x[None, :]
             w, w2 = _weight_tile(rows, second, K, offs_k + BLOCK_K, n_mask, TWO)  # past K: masked, no traffic
-        y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+        return _row_sums(acc, acc2, squares, K, eps, NORM, 0)
+
+
+    @triton.jit
+    def _row_sums(acc, acc2, squares, K, eps, NORM: tl.constexpr, SQUARES_AXIS: tl.constexpr):
+        """The end of both product loops: acc and acc2 summed across K (axis 1) -> (BLOCK_N,) each, RMSNorm-scaled
+        with NORM by the squares of x summed along SQUARES_AXIS."""
+        y = tl.sum(acc, axis=1)
         y2 = tl.sum(acc2, axis=1)
         if NORM:
-            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            scale = tl.rsqrt(tl.sum(squares, axis=SQUARES_AXIS) / K + eps)
             y *= scale
             y2 *= scale
         return y, y2
@@ -178,19 +188,6 @@ if triton is not None:
     def _bf16_at(quads, SHIFT: tl.constexpr):
         """The bf16 at bit SHIFT of each int64 (four bf16 values) as fp32: a bf16 is the top half of its fp32."""
         return (((quads >> SHIFT) & 0xFFFF) << 16).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-    @triton.jit
-    def _word_tile(rows, second, KW, offs_w, n_mask, TWO: tl.constexpr):
-        """_weight_tile for int8 codes as int32 words: the (BLOCK_N, W) words at offs_w (zeros past KW words),
-        two a thread, and with TWO the words `second` further on."""
-        mask = n_mask[:, None] & (offs_w < KW)[None, :]
-        ptrs = tl.max_contiguous(rows + offs_w[None, :], [1, 2])
-        w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
-        w2 = w
-        if TWO:
-            w2 = tl.load(ptrs + second, mask=mask, other=0, eviction_policy="evict_first")
-        return w, w2
 
 
     @triton.jit
@@ -218,7 +215,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, W), dtype=tl.float32)
         squares = tl.zeros((BLOCK_N, W), dtype=tl.float32)  # every row sums the same squares
-        w, w2 = _word_tile(rows, second, KW, offs_w, n_mask, TWO)
+        w, w2 = _weight_tile(rows, second, KW, offs_w, n_mask, TWO)
         if PDL:
             tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
@@ -234,14 +231,8 @@ if triton is not None:
             acc += _code(w, 0) * x0 + _code(w, 8) * x1 + _code(w, 16) * x2 + _code(w, 24) * x3
             if TWO:
                 acc2 += _code(w2, 0) * x0 + _code(w2, 8) * x1 + _code(w2, 16) * x2 + _code(w2, 24) * x3
-            w, w2 = _word_tile(rows, second, KW, ow + W, n_mask, TWO)  # the next tile; past K: masked, no traffic
-        y = tl.sum(acc, axis=1)
-        y2 = tl.sum(acc2, axis=1)
-        if NORM:
-            scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
-            y *= scale
-            y2 *= scale
-        return y, y2
+            w, w2 = _weight_tile(rows, second, KW, ow + W, n_mask, TWO)  # the next tile; past K: masked, no traffic
+        return _row_sums(acc, acc2, squares, K, eps, NORM, 1)
 
 
     @triton.jit
