@@ -29,9 +29,10 @@ the product and 3.676 with kernels/rope_cache.py's kernel there.
 int8 codes (quantize.Int8Linear's format: (N, K) int8, one scale per row) are read by the same
 kernels: the codes become floats in registers and the scales multiply the sums. On an H200 an int8
 Llama-2-7B step took 2.934 ms this way against 3.047 through gemv_a8 (int8 activations, integer dot
-products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact. INT8_WORDS (off until
-measured) reads them as int32 words instead and makes floats of codes and bf16 activations by bit
-operations, without the int-to-float instruction that bounds this path (_row_products_words).
+products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact. With bf16 activations
+(INT8_WORDS, the default) they are read as int32 words and codes and activations become floats by bit
+operations, without the int-to-float instruction that bounded the conversion path: 2.663 against 2.915 ms a
+step (BENCHMARKS.md, 2026-12-02 session 11; _row_products_words).
 
 Rounding. Everything is accumulated in fp32 and rounded to the activation dtype once, at the store.
 Hugging Face's RMSNorm rounds x * r to bf16 and multiplies by g in bf16 before the product, and the
@@ -413,12 +414,13 @@ BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 PDL = True
 # int8 codes times bf16 activations with no int-to-float instruction (_row_products_words): the codes read as int32
 # words, each code made fp32 by a byte mask, an OR into 2^23's pattern and a float subtraction, the activations
-# read four to an int64 and made fp32 by shifts. The default path's sm_90 SASS spends an I2F a code on the
-# conversion pipe (16 a clock an SM, a quarter of the FFMA rate: ~90% of an H200's bandwidth in clocks) where
-# int8 steps read ~54% of it; this loop's SASS has no I2F and no shared memory (BENCHMARKS.md, 2026-12-02
-# session 10). Not measured yet: off (`blitzgen bench --quantize int8 --variants
-# base,set:kernels.gemv.INT8_WORDS=True` compares).
-INT8_WORDS = False
+# read four to an int64 and made fp32 by shifts. The conversion path's sm_90 SASS spends an I2F a code on the
+# conversion pipe (16 a clock an SM, a quarter of the FFMA rate: ~90% of an H200's bandwidth in clocks); this
+# loop's SASS has no I2F and no shared memory (BENCHMARKS.md, 2026-12-02 session 10). Measured on an H200, a
+# Llama-2-7B int8 step at batch 1: 2.663 ms against 2.915 (375.6 against 343.1 tokens/s; session 11, `blitzgen
+# bench --quantize int8 --variants base,set:kernels.gemv.INT8_WORDS=False` compares). fp32 / fp16 activations
+# keep the conversion path.
+INT8_WORDS = True
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None):

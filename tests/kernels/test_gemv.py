@@ -55,10 +55,14 @@ def _int8(w):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fusion", ["bias", "norm", "bias+residual", "gate_up"])
-def test_int8_codes_match_reference(dtype, fusion):
+def test_int8_codes_match_reference(monkeypatch, dtype, fusion):
     """int8 weight codes with per-row scales (quantize.Int8Linear's format): the codes made floats in the
-    kernel, the scales applied to the sums. Against gemv_ref, and against the product with the dequantized
-    matrix, which Int8Linear stands for."""
+    kernel by the conversion path (INT8_WORDS off; fp32 activations always take it), the scales applied to
+    the sums. Against gemv_ref, and against the product with the dequantized matrix, which Int8Linear
+    stands for."""
+    import blitzgen.kernels.gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "INT8_WORDS", False)
     x, w, kw = _fused(1, 45, 300, dtype, fusion, seed=50)
     codes, scales = _int8(w)
     for blocks in (None, (16, 64, 4)):
