@@ -78,29 +78,46 @@ kernel does not pass, so on Hopper `torch.ops.blitzgen.gemv_pdl`, an opaque cust
 kernel itself. Under TRITON_INTERPRET=1 (the CPU tests) the op is opaque too.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from blitzgen.errors import BlitzgenError
-from blitzgen.kernels import define_ops, hopper, triton_runs_on
+from blitzgen.kernels import define_ops, hopper, triton_runs_on, unpack_int4
 
 try:
     import triton
     import triton.language as tl
     from torch.library import wrap_triton
+
+    from blitzgen.kernels.gemv_a8 import _dp4a
 except ImportError:  # a CPU-only install without Triton (model.py imports this module): gemv() runs gemv_ref
     triton = None
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
              norm_weight: torch.Tensor | None = None, eps: float = 0.0, gate_up: bool = False,
-             residual: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-PyTorch twin of gemv (the CPU path and the test oracle), in fp32."""
+             residual: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+             zeros: torch.Tensor | None = None, a8: bool = False) -> torch.Tensor:
+    """Plain-PyTorch twin of gemv (the CPU path and the test oracle), in fp32; with a8, x (times the norm weight)
+    rounded to int8 blocks of 32 as _row_products_a8 rounds it."""
     xf = x.float()
+    r = torch.ones_like(xf[:, :1])
     if norm_weight is not None:
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
-    y = xf @ weight.float().t()
-    if scales is not None:  # int8 codes: quantize.Int8Linear's per-channel scales
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        xf = xf * norm_weight.float()
+    xq = round_blocks(xf) if a8 else xf
+    if zeros is not None:  # packed int4 codes: quantize.Int4Linear's groups, scale and zero point
+        N, groups = scales.shape
+        codes = unpack_int4(weight).float().view(N, groups, -1)
+        y = xq @ (codes * scales.float()[..., None]).view(N, -1).t()
+        y = y + xf @ zeros.float().repeat_interleave(codes.shape[2], dim=1).t()  # the zero term: x unrounded
+    else:
+        y = xq @ weight.float().t()
+    y = y * r  # RMSNorm's scalar: W (x * r * g) = r * (W (x * g))
+    if scales is not None and zeros is None:  # int8 codes: quantize.Int8Linear's per-channel scales
         y = y * scales.float()
     if bias is not None:
         y = y + bias.float()
@@ -110,6 +127,16 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if residual is not None:
         y = y + residual.float()
     return y.to(x.dtype)
+
+
+def round_blocks(v: torch.Tensor) -> torch.Tensor:
+    """v (M, K) fp32 rounded to int8 in blocks of 32 along K, each with the scale max|v| / 127, and made floats
+    again: the activations _row_products_a8 multiplies (K a multiple of 32)."""
+    M, K = v.shape
+    blocks = v.view(M, K // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).view(M, K)
 
 
 if triton is not None:
@@ -237,11 +264,139 @@ if triton is not None:
 
 
     @triton.jit
-    def _products(x_ptr, g_ptr, w_ptr, offs_n, second_rows, n_mask, K, eps, NORM: tl.constexpr, TWO: tl.constexpr,
-                  PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
-        """_row_products (or with WORDS _row_products_words) of weight rows offs_n, and with TWO of the rows
-        second_rows further on."""
-        if WORDS:
+    def _bf16_quad(q, g, NORM: tl.constexpr):
+        """The four bf16 of each int64 q as fp32 (times those of g with NORM), and the sum of q's squares."""
+        v0, v1, v2, v3 = _bf16_at(q, 0), _bf16_at(q, 16), _bf16_at(q, 32), _bf16_at(q, 48)
+        squares = v0 * v0 + v1 * v1 + v2 * v2 + v3 * v3
+        if NORM:
+            v0, v1, v2, v3 = v0 * _bf16_at(g, 0), v1 * _bf16_at(g, 16), v2 * _bf16_at(g, 32), v3 * _bf16_at(g, 48)
+        return v0, v1, v2, v3, squares
+
+
+    @triton.jit
+    def _abs_max4(v0, v1, v2, v3):
+        return tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3)))
+
+
+    @triton.jit
+    def _pairs(t):
+        """(BLOCK_N, W) -> (BLOCK_N, W / 2): the sum of each thread's two neighbouring words."""
+        return tl.sum(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)), axis=2)
+
+
+    @triton.jit
+    def _code_word(b0, b1, b2, b3, inv, ASM: tl.constexpr):
+        """The int8 codes round(b_j * inv) (|b_j * inv| <= 127) as the bytes of one int32 word, b0 lowest. Adding
+        1.5 * 2^23 to a float below 2^22 in size rounds it to an integer (ties to even) held in the low mantissa
+        bits, so each code is the low byte of a float's pattern: no float-to-int instruction."""
+        c0 = (b0 * inv + 12582912.0).to(tl.int32, bitcast=True)
+        c1 = (b1 * inv + 12582912.0).to(tl.int32, bitcast=True)
+        c2 = (b2 * inv + 12582912.0).to(tl.int32, bitcast=True)
+        c3 = (b3 * inv + 12582912.0).to(tl.int32, bitcast=True)
+        if ASM:  # three byte permutes
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t0, t1; prmt.b32 t0, $1, $2, 0x0040; prmt.b32 t1, $3, $4, 0x0040; "
+                "prmt.b32 $0, t0, t1, 0x5410; }", "=r,r,r,r,r", [c0, c1, c2, c3], dtype=tl.int32, is_pure=True,
+                pack=1)
+        return (c0 & 0xFF) | ((c1 & 0xFF) << 8) | ((c2 & 0xFF) << 16) | (c3 << 24)
+
+
+    @triton.jit
+    def _row_products_a8(x_ptr, g_ptr, rows, second, s_rows, z_rows, s_second, n_mask, K, eps, NORM: tl.constexpr,
+                         TWO: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+        """_row_products for int8 codes (int32 words of 4) or packed int4 codes (int32 words of 8, group scales and
+        zeros at s_rows / z_rows) with the activations rounded to int8 in blocks of 32 here, tile by tile (see
+        INT8_A8): integer dot products four codes an instruction (dp4a). The weight words are loaded two a thread
+        and the activations as int64 quads in the same register layout (one quad a word for int8, two for int4),
+        so a block's scale is a max across 4 (int8) or 2 (int4) threads and each thread's two words are summed as
+        integers and scaled once."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        CODES: tl.constexpr = 8 if INT4 else 4  # codes a word
+        W: tl.constexpr = BLOCK_K // CODES  # words a tile row
+        WPB: tl.constexpr = 32 // CODES  # words a block of 32
+        NB: tl.constexpr = BLOCK_K // 32  # blocks a tile
+        KW = K // CODES
+        KQ = K // 4
+        offs_w = tl.arange(0, W)
+        lanes = tl.zeros((BLOCK_N, 1), dtype=tl.int32)  # the activations' offsets, repeated for every row
+        zero = tl.zeros((BLOCK_N, W), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_N, W // 2), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, W // 2), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        w, w2 = _weight_tile(rows, second, KW, offs_w, n_mask, TWO)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for k0 in range(0, K, BLOCK_K):
+            ow = k0 // CODES + offs_w
+            if INT4:  # word j: codes 8j .. 8j + 7 (the even ones in the low nibbles), activation quads 2j, 2j + 1
+                oq = 2 * (k0 // CODES) + tl.arange(0, 2 * W)
+                mask = (oq < KQ)[None, :] & (lanes == 0)
+                q = tl.load(tl.max_contiguous(x_ptr + oq[None, :] + lanes, [1, 4]), mask=mask, other=0,
+                            eviction_policy="evict_last")
+                qa, qb = tl.split(tl.reshape(q, (BLOCK_N, W, 2)))
+                ga, gb = qa, qb
+                if NORM:
+                    g = tl.load(tl.max_contiguous(g_ptr + oq[None, :] + lanes, [1, 4]), mask=mask, other=0,
+                                eviction_policy="evict_last")
+                    ga, gb = tl.split(tl.reshape(g, (BLOCK_N, W, 2)))
+                v0, v1, v2, v3, sq = _bf16_quad(qa, ga, NORM)
+                v4, v5, v6, v7, sq2 = _bf16_quad(qb, gb, NORM)
+                squares += sq + sq2
+                m = tl.maximum(_abs_max4(v0, v1, v2, v3), _abs_max4(v4, v5, v6, v7))
+            else:
+                q = _quads(x_ptr, ow, KW, lanes)
+                g = q
+                if NORM:
+                    g = _quads(g_ptr, ow, KW, lanes)
+                v0, v1, v2, v3, sq = _bf16_quad(q, g, NORM)
+                squares += sq
+                m = _abs_max4(v0, v1, v2, v3)
+            amax = tl.max(tl.reshape(m, (BLOCK_N, NB, WPB)), axis=2)  # (BLOCK_N, NB), the same in every row
+            inv = tl.reshape(tl.broadcast_to(tl.where(amax > 0, 127.0 / amax, 0.0)[:, :, None], (BLOCK_N, NB, WPB)),
+                             (BLOCK_N, W))
+            step = tl.reshape(tl.broadcast_to((amax * (1.0 / 127.0))[:, :, None], (BLOCK_N, NB, WPB // 2)),
+                              (BLOCK_N, W // 2))  # a code's worth, for each pair of words
+            if INT4:
+                even = _code_word(v0, v2, v4, v6, inv, ASM)
+                odd = _code_word(v1, v3, v5, v7, inv, ASM)
+                vsum = _pairs(v0 + v1 + v2 + v3 + v4 + v5 + v6 + v7)  # for the zero points: x unrounded
+                offs_g = (k0 + 16 * tl.arange(0, W // 2)) // GROUP  # each pair of words: 16 codes of one group
+                g_mask = n_mask[:, None] & (offs_g < K // GROUP)[None, :]
+                d = _dp4a(w & 0x0F0F0F0F, even, _dp4a((w >> 4) & 0x0F0F0F0F, odd, zero, False, ASM), False, ASM)
+                s = tl.load(s_rows + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_rows + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                acc += _pairs(d).to(tl.float32) * (step * s) + z * vsum
+                if TWO:
+                    d2 = _dp4a(w2 & 0x0F0F0F0F, even, _dp4a((w2 >> 4) & 0x0F0F0F0F, odd, zero, False, ASM), False,
+                               ASM)
+                    s2 = tl.load(s_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                    z2 = tl.load(z_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                    acc2 += _pairs(d2).to(tl.float32) * (step * s2) + z2 * vsum
+            else:
+                codes = _code_word(v0, v1, v2, v3, inv, ASM)
+                acc += _pairs(_dp4a(w, codes, zero, True, ASM)).to(tl.float32) * step
+                if TWO:
+                    acc2 += _pairs(_dp4a(w2, codes, zero, True, ASM)).to(tl.float32) * step
+            w, w2 = _weight_tile(rows, second, KW, ow + W, n_mask, TWO)
+        return _row_sums(acc, acc2, squares, K, eps, NORM, 1)
+
+
+    @triton.jit
+    def _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, second_rows, n_mask, K, eps, NORM: tl.constexpr,
+                  TWO: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  WORDS: tl.constexpr, A8: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
+        """_row_products (or with WORDS _row_products_words, with A8 _row_products_a8) of weight rows offs_n, and
+        with TWO of the rows second_rows further on."""
+        if A8:
+            KW = K // (8 if INT4 else 4)
+            rows = w_ptr + offs_n[:, None].to(tl.int64) * KW
+            groups = K // GROUP
+            y, y2 = _row_products_a8(x_ptr, g_ptr, rows, second_rows * KW, s_ptr + offs_n[:, None] * groups,
+                                     z_ptr + offs_n[:, None] * groups, second_rows * groups, n_mask, K, eps, NORM,
+                                     TWO, INT4, GROUP, PDL, BLOCK_N, BLOCK_K, ASM)
+        elif WORDS:
             rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 4)
             y, y2 = _row_products_words(x_ptr, g_ptr, rows, second_rows * (K // 4), n_mask, K, eps, NORM, TWO, PDL,
                                         BLOCK_N, BLOCK_K)
@@ -257,7 +412,8 @@ if triton is not None:
         x_ptr,  # (K,) the activation row
         g_ptr,  # (K,) norm weight (NORM)
         w_ptr,  # (N, K) weight rows, float or int8 codes; with GATE_UP the up rows follow at w_ptr + N * K
-        s_ptr,  # (N,) (GATE_UP: (2 N,)) per-row scales of int8 codes (HAS_SCALES)
+        s_ptr,  # (N,) (GATE_UP: (2 N,)) per-row scales of int8 codes (HAS_SCALES); int4: (N, K / GROUP) group scales
+        z_ptr,  # int4: (N, K / GROUP) group zero points
         b_ptr,  # (N,) bias (HAS_BIAS)
         r_ptr,  # (N,) residual (HAS_RESIDUAL)
         out_ptr,  # (N,)
@@ -273,10 +429,15 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         WORDS: tl.constexpr = False,  # int8 codes as int32 words, x and g as int64 quads (_row_products_words)
+        A8: tl.constexpr = False,  # activations rounded to int8 blocks, dp4a (_row_products_a8)
+        INT4: tl.constexpr = False,  # packed int4 codes (A8 only), scales and zeros by group in the loop
+        GROUP: tl.constexpr = 32,  # int4 group size
+        ASM: tl.constexpr = False,  # A8's dp4a and byte permutes as PTX (GPU) or spelt out (interpreter)
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        y, up = _products(x_ptr, g_ptr, w_ptr, offs_n, N, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N, BLOCK_K, WORDS)
+        y, up = _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, N, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N,
+                          BLOCK_K, WORDS, A8, INT4, GROUP, ASM)
         if HAS_SCALES:  # before bias and gate: the scales belong to the product
             y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if GATE_UP:
@@ -294,7 +455,8 @@ if triton is not None:
     def _gemv_rope_kernel(
         x_ptr, g_ptr,  # (K,) the activation row and the attention norm's weight
         w_ptr,  # (N, K) = ((H + 2 Hkv) D, K): wqkv, q heads, then k heads, then v heads; float or int8 codes
-        s_ptr,  # (N,) per-row scales of int8 codes (HAS_SCALES)
+        s_ptr,  # (N,) per-row scales of int8 codes (HAS_SCALES); int4: (N, K / GROUP) group scales
+        z_ptr,  # int4: (N, K / GROUP) group zero points
         b_ptr,  # (N,) bias (HAS_BIAS)
         cos_ptr, sin_ptr,  # (D,) the new token's rotation (model.rope_cos_sin)
         positions_ptr,  # (1,) its cache position p
@@ -307,7 +469,11 @@ if triton is not None:
         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
         BLOCK_K: tl.constexpr,
-        WORDS: tl.constexpr = False,  # as in _gemv_kernel
+        WORDS: tl.constexpr = False,  # WORDS, A8, INT4, GROUP, ASM as in _gemv_kernel
+        A8: tl.constexpr = False,
+        INT4: tl.constexpr = False,
+        GROUP: tl.constexpr = 32,
+        ASM: tl.constexpr = False,
     ):
         # RoPE pairs row i of a head with row i + D/2, so a program owns rows [i0, i0 + BLOCK_N) of a head and the
         # rows D/2 further: the rotation is applied to the fp32 sums before anything is stored.
@@ -317,7 +483,8 @@ if triton is not None:
         offs_i = (tl.program_id(0) % PER_HEAD) * BLOCK_N + tl.arange(0, BLOCK_N)  # within the head's first half
         offs_n = head * D + offs_i
         n_mask = offs_i < HALF
-        lo, hi = _products(x_ptr, g_ptr, w_ptr, offs_n, HALF, n_mask, K, eps, True, True, PDL, BLOCK_N, BLOCK_K, WORDS)
+        lo, hi = _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, HALF, n_mask, K, eps, True, True, PDL, BLOCK_N,
+                           BLOCK_K, WORDS, A8, INT4, GROUP, ASM)
         if HAS_SCALES:
             lo *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             hi *= tl.load(s_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
@@ -346,32 +513,34 @@ if triton is not None:
             tl.store(lengths_ptr, position + 1)
 
 
-def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
-             norm_weight: torch.Tensor | None, eps: float, gate_up: bool, residual: torch.Tensor | None, block_n: int,
-             block_k: int, num_warps: int, pdl: bool) -> torch.Tensor:
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
+             bias: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float, gate_up: bool,
+             residual: torch.Tensor | None, mode: str, block_n: int, block_k: int, num_warps: int,
+             pdl: bool) -> torch.Tensor:
     """Launch _gemv_kernel (the body of torch.ops.blitzgen.gemv / gemv_pdl)."""
     wrap = (lambda kernel: kernel) if pdl else wrap_triton  # PDL: launched here, with the launch attribute
     K = x.shape[1]
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    words, xs, ws, gs = _operands(x, weight, norm_weight)
-    args = (xs, xs if gs is None else gs, ws, x if scales is None else scales,
+    xs, ws, gs, flags = _operands(mode, x, weight, norm_weight, scales, zeros)
+    args = (xs, xs if gs is None else gs, ws, x if scales is None else scales, x if zeros is None else zeros,
             x if bias is None else bias, x if residual is None else residual, out)
-    flags = dict(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, WORDS=words,
+    flags.update(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None,
+                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k,
                  num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     wrap(_gemv_kernel)[(triton.cdiv(N, block_n),)](*args, N, K, eps, **flags)
     return out
 
 
-def _gemv_fake(x, weight, scales, bias, norm_weight, eps, gate_up, *_):
+def _gemv_fake(x, weight, scales, zeros, bias, norm_weight, eps, gate_up, *_):
     return x.new_empty((x.shape[0], weight.shape[0] // 2 if gate_up else weight.shape[0]))
 
 
-def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None,
-                  norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, block_n: int, block_k: int,
-                  num_warps: int, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
+                  bias: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  n_heads: int, mode: str, block_n: int, block_k: int, num_warps: int,
+                  pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch _gemv_rope_kernel (the body of torch.ops.blitzgen.gemv_rope / gemv_rope_pdl) -> rotated q (1, H, D)
     and lengths (1,) int64."""
     wrap = (lambda kernel: kernel) if pdl else wrap_triton
@@ -381,17 +550,17 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     lengths = torch.empty((1,), dtype=torch.int64, device=x.device)
     half_block = block_n // 2  # rows of each half of a head a program owns: block_n rows in all, as in gemv
     grid = ((n_heads + 2 * Hkv) * triton.cdiv(D // 2, half_block),)
-    words, xs, ws, gs = _operands(x, weight, norm_weight)
+    xs, ws, gs, flags = _operands(mode, x, weight, norm_weight, scales, zeros)
     wrap(_gemv_rope_kernel)[grid](
-        xs, gs, ws, x if scales is None else scales, x if bias is None else bias, cos, sin, positions,
-        q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        K, eps, H=n_heads, HKV=Hkv, D=D, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, PDL=pdl,
-        BLOCK_N=half_block, BLOCK_K=block_k, WORDS=words, num_warps=num_warps,
-        **({"launch_pdl": True} if pdl else {}))
+        xs, gs, ws, x if scales is None else scales, x if zeros is None else zeros, x if bias is None else bias,
+        cos, sin, positions, q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(1), v_cache.stride(2), K, eps, H=n_heads, HKV=Hkv, D=D, HAS_BIAS=bias is not None, PDL=pdl,
+        BLOCK_N=half_block, BLOCK_K=block_k, num_warps=num_warps, **flags, **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
 
 
-def _gemv_rope_fake(x, weight, scales, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads, *_):
+def _gemv_rope_fake(x, weight, scales, zeros, bias, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
+                    *_):
     return x.new_empty((1, n_heads, k_cache.shape[3])), positions.new_empty((1,), dtype=torch.int64)
 
 
@@ -421,51 +590,97 @@ PDL = True
 # bench --quantize int8 --variants base,set:kernels.gemv.INT8_WORDS=False` compares). fp32 / fp16 activations
 # keep the conversion path.
 INT8_WORDS = True
+# The activations rounded to int8 in blocks of 32 inside the product loop (_row_products_a8), each program rounding
+# the x it reads: integer dot products four codes an instruction instead of a float multiply-add a code. The only
+# one-row path of packed int4 codes here; for int8 codes off until measured (`blitzgen bench --quantize int8
+# --variants base,set:kernels.gemv.INT8_A8=True`).
+INT8_A8 = False
+# (block_n, block_k in codes, num_warps) for the a8 loop: first guesses, the bf16 tiles.
+A8_BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 
 
-def _operands(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None):
-    """(words, x, weight, norm_weight) as a launch passes them: words says whether it takes _row_products_words
-    (INT8_WORDS, int8 codes, bf16 activations and norm weight, K a multiple of 4), which reads x and the norm
-    weight as int64 quads and the codes as int32 words. Decided where the op is traced or launched, so a
-    benchmark can set INT8_WORDS per build."""
-    words = (INT8_WORDS and weight.dtype == torch.int8 and x.dtype == torch.bfloat16 and x.shape[1] % 4 == 0
-             and (norm_weight is None or norm_weight.dtype == torch.bfloat16))
-    if not words:
-        return False, x, weight, norm_weight
+def _mode(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None) -> str:
+    """Which product loop a launch takes: "a8" (_row_products_a8: int4 codes always, int8 codes with INT8_A8),
+    "words" (_row_products_words: int8 codes with INT8_WORDS) or "float" (_row_products). a8 and words need bf16
+    activations and norm weight, and K in whole blocks (32 for a8, 4 for words). Decided where the op is traced
+    or launched, so a benchmark can set the flags per build."""
+    bf16 = x.dtype == torch.bfloat16 and (norm_weight is None or norm_weight.dtype == torch.bfloat16)
+    K = x.shape[1]
+    if weight.dtype == torch.uint8 or (INT8_A8 and weight.dtype == torch.int8 and bf16 and K % 32 == 0):
+        return "a8"
+    if INT8_WORDS and weight.dtype == torch.int8 and bf16 and K % 4 == 0:
+        return "words"
+    return "float"
+
+
+def _operands(mode: str, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
+              scales: torch.Tensor | None, zeros: torch.Tensor | None):
+    """(x, weight, norm_weight, kernel flags) as a launch of `mode` passes them: words and a8 read x and the norm
+    weight as int64 quads and the codes as int32 words."""
+    int4 = zeros is not None
+    flags = dict(HAS_SCALES=scales is not None and not int4, WORDS=mode == "words", A8=mode == "a8", INT4=int4,
+                 GROUP=x.shape[1] // scales.shape[1] if int4 else 32, ASM=not _INTERPRET)
+    if mode == "float":
+        return x, weight, norm_weight, flags
     quads = None if norm_weight is None else norm_weight.view(torch.int64)
-    return True, x.view(torch.int64), weight.view(torch.int32), quads
+    return x.view(torch.int64), weight.view(torch.int32), quads, flags
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None):
-    """x's dtype is a float one; the weight is of that dtype (no scales) or int8 codes with (N,) scales."""
+def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
+                  zeros: torch.Tensor | None) -> int:
+    """x's dtype is a float one; the weight is of that dtype (no scales), int8 codes with (N,) scales, or packed
+    int4 codes (N, K / 2) uint8 with (N, K / G) scales and zeros (bf16 x, G and K multiples of 32). -> K."""
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise BlitzgenError(f"{name}: x must be bf16, fp16 or fp32, got {x.dtype}")
+    if weight.dtype == torch.uint8:
+        K = 2 * weight.shape[1]
+        groups = 0 if scales is None else scales.shape[-1]
+        if (zeros is None or scales.shape != (weight.shape[0], groups) or zeros.shape != scales.shape or not groups
+                or K % groups or (K // groups) % 32 or x.dtype != torch.bfloat16):
+            raise BlitzgenError(f"{name}: packed int4 codes {tuple(weight.shape)} need bf16 x and scales and zeros "
+                                f"of shape ({weight.shape[0]}, K / G) with G a multiple of 32; got scales "
+                                f"{None if scales is None else tuple(scales.shape)}, x {x.dtype}")
+        return K
+    if zeros is not None:
+        raise BlitzgenError(f"{name}: zero points go with packed int4 (uint8) codes, not {weight.dtype}")
     if weight.dtype == torch.int8:
         if scales is None or scales.shape != (weight.shape[0],):
             raise BlitzgenError(f"{name}: int8 weight codes need scales of shape ({weight.shape[0]},), got "
                                 f"{None if scales is None else tuple(scales.shape)}")
     elif weight.dtype != x.dtype or scales is not None:
-        raise BlitzgenError(f"{name}: the weight must be x's dtype ({x.dtype}) without scales, or int8 codes with "
-                            f"scales; got {weight.dtype}{' with scales' if scales is not None else ''}")
+        raise BlitzgenError(f"{name}: the weight must be x's dtype ({x.dtype}) without scales, int8 codes with "
+                            f"scales or packed int4 codes; got {weight.dtype}{' with scales' if scales is not None else ''}")
+    return weight.shape[1]
+
+
+def _blocks(name: str, mode: str, kind: str, blocks: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    block_n, block_k, num_warps = blocks or (A8_BLOCKS if mode == "a8" else BLOCKS)[kind]
+    if (block_n & (block_n - 1)) or (block_k & (block_k - 1)) or (mode == "a8" and block_k < 32):
+        raise BlitzgenError(f"{name}: blocks {block_n, block_k} must be powers of two"
+                            + (", block_k >= 32 with int8 activations" if mode == "a8" else ""))
+    return block_n, block_k, num_warps
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gate_up: bool = False,
          residual: torch.Tensor | None = None, scales: torch.Tensor | None = None,
-         blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+         zeros: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """One activation row x (1, K) times weight.T with the fusions of the module docstring -> (1, N) in x.dtype.
 
     weight is of x's dtype, or int8 codes with per-row `scales` (N,) (quantize.Int8Linear's format; with
-    gate_up the gate rows' scales first). blocks (block_n, block_k, num_warps) overrides the defaults
+    gate_up the gate rows' scales first), or packed int4 codes (N, K / 2) with group `scales` and `zeros`
+    (N, K / G) (quantize.Int4Linear's format; bf16 x). blocks (block_n, block_k, num_warps) overrides the defaults
     (tests, sweeps). Falls back to gemv_ref where Triton cannot run (CPU without TRITON_INTERPRET=1).
     """
-    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise BlitzgenError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (1, K) and (N, K)")
-    _check_weight("gemv", x, weight, scales)
+    packed = 2 if weight.dtype == torch.uint8 else 1
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != packed * weight.shape[1]:
+        raise BlitzgenError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)} must be (1, K) and (N, K)"
+                            + (" (int4: (N, K / 2))" if packed == 2 else ""))
+    _check_weight("gemv", x, weight, scales, zeros)
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     if gate_up and (weight.shape[0] % 2 or bias is not None or residual is not None):
         raise BlitzgenError("gemv: gate_up needs an even number of weight rows and no bias or residual")
@@ -475,32 +690,32 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise BlitzgenError(f"gemv: norm_weight {tuple(norm_weight.shape)} must be ({x.shape[1]},)")
     if residual is not None and residual.shape != (1, N):
         raise BlitzgenError(f"gemv: residual {tuple(residual.shape)} must be (1, {N})")
+    mode = _mode(x, weight, norm_weight)
     if triton is None or not triton_runs_on(x):
         return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual,
-                        scales=scales)
+                        scales=scales, zeros=zeros, a8=mode == "a8")
     kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
-    block_n, block_k, num_warps = blocks or BLOCKS[kind]
-    if (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
-        raise BlitzgenError(f"gemv: blocks {block_n, block_k} must be powers of two")
+    block_n, block_k, num_warps = _blocks("gemv", mode, kind, blocks)
     pdl = PDL and hopper(x)
     op = torch.ops.blitzgen.gemv_pdl if pdl else torch.ops.blitzgen.gemv
-    return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(bias), _contiguous(norm_weight),
-              float(eps), gate_up, _contiguous(residual), block_n, block_k, num_warps, pdl)
+    return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(zeros), _contiguous(bias),
+              _contiguous(norm_weight), float(eps), gate_up, _contiguous(residual), mode, block_n, block_k, num_warps,
+              pdl)
 
 
 def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
-                        scales=None):
+                        scales=None, zeros=None, a8=False):
     """Plain-PyTorch twin of gemv_rope_cache: the normed product, then rope_cache_write's reference."""
     from blitzgen.kernels.rope_cache import rope_cache_write_ref
 
-    qkv = gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, scales=scales)
+    qkv = gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, scales=scales, zeros=zeros, a8=a8)
     return rope_cache_write_ref(qkv, cos, sin, positions, k_cache, v_cache, n_heads)
 
 
 def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                     norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
-                    scales: torch.Tensor | None = None,
+                    scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
                     blocks: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A one-sequence decode step's attention input in one launch: RMSNorm + wqkv product, RoPE on q and k in
     the product's fp32 sums, k and v written to the cache at the token's position, as gemv() followed by
@@ -509,30 +724,30 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     x (1, K); weight ((H + 2 Hkv) D, K), heads in q, k, v order; cos, sin (1, [1,] D) in rotate-half layout;
     positions (1, [1]) the token's cache position; k_cache, v_cache (1, S, Hkv, D) with the last dim
     contiguous, written in place. Returns rotated q (1, H, D) in x.dtype and lengths = positions + 1 (1,)
-    int64, the live keys decode attention takes. weight and scales as in gemv; blocks as in gemv (block_n rows
+    int64, the live keys decode attention takes. weight, scales and zeros as in gemv; blocks as in gemv (block_n rows
     a program: half from each half of a head)."""
     B, K = x.shape if x.dim() == 2 else (0, 0)
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     N = (n_heads + 2 * Hkv) * D
-    if (x.dim() != 2 or B != 1 or weight.shape != (N, K) or cos.numel() != D or sin.shape != cos.shape
+    if (x.dim() != 2 or B != 1 or weight.shape != (N, K // 2 if weight.dtype == torch.uint8 else K) or cos.numel() != D or sin.shape != cos.shape
             or positions.numel() != 1 or k_cache.shape[0] != 1 or v_cache.shape != k_cache.shape or D % 2
             or norm_weight.shape != (K,) or (bias is not None and bias.shape != (N,))):
         raise BlitzgenError(
             f"gemv_rope_cache: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)} for {n_heads} heads, "
             f"cos {tuple(cos.shape)}, positions {tuple(positions.shape)}, cache {tuple(k_cache.shape)}")
-    _check_weight("gemv_rope_cache", x, weight, scales)
+    _check_weight("gemv_rope_cache", x, weight, scales, zeros)
+    mode = _mode(x, weight, norm_weight)
     if triton is None or not triton_runs_on(x):
         return gemv_rope_cache_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, cos=cos, sin=sin,
                                    positions=positions, k_cache=k_cache, v_cache=v_cache, n_heads=n_heads,
-                                   scales=scales)
+                                   scales=scales, zeros=zeros, a8=mode == "a8")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise BlitzgenError("gemv_rope_cache: the caches' last dim must be contiguous")
-    block_n, block_k, num_warps = blocks or BLOCKS["norm"]
-    if block_n < 2 or (block_n & (block_n - 1)) or (block_k & (block_k - 1)):
-        raise BlitzgenError(f"gemv_rope_cache: blocks {block_n, block_k} must be powers of two, block_n >= 2")
+    block_n, block_k, num_warps = _blocks("gemv_rope_cache", mode, "norm", blocks)
+    if block_n < 2:
+        raise BlitzgenError(f"gemv_rope_cache: blocks {block_n, block_k}: block_n must be >= 2")
     pdl = PDL and hopper(x)
     op = torch.ops.blitzgen.gemv_rope_pdl if pdl else torch.ops.blitzgen.gemv_rope
-    return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(bias), norm_weight.contiguous(),
-              float(eps),
-              cos.reshape(D).contiguous(), sin.reshape(D).contiguous(), positions.reshape(1), k_cache, v_cache,
-              n_heads, block_n, block_k, num_warps, pdl)
+    return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(zeros), _contiguous(bias),
+              norm_weight.contiguous(), float(eps), cos.reshape(D).contiguous(), sin.reshape(D).contiguous(),
+              positions.reshape(1), k_cache, v_cache, n_heads, mode, block_n, block_k, num_warps, pdl)
