@@ -515,14 +515,14 @@ if triton is not None:
 
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
              bias: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float, gate_up: bool,
-             residual: torch.Tensor | None, mode: str, block_n: int, block_k: int, num_warps: int,
+             residual: torch.Tensor | None, loop: str, block_n: int, block_k: int, num_warps: int,
              pdl: bool) -> torch.Tensor:
     """Launch _gemv_kernel (the body of torch.ops.blitzgen.gemv / gemv_pdl)."""
     wrap = (lambda kernel: kernel) if pdl else wrap_triton  # PDL: launched here, with the launch attribute
     K = x.shape[1]
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    xs, ws, gs, flags = _operands(mode, x, weight, norm_weight, scales, zeros)
+    xs, ws, gs, flags = _operands(loop, x, weight, norm_weight, scales, zeros)
     args = (xs, xs if gs is None else gs, ws, x if scales is None else scales, x if zeros is None else zeros,
             x if bias is None else bias, x if residual is None else residual, out)
     flags.update(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None,
@@ -539,7 +539,7 @@ def _gemv_fake(x, weight, scales, zeros, bias, norm_weight, eps, gate_up, *_):
 def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
                   bias: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  n_heads: int, mode: str, block_n: int, block_k: int, num_warps: int,
+                  n_heads: int, loop: str, block_n: int, block_k: int, num_warps: int,
                   pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch _gemv_rope_kernel (the body of torch.ops.blitzgen.gemv_rope / gemv_rope_pdl) -> rotated q (1, H, D)
     and lengths (1,) int64."""
@@ -550,7 +550,7 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     lengths = torch.empty((1,), dtype=torch.int64, device=x.device)
     half_block = block_n // 2  # rows of each half of a head a program owns: block_n rows in all, as in gemv
     grid = ((n_heads + 2 * Hkv) * triton.cdiv(D // 2, half_block),)
-    xs, ws, gs, flags = _operands(mode, x, weight, norm_weight, scales, zeros)
+    xs, ws, gs, flags = _operands(loop, x, weight, norm_weight, scales, zeros)
     wrap(_gemv_rope_kernel)[grid](
         xs, gs, ws, x if scales is None else scales, x if zeros is None else zeros, x if bias is None else bias,
         cos, sin, positions, q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2),
@@ -591,10 +591,12 @@ PDL = True
 # keep the conversion path.
 INT8_WORDS = True
 # The activations rounded to int8 in blocks of 32 inside the product loop (_row_products_a8), each program rounding
-# the x it reads: integer dot products four codes an instruction instead of a float multiply-add a code. The only
-# one-row path of packed int4 codes here; for int8 codes off until measured (`blitzgen bench --quantize int8
-# --variants base,set:kernels.gemv.INT8_A8=True`).
-INT8_A8 = False
+# the x it reads: integer dot products four codes an instruction instead of a float multiply-add a code (sm_90
+# SASS: 99 instructions per 32 codes a thread against 177 in the words loop). The only one-row path of packed int4
+# codes here, and the default for int8 codes: a Llama-2-7B int8 step on an H200 2.112 ms against 2.662 with the
+# words loop (473.6 against 375.7 tokens/s; BENCHMARKS.md, 2026-12-02 session 11). It rounds x to 8 bits per
+# block of 32 (+0.01% perplexity on the default model, session 5); INT8_A8 = False keeps the activations exact.
+INT8_A8 = True
 # (block_n, block_k in codes, num_warps) for the a8 loop: first guesses, the bf16 tiles.
 A8_BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 

@@ -73,7 +73,7 @@ def main():
         gemv.gemv(x, wf, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype))
         gemv._gemv_op(x, wf, None, None, None, nw, 1e-5, True, None, "float", 4, 256, 4, True)  # a dependent launch
         w8f = torch.randint(-127, 128, (2 * N, K), dtype=torch.int8, generator=g)  # int8 codes, every epilogue
-        gemv.INT8_WORDS = False  # the conversion path first
+        gemv.INT8_WORDS = gemv.INT8_A8 = False  # the conversion path first
         gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
         gemv.gemv(x, w8f, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype), scales=torch.rand(2 * N).to(dtype))
         gemv.INT8_WORDS = True  # int8 codes as words, bf16 activations as quads (the default; the others ignore it)
@@ -99,6 +99,13 @@ def main():
                                    torch.randn(D).to(dtype), torch.zeros(1, dtype=torch.int64), caches[0], caches[1], H,
                                    gemv._mode(x, w, nw), 16, 512, 4, pdl)
             gemv.INT8_WORDS = True
+            gemv.INT8_A8 = True  # the default int8 loop, with RoPE
+            w8q = wqkv.to(torch.int8)
+            gemv._gemv_rope_op(x, w8q, torch.rand(wqkv.shape[0]).to(dtype), None, None, nw, 1e-5,
+                               torch.randn(D).to(dtype), torch.randn(D).to(dtype), torch.zeros(1, dtype=torch.int64),
+                               caches[0], caches[1], H, gemv._mode(x, w8q, nw), 16, 512, 4, pdl)
+            gemv.INT8_A8 = False
+        gemv.INT8_A8 = True
         dequantize.int4_dequantize(w4, s4, z4, dtype)
     for dtype in (torch.bfloat16, torch.float32):
         for B, H, Hkv, D, S, splits in ((1, 32, 8, 128, 4096, 33), (8, 16, 16, 64, 256, 1)):  # + merge; one split

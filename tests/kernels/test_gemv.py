@@ -63,6 +63,7 @@ def test_int8_codes_match_reference(monkeypatch, dtype, fusion):
     import blitzgen.kernels.gemv as gemv_module
 
     monkeypatch.setattr(gemv_module, "INT8_WORDS", False)
+    monkeypatch.setattr(gemv_module, "INT8_A8", False)
     x, w, kw = _fused(1, 45, 300, dtype, fusion, seed=50)
     codes, scales = _int8(w)
     for blocks in (None, (16, 64, 4)):
@@ -80,6 +81,7 @@ def test_int8_codes_as_words_match_reference(monkeypatch, fusion):
     import blitzgen.kernels.gemv as gemv_module
 
     monkeypatch.setattr(gemv_module, "INT8_WORDS", True)
+    monkeypatch.setattr(gemv_module, "INT8_A8", False)
     for K, blocks in ((300, (16, 64, 4)), (1000, None), (302, None)):
         x, w, kw = _fused(1, 45, K, torch.bfloat16, fusion, seed=K)
         codes, scales = _int8(w)
@@ -98,6 +100,7 @@ def test_rope_cache_epilogue_with_int8_words(monkeypatch):
     import blitzgen.kernels.gemv as gemv_module
 
     monkeypatch.setattr(gemv_module, "INT8_WORDS", True)
+    monkeypatch.setattr(gemv_module, "INT8_A8", False)
     x, w, b, kw, cache = _rope_case(6, 2, 20, 152, torch.bfloat16, True, position=3, seed=62)
     codes, scales = _int8(w)
     ref_cache = cache.clone()
