@@ -327,10 +327,11 @@ class Generator:
             # Llama-2-7B step took 3.66 ms against 4.21-4.36 through Inductor's products, and an int8 one 2.93
             # against 3.05 through gemv_a8 (BENCHMARKS.md, 2026-12-01 / 12-02 sessions 7-8). Several sequences
             # keep Inductor's products (a several-row kernel lost to them by 2.6-3x and was removed); int4
-            # layers keep their own kernels.
+            # layers of fp16 models keep their own kernels.
             products = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
             on = (self.device.type == "cuda") if gemv_kernels is None else gemv_kernels
-            layer.gemv_kernels = on and all(gemv_args(m) is not None for m in products)  # float or int8, not int4
+            dtype = model.tok_embeddings.weight.dtype
+            layer.gemv_kernels = on and all(gemv_args(m, dtype) is not None for m in products)
         self.dtype = model.tok_embeddings.weight.dtype
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.

@@ -26,16 +26,26 @@ from blitzgen.config import ModelConfig, rope_inv_freq
 from blitzgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from blitzgen.kernels.gemv import gemv, gemv_rope_cache
 from blitzgen.kernels.rope_cache import rope_cache_write
-from blitzgen.quantize import Int8Linear
+from blitzgen.quantize import Int4Linear, Int8Linear
 
 
-def gemv_args(linear: nn.Module) -> dict | None:
-    """kernels/gemv.py's weight arguments for a product: an nn.Linear's weight and bias, or an Int8Linear's
-    codes, per-row scales and bias; None for what it does not read (int4)."""
+# Packed int4 layers of bf16 models can take kernels/gemv.py's one-row products too (its int8-activation loop, with
+# the norms, gate, residuals and RoPE fused) instead of kernels/gemv_a8.py beside Inductor's kernels. Off: on an
+# H200 a Llama-2-7B int4 step took 3.822 ms that way against 2.305 (206 launches against 545, but the loop, one
+# word a thread in 1024-code tiles and a scale and zero load a word, is slower; BENCHMARKS.md, 2026-12-02 session 11).
+GEMV_INT4 = False
+
+
+def gemv_args(linear: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict | None:
+    """kernels/gemv.py's weight arguments for a product in a model of `dtype`: an nn.Linear's weight and bias, an
+    Int8Linear's codes, per-row scales and bias, or (bf16, GEMV_INT4) an Int4Linear's packed codes, group scales,
+    zeros and bias; None for what it does not read."""
     if type(linear) is nn.Linear:
         return dict(weight=linear.weight, bias=linear.bias)
     if type(linear) is Int8Linear:
         return dict(weight=linear.weight, bias=linear.bias, scales=linear.scales)
+    if type(linear) is Int4Linear and GEMV_INT4 and dtype == torch.bfloat16 and linear.group_size % 32 == 0:
+        return dict(weight=linear.packed, bias=linear.bias, scales=linear.scales, zeros=linear.zeros)
     return None
 
 
@@ -265,7 +275,7 @@ class Transformer(nn.Module):
         elif last_only:
             x = x[:, -1:]
         B, T, C = x.shape
-        output = gemv_args(self.output)
+        output = gemv_args(self.output, x.dtype)
         if (B, T) == (1, 1) and self.layers[0].gemv_kernels and output is not None:
             # Decode: the final norm folded into the output product, as the blocks' products (Block.gemv_decode).
             logits = gemv(x.view(B, C), **output, norm_weight=self.norm.weight, eps=self.norm.eps)

@@ -443,13 +443,30 @@ def test_gemv_kernels_in_the_model_match_transformers(tiny_models, hf_greedy, va
         assert [c.token_ids for c in both] == [hf_greedy(hf_model, p, 12) for p in prompts], compile
 
 
-def test_gemv_kernels_stay_off_for_int4_layers(tiny_model):
+def test_gemv_kernels_stay_off_for_int4_layers_of_fp32_models(tiny_model):
     from blitzgen.quantize import quantize_model
 
     gen = generator_for(tiny_model[1])
     quantize_model(gen.model, "int4", group_size=32)
     gen = Generator(gen.model, gen.tokenizer, compile=False, gemv_kernels=True)
     assert not any(layer.gemv_kernels for layer in gen.model.layers)
+
+
+def test_gemv_kernels_read_int4_codes(tiny_models, monkeypatch):
+    """A bf16 int4 model's decode steps through kernels/gemv.py (packed codes, group scales and zeros read by the
+    kernel, activations rounded to int8 blocks in it; interpreted) give the greedy tokens of Int4Linear's own
+    path, which rounds the activations to the same blocks (kernels/gemv_a8.py)."""
+    from blitzgen.quantize import quantize_model
+
+    monkeypatch.setattr(blitzgen.model, "GEMV_INT4", True)
+    _, path = tiny_models("llama_gqa2")
+    prompts = make_prompts()[:1]
+    gen = load(path, device="cpu", dtype="bf16", compile=False)
+    quantize_model(gen.model, "int4", group_size=32)
+    expected = Generator(gen.model, gen.tokenizer, compile=False, gemv_kernels=False).generate(prompts, greedy(8))
+    kernels = Generator(gen.model, gen.tokenizer, compile=False, attention_kernel=True, gemv_kernels=True)
+    assert all(layer.gemv_kernels for layer in kernels.model.layers)
+    assert [c.token_ids for c in kernels.generate(prompts, greedy(8))] == [c.token_ids for c in expected]
 
 
 def test_gemv_kernels_read_int8_codes(tiny_models, monkeypatch):

@@ -142,7 +142,7 @@ def round_blocks(v: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _weight_tile(rows, second, K, offs_k, n_mask, TWO: tl.constexpr):
+    def _weight_tile(rows, second, K, offs_k, n_mask, TWO: tl.constexpr, WORDS_A_THREAD: tl.constexpr = 2):
         """The (BLOCK_N, BLOCK_K) weight tile at columns offs_k (zeros past K), and with TWO the tile of the
         rows `second` elements further on (gate_up: the up rows; rope: the rows half a head on). For int32 words
         of int8 codes (_row_products_words) K, offs_k and second count words."""
@@ -152,8 +152,8 @@ if triton is not None:
             # Load int8 codes 8 to a vector, as x's 16-bit entries are: with Triton's 16-byte vectors of 16 codes
             # the tile and x get different register layouts, and x is re-laid through shared memory every tile.
             ptrs = tl.max_contiguous(ptrs, [1, 8])
-        elif rows.dtype.element_ty == tl.int32:  # two words a thread, as the activations' int64 quads
-            ptrs = tl.max_contiguous(ptrs, [1, 2])
+        elif rows.dtype.element_ty == tl.int32:  # two words a thread (int4 codes: one), as the activations' quads
+            ptrs = tl.max_contiguous(ptrs, [1, WORDS_A_THREAD])
         # Each weight byte is read once: let it leave the L2 first, before the activation row every program reads.
         w = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
         w2 = w
@@ -308,8 +308,8 @@ if triton is not None:
         """_row_products for int8 codes (int32 words of 4) or packed int4 codes (int32 words of 8, group scales and
         zeros at s_rows / z_rows) with the activations rounded to int8 in blocks of 32 here, tile by tile (see
         INT8_A8): integer dot products four codes an instruction (dp4a). The weight words are loaded two a thread
-        and the activations as int64 quads in the same register layout (one quad a word for int8, two for int4),
-        so a block's scale is a max across 4 (int8) or 2 (int4) threads and each thread's two words are summed as
+        (int4: one) and the activations as int64 quads in the same register layout (one quad a word for int8, two
+        for int4), so a block's scale is a max across 4 threads and each int8 thread's two words are summed as
         integers and scaled once."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
@@ -322,25 +322,23 @@ if triton is not None:
         offs_w = tl.arange(0, W)
         lanes = tl.zeros((BLOCK_N, 1), dtype=tl.int32)  # the activations' offsets, repeated for every row
         zero = tl.zeros((BLOCK_N, W), dtype=tl.int32)
-        acc = tl.zeros((BLOCK_N, W // 2), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N, W // 2), dtype=tl.float32)
+        VEC: tl.constexpr = 1 if INT4 else 2  # words a thread
+        acc = tl.zeros((BLOCK_N, W // VEC), dtype=tl.float32)  # int8: a sum for each thread's pair of words
+        acc2 = tl.zeros((BLOCK_N, W // VEC), dtype=tl.float32)
         squares = tl.zeros((BLOCK_N, W), dtype=tl.float32)
-        w, w2 = _weight_tile(rows, second, KW, offs_w, n_mask, TWO)
+        w, w2 = _weight_tile(rows, second, KW, offs_w, n_mask, TWO, VEC)
         if PDL:
             tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
             ow = k0 // CODES + offs_w
             if INT4:  # word j: codes 8j .. 8j + 7 (the even ones in the low nibbles), activation quads 2j, 2j + 1
-                oq = 2 * (k0 // CODES) + tl.arange(0, 2 * W)
-                mask = (oq < KQ)[None, :] & (lanes == 0)
-                q = tl.load(tl.max_contiguous(x_ptr + oq[None, :] + lanes, [1, 4]), mask=mask, other=0,
-                            eviction_policy="evict_last")
-                qa, qb = tl.split(tl.reshape(q, (BLOCK_N, W, 2)))
+                mask = (ow < KW)[None, :] & (lanes == 0)
+                qa = tl.load(x_ptr + 2 * ow[None, :] + lanes, mask=mask, other=0, eviction_policy="evict_last")
+                qb = tl.load(x_ptr + 2 * ow[None, :] + 1 + lanes, mask=mask, other=0, eviction_policy="evict_last")
                 ga, gb = qa, qb
                 if NORM:
-                    g = tl.load(tl.max_contiguous(g_ptr + oq[None, :] + lanes, [1, 4]), mask=mask, other=0,
-                                eviction_policy="evict_last")
-                    ga, gb = tl.split(tl.reshape(g, (BLOCK_N, W, 2)))
+                    ga = tl.load(g_ptr + 2 * ow[None, :] + lanes, mask=mask, other=0, eviction_policy="evict_last")
+                    gb = tl.load(g_ptr + 2 * ow[None, :] + 1 + lanes, mask=mask, other=0, eviction_policy="evict_last")
                 v0, v1, v2, v3, sq = _bf16_quad(qa, ga, NORM)
                 v4, v5, v6, v7, sq2 = _bf16_quad(qb, gb, NORM)
                 squares += sq + sq2
@@ -356,30 +354,32 @@ if triton is not None:
             amax = tl.max(tl.reshape(m, (BLOCK_N, NB, WPB)), axis=2)  # (BLOCK_N, NB), the same in every row
             inv = tl.reshape(tl.broadcast_to(tl.where(amax > 0, 127.0 / amax, 0.0)[:, :, None], (BLOCK_N, NB, WPB)),
                              (BLOCK_N, W))
-            step = tl.reshape(tl.broadcast_to((amax * (1.0 / 127.0))[:, :, None], (BLOCK_N, NB, WPB // 2)),
-                              (BLOCK_N, W // 2))  # a code's worth, for each pair of words
             if INT4:
+                step = tl.reshape(tl.broadcast_to((amax * (1.0 / 127.0))[:, :, None], (BLOCK_N, NB, WPB)),
+                                  (BLOCK_N, W))  # a code's worth, for each word
                 even = _code_word(v0, v2, v4, v6, inv, ASM)
                 odd = _code_word(v1, v3, v5, v7, inv, ASM)
-                vsum = _pairs(v0 + v1 + v2 + v3 + v4 + v5 + v6 + v7)  # for the zero points: x unrounded
-                offs_g = (k0 + 16 * tl.arange(0, W // 2)) // GROUP  # each pair of words: 16 codes of one group
+                vsum = v0 + v1 + v2 + v3 + v4 + v5 + v6 + v7  # for the zero points: x unrounded
+                offs_g = (k0 + 8 * offs_w) // GROUP  # each word's group
                 g_mask = n_mask[:, None] & (offs_g < K // GROUP)[None, :]
                 d = _dp4a(w & 0x0F0F0F0F, even, _dp4a((w >> 4) & 0x0F0F0F0F, odd, zero, False, ASM), False, ASM)
                 s = tl.load(s_rows + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
                 z = tl.load(z_rows + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-                acc += _pairs(d).to(tl.float32) * (step * s) + z * vsum
+                acc += d.to(tl.float32) * (step * s) + z * vsum
                 if TWO:
                     d2 = _dp4a(w2 & 0x0F0F0F0F, even, _dp4a((w2 >> 4) & 0x0F0F0F0F, odd, zero, False, ASM), False,
                                ASM)
                     s2 = tl.load(s_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
                     z2 = tl.load(z_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-                    acc2 += _pairs(d2).to(tl.float32) * (step * s2) + z2 * vsum
+                    acc2 += d2.to(tl.float32) * (step * s2) + z2 * vsum
             else:
+                step = tl.reshape(tl.broadcast_to((amax * (1.0 / 127.0))[:, :, None], (BLOCK_N, NB, WPB // 2)),
+                                  (BLOCK_N, W // 2))  # a code's worth, for each pair of words
                 codes = _code_word(v0, v1, v2, v3, inv, ASM)
                 acc += _pairs(_dp4a(w, codes, zero, True, ASM)).to(tl.float32) * step
                 if TWO:
                     acc2 += _pairs(_dp4a(w2, codes, zero, True, ASM)).to(tl.float32) * step
-            w, w2 = _weight_tile(rows, second, KW, ow + W, n_mask, TWO)
+            w, w2 = _weight_tile(rows, second, KW, ow + W, n_mask, TWO, VEC)
         return _row_sums(acc, acc2, squares, K, eps, NORM, 1)
 
 
