@@ -29,10 +29,13 @@ the product and 3.676 with kernels/rope_cache.py's kernel there.
 int8 codes (quantize.Int8Linear's format: (N, K) int8, one scale per row) are read by the same
 kernels: the codes become floats in registers and the scales multiply the sums. On an H200 an int8
 Llama-2-7B step took 2.934 ms this way against 3.047 through gemv_a8 (int8 activations, integer dot
-products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact. With bf16 activations
-(INT8_WORDS, the default) they are read as int32 words and codes and activations become floats by bit
-operations, without the int-to-float instruction that bounded the conversion path: 2.663 against 2.915 ms a
-step (BENCHMARKS.md, 2026-12-02 session 11; _row_products_words).
+products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact. With bf16 activations the
+default (INT8_A8) rounds them to int8 blocks of 32 inside each program and multiplies with dp4a, four codes an
+instruction (_row_products_a8): 2.112 ms a step. With INT8_A8 off the codes are read as int32 words and codes
+and activations become floats by bit operations, without the int-to-float instruction that bounded the
+conversion path (INT8_WORDS, _row_products_words): 2.663 against 2.915 ms (BENCHMARKS.md, 2026-12-02
+session 11). Packed int4 codes (quantize.Int4Linear's format) take the a8 loop with group scales and zeros;
+model.py leaves them off (slower than gemv_a8.py there, session 11).
 
 Rounding. Everything is accumulated in fp32 and rounded to the activation dtype once, at the store.
 Hugging Face's RMSNorm rounds x * r to bf16 and multiplies by g in bf16 before the product, and the
