@@ -313,6 +313,7 @@ class Generator:
         model.requires_grad_(False)
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.device = model.tok_embeddings.weight.device  # the embedding is never quantized
+        self.dtype = model.tok_embeddings.weight.dtype
         # Split-KV decode attention (kernels/decode_attention.py) on CUDA; on a CPU its reference is
         # faster than the kernel interpreted.
         for layer in model.layers:
@@ -330,9 +331,7 @@ class Generator:
             # layers of fp16 models keep their own kernels.
             products = (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)
             on = (self.device.type == "cuda") if gemv_kernels is None else gemv_kernels
-            dtype = model.tok_embeddings.weight.dtype
-            layer.gemv_kernels = on and all(gemv_args(m, dtype) is not None for m in products)
-        self.dtype = model.tok_embeddings.weight.dtype
+            layer.gemv_kernels = on and all(gemv_args(m, self.dtype) is not None for m in products)
         self.compile = self.device.type == "cuda" if compile is None else compile
         # The longest sequence (prompt + generated) this generator accepts.
         self.context = min(self.config.max_seq_len, max_seq_len or self.config.max_seq_len)

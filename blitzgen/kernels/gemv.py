@@ -222,11 +222,24 @@ if triton is not None:
 
 
     @triton.jit
-    def _quads(ptr, ow, KW, lanes):
-        """The int64 quads ptr[ow] (zeros past KW) repeated over the tile's rows (`lanes`), laid out as the words."""
-        mask = (ow < KW)[None, :] & (lanes == 0)
-        return tl.load(tl.max_contiguous(ptr + ow[None, :] + lanes, [1, 2]), mask=mask, other=0,
-                       eviction_policy="evict_last")
+    def _quads(ptr, offs, limit, lanes, CONTIGUOUS: tl.constexpr = True):
+        """The int64 quads ptr[offs] (zeros from `limit` on) repeated over the tile's rows (`lanes`), laid out as the
+        words: two a thread (CONTIGUOUS), or one where offs steps by two (int4 words: two quads a word)."""
+        mask = (offs < limit)[None, :] & (lanes == 0)
+        ptrs = ptr + offs[None, :] + lanes
+        if CONTIGUOUS:
+            ptrs = tl.max_contiguous(ptrs, [1, 2])
+        return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_last")
+
+
+    @triton.jit
+    def _bf16_quad(q, g, NORM: tl.constexpr):
+        """The four bf16 of each int64 q as fp32 (times those of g with NORM), and the sum of q's squares."""
+        v0, v1, v2, v3 = _bf16_at(q, 0), _bf16_at(q, 16), _bf16_at(q, 32), _bf16_at(q, 48)
+        squares = v0 * v0 + v1 * v1 + v2 * v2 + v3 * v3
+        if NORM:
+            v0, v1, v2, v3 = v0 * _bf16_at(g, 0), v1 * _bf16_at(g, 16), v2 * _bf16_at(g, 32), v3 * _bf16_at(g, 48)
+        return v0, v1, v2, v3, squares
 
 
     @triton.jit
@@ -252,28 +265,14 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             ow = k0 // 4 + offs_w
             quads = _quads(x_ptr, ow, KW, lanes)
-            x0, x1 = _bf16_at(quads, 0), _bf16_at(quads, 16)
-            x2, x3 = _bf16_at(quads, 32), _bf16_at(quads, 48)
-            if NORM:
-                squares += x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3
-                g = _quads(g_ptr, ow, KW, lanes)
-                x0, x1 = x0 * _bf16_at(g, 0), x1 * _bf16_at(g, 16)
-                x2, x3 = x2 * _bf16_at(g, 32), x3 * _bf16_at(g, 48)
+            g = _quads(g_ptr, ow, KW, lanes) if NORM else quads
+            x0, x1, x2, x3, sq = _bf16_quad(quads, g, NORM)
+            squares += sq  # unused without NORM (_row_sums), so compiled away
             acc += _code(w, 0) * x0 + _code(w, 8) * x1 + _code(w, 16) * x2 + _code(w, 24) * x3
             if TWO:
                 acc2 += _code(w2, 0) * x0 + _code(w2, 8) * x1 + _code(w2, 16) * x2 + _code(w2, 24) * x3
             w, w2 = _weight_tile(rows, second, KW, ow + W, n_mask, TWO)  # the next tile; past K: masked, no traffic
         return _row_sums(acc, acc2, squares, K, eps, NORM, 1)
-
-
-    @triton.jit
-    def _bf16_quad(q, g, NORM: tl.constexpr):
-        """The four bf16 of each int64 q as fp32 (times those of g with NORM), and the sum of q's squares."""
-        v0, v1, v2, v3 = _bf16_at(q, 0), _bf16_at(q, 16), _bf16_at(q, 32), _bf16_at(q, 48)
-        squares = v0 * v0 + v1 * v1 + v2 * v2 + v3 * v3
-        if NORM:
-            v0, v1, v2, v3 = v0 * _bf16_at(g, 0), v1 * _bf16_at(g, 16), v2 * _bf16_at(g, 32), v3 * _bf16_at(g, 48)
-        return v0, v1, v2, v3, squares
 
 
     @triton.jit
@@ -335,13 +334,10 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             ow = k0 // CODES + offs_w
             if INT4:  # word j: codes 8j .. 8j + 7 (the even ones in the low nibbles), activation quads 2j, 2j + 1
-                mask = (ow < KW)[None, :] & (lanes == 0)
-                qa = tl.load(x_ptr + 2 * ow[None, :] + lanes, mask=mask, other=0, eviction_policy="evict_last")
-                qb = tl.load(x_ptr + 2 * ow[None, :] + 1 + lanes, mask=mask, other=0, eviction_policy="evict_last")
+                qa, qb = _quads(x_ptr, 2 * ow, KQ, lanes, False), _quads(x_ptr, 2 * ow + 1, KQ, lanes, False)
                 ga, gb = qa, qb
                 if NORM:
-                    ga = tl.load(g_ptr + 2 * ow[None, :] + lanes, mask=mask, other=0, eviction_policy="evict_last")
-                    gb = tl.load(g_ptr + 2 * ow[None, :] + 1 + lanes, mask=mask, other=0, eviction_policy="evict_last")
+                    ga, gb = _quads(g_ptr, 2 * ow, KQ, lanes, False), _quads(g_ptr, 2 * ow + 1, KQ, lanes, False)
                 v0, v1, v2, v3, sq = _bf16_quad(qa, ga, NORM)
                 v4, v5, v6, v7, sq2 = _bf16_quad(qb, gb, NORM)
                 squares += sq + sq2
@@ -357,9 +353,10 @@ if triton is not None:
             amax = tl.max(tl.reshape(m, (BLOCK_N, NB, WPB)), axis=2)  # (BLOCK_N, NB), the same in every row
             inv = tl.reshape(tl.broadcast_to(tl.where(amax > 0, 127.0 / amax, 0.0)[:, :, None], (BLOCK_N, NB, WPB)),
                              (BLOCK_N, W))
+            # A code's worth, for each accumulator (int4: each word; int8: each pair of words).
+            step = tl.reshape(tl.broadcast_to((amax * (1.0 / 127.0))[:, :, None], (BLOCK_N, NB, WPB // VEC)),
+                              (BLOCK_N, W // VEC))
             if INT4:
-                step = tl.reshape(tl.broadcast_to((amax * (1.0 / 127.0))[:, :, None], (BLOCK_N, NB, WPB)),
-                                  (BLOCK_N, W))  # a code's worth, for each word
                 even = _code_word(v0, v2, v4, v6, inv, ASM)
                 odd = _code_word(v1, v3, v5, v7, inv, ASM)
                 vsum = v0 + v1 + v2 + v3 + v4 + v5 + v6 + v7  # for the zero points: x unrounded
@@ -376,8 +373,6 @@ if triton is not None:
                     z2 = tl.load(z_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
                     acc2 += d2.to(tl.float32) * (step * s2) + z2 * vsum
             else:
-                step = tl.reshape(tl.broadcast_to((amax * (1.0 / 127.0))[:, :, None], (BLOCK_N, NB, WPB // 2)),
-                                  (BLOCK_N, W // 2))  # a code's worth, for each pair of words
                 codes = _code_word(v0, v1, v2, v3, inv, ASM)
                 acc += _pairs(_dp4a(w, codes, zero, True, ASM)).to(tl.float32) * step
                 if TWO:
@@ -636,9 +631,9 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
-                  zeros: torch.Tensor | None) -> int:
+                  zeros: torch.Tensor | None):
     """x's dtype is a float one; the weight is of that dtype (no scales), int8 codes with (N,) scales, or packed
-    int4 codes (N, K / 2) uint8 with (N, K / G) scales and zeros (bf16 x, G and K multiples of 32). -> K."""
+    int4 codes (N, K / 2) uint8 with (N, K / G) scales and zeros (bf16 x, G and K multiples of 32)."""
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise BlitzgenError(f"{name}: x must be bf16, fp16 or fp32, got {x.dtype}")
     if weight.dtype == torch.uint8:
@@ -649,7 +644,7 @@ def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torc
             raise BlitzgenError(f"{name}: packed int4 codes {tuple(weight.shape)} need bf16 x and scales and zeros "
                                 f"of shape ({weight.shape[0]}, K / G) with G a multiple of 32; got scales "
                                 f"{None if scales is None else tuple(scales.shape)}, x {x.dtype}")
-        return K
+        return
     if zeros is not None:
         raise BlitzgenError(f"{name}: zero points go with packed int4 (uint8) codes, not {weight.dtype}")
     if weight.dtype == torch.int8:
@@ -659,7 +654,6 @@ def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torc
     elif weight.dtype != x.dtype or scales is not None:
         raise BlitzgenError(f"{name}: the weight must be x's dtype ({x.dtype}) without scales, int8 codes with "
                             f"scales or packed int4 codes; got {weight.dtype}{' with scales' if scales is not None else ''}")
-    return weight.shape[1]
 
 
 def _blocks(name: str, mode: str, kind: str, blocks: tuple[int, int, int] | None) -> tuple[int, int, int]:
@@ -734,7 +728,8 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     B, K = x.shape if x.dim() == 2 else (0, 0)
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
     N = (n_heads + 2 * Hkv) * D
-    if (x.dim() != 2 or B != 1 or weight.shape != (N, K // 2 if weight.dtype == torch.uint8 else K) or cos.numel() != D or sin.shape != cos.shape
+    K_weight = K // 2 if weight.dtype == torch.uint8 else K  # packed int4: two codes a byte
+    if (x.dim() != 2 or B != 1 or weight.shape != (N, K_weight) or cos.numel() != D or sin.shape != cos.shape
             or positions.numel() != 1 or k_cache.shape[0] != 1 or v_cache.shape != k_cache.shape or D % 2
             or norm_weight.shape != (K,) or (bias is not None and bias.shape != (N,))):
         raise BlitzgenError(
