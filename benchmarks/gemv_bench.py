@@ -2,6 +2,7 @@
 
     python benchmarks/gemv_bench.py                 # GPU: Llama-2-7B and Llama-3.1-8B layer shapes
     python benchmarks/gemv_bench.py --dry-run       # CPU, tiny shapes, Triton interpreted: checks the script
+    python benchmarks/gemv_bench.py --quantize int4 # int8 / int4 g128 codes, int8 activations (the a8 loop)
 
 A layer's products for one activation row (a batch-1 decode step), in three pieces, each timed as one
 function inside a CUDA graph over enough copies of its weights to overflow the L2 (every byte from
@@ -17,6 +18,11 @@ for the products alone (norms and gates in eager too); "ours" is kernels/gemv.py
 the sweep tries each product's block sizes. % = weight bytes / time / ceiling. "no PDL" launches our
 kernels without programmatic dependent launch (kernels/gemv.py), which only shows between kernels:
 in the pieces that repeat one product over the copies, and in the layer row that chains the pieces.
+
+With --quantize the same products read int8 codes (per-row scales) or int4 g128 codes (group scales and
+zeros) through the a8 loop (activations rounded to int8 blocks of 32 in the kernel), each checked against
+gemv_ref(a8=True) and timed with the defaults (gemv.A8_BLOCKS), then over a sweep of (rows, codes, warps,
+words a thread); % counts the codes, scales and zeros a product reads.
 """
 
 import argparse
@@ -45,6 +51,12 @@ SHAPES = {  # name: (dim, qkv rows, intermediate)
 TINY = {"tiny": (128, 192, 176)}
 SWEEP = [(bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (256, 512, 1024, 2048) for w in (2, 4, 8)
          if 512 <= bn * bk <= 16384]
+A8_SWEEP = {  # (block_n, block_k in codes, num_warps, words a thread), at most 32 words a thread
+    "int4": [(bn, bk, w, v) for bn in (8, 16, 32) for bk in (1024, 2048, 4096) for w in (4, 8) for v in (2, 4)
+             if 8 <= bn * bk // 8 // (32 * w) <= 32 and v * 32 * w <= bk // 8 * 4],
+    "int8": [(bn, bk, w, v) for bn in (4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8) for v in (2, 4, 8)
+             if 8 <= bn * bk // 4 // (32 * w) <= 32 and v * 32 * w <= bk // 4 * 4],
+}
 EPS = 1e-5
 
 
@@ -102,11 +114,63 @@ def weights(dim, qkv, inter, device, copies, seed=0):
             for _ in range(copies)]
 
 
+def quantized(w, fmt, group):
+    """gemv's weight arguments for w in quantize.py's int8 or int4 format."""
+    from blitzgen.quantize import Int4Linear, int8_quantize
+
+    if fmt == "int8":
+        codes, scales = int8_quantize(w)
+        return dict(weight=codes, scales=scales)
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    linear.weight.data = w
+    m = Int4Linear.from_float(linear, group)
+    return dict(weight=m.packed, scales=m.scales, zeros=m.zeros)
+
+
+def quantized_products(args, device, shapes, ceiling):
+    """The four products of a layer with int8 / int4 codes through the a8 loop: correctness, defaults, sweep."""
+    fmt = args.quantize
+    group = 128 if device.type == "cuda" else 32
+    if device.type != "cuda":
+        shapes = {"tiny": (128, 192, 160)}  # K a multiple of the int4 group
+    for model, (dim, qkv, inter) in shapes.items():
+        gen = torch.Generator(device=device).manual_seed(1)
+        x = torch.randn(1, dim, generator=gen, device=device).to(torch.bfloat16)
+        a = torch.randn(1, inter, generator=gen, device=device).to(torch.bfloat16)
+        g = (torch.rand(dim, generator=gen, device=device) + 0.5).to(torch.bfloat16)
+        specs = {  # product: (weight shape, gemv keywords, activation)
+            "norm + wqkv": ((qkv, dim), dict(norm_weight=g, eps=EPS), x),
+            "wo + residual": ((dim, dim), dict(residual=x), x),
+            "norm + w13 gated": ((2 * inter, dim), dict(norm_weight=g, eps=EPS, gate_up=True), x),
+            "w2 + residual": ((dim, inter), dict(residual=x), a),
+        }
+        print(f"\n### {model}, {fmt} codes, int8 activations, one row\n")
+        sweep = A8_SWEEP[fmt] if device.type == "cuda" and not args.no_sweep else []
+        print("| product | MB | max rel. error vs gemv_ref(a8) | defaults | " +
+              " | ".join(f"{bn}x{bk} w{w} v{v}" for bn, bk, w, v in sweep) + " |")
+        print("|---|---|---|---|" + "---|" * len(sweep))
+        for name, (shape, kw, act) in specs.items():
+            one = quantized(torch.randn(*shape, generator=gen, device=device).mul(0.02).bfloat16(), fmt, group)
+            nbytes = sum(t.nbytes for t in one.values())
+            copies = max(2, -(-(256 << 20) // nbytes)) if device.type == "cuda" else 1
+            ws = [one] + [quantized(torch.randn(*shape, generator=gen, device=device).mul(0.02).bfloat16(), fmt, group)
+                          for _ in range(copies - 1)]
+            ref = gemv_ref(act, **one, **kw, a8=True).float()
+            err = ((gemv(act, **one, **kw).float() - ref).abs().max() / ref.abs().max()).item()
+            cells = []
+            for blocks in [None] + sweep:
+                s = seconds_per_call(lambda i: gemv(act, **ws[i], **kw, blocks=blocks), copies, device)
+                cells.append(f"{100 * nbytes / s / ceiling:.0f}%")
+            print(f"| {name} | {nbytes / 1e6:.1f} | {err:.1e} | " + " | ".join(cells) + " |")
+        print(f"(defaults: {gemv_kernels.A8_BLOCKS[fmt]}; PDL on)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreted kernels")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--models", default=",".join(SHAPES))
+    p.add_argument("--quantize", choices=("int8", "int4"), help="int8 / int4 g128 codes through the a8 loop")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else "cuda")
     shapes = TINY if args.dry_run else {m: SHAPES[m] for m in args.models.split(",")}
@@ -115,6 +179,8 @@ def main(argv=None):
         warm_gpu(device)
     print(f"read ceiling {ceiling / 1e12:.2f} TB/s; torch {torch.__version__}; "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    if args.quantize:
+        return quantized_products(args, device, shapes, ceiling)
     inductor_fix.install()
     compile_ = lambda f: torch.compile(f, fullgraph=True, dynamic=False,  # noqa: E731
                                        options={"coordinate_descent_tuning": device.type == "cuda"})

@@ -222,13 +222,11 @@ if triton is not None:
 
 
     @triton.jit
-    def _quads(ptr, offs, limit, lanes, CONTIGUOUS: tl.constexpr = True):
-        """The int64 quads ptr[offs] (zeros from `limit` on) repeated over the tile's rows (`lanes`), laid out as the
-        words: two a thread (CONTIGUOUS), or one where offs steps by two (int4 words: two quads a word)."""
+    def _quads(ptr, offs, limit, lanes, VEC: tl.constexpr = 2):
+        """The int64 quads ptr[offs] (zeros from `limit` on) repeated over the tile's rows (`lanes`), VEC neighbours
+        a thread, laid out as the weight words they multiply."""
         mask = (offs < limit)[None, :] & (lanes == 0)
-        ptrs = ptr + offs[None, :] + lanes
-        if CONTIGUOUS:
-            ptrs = tl.max_contiguous(ptrs, [1, 2])
+        ptrs = tl.max_contiguous(ptr + offs[None, :] + lanes, [1, VEC])
         return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_last")
 
 
@@ -281,9 +279,39 @@ if triton is not None:
 
 
     @triton.jit
-    def _pairs(t):
-        """(BLOCK_N, W) -> (BLOCK_N, W / 2): the sum of each thread's two neighbouring words."""
-        return tl.sum(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)), axis=2)
+    def _chunks(t, CH: tl.constexpr):
+        """(BLOCK_N, W) -> (BLOCK_N, W / CH): the sums of each CH neighbouring entries of a row (one thread's)."""
+        if CH == 1:
+            return t
+        return tl.sum(tl.reshape(t, (t.shape[0], t.shape[1] // CH, CH)), axis=2)
+
+
+    @triton.jit
+    def _chunks1(t, CH: tl.constexpr):
+        """(W,) -> (W / CH,): the sums of each CH neighbouring entries."""
+        if CH == 1:
+            return t
+        return tl.sum(tl.reshape(t, (t.shape[0] // CH, CH)), axis=1)
+
+
+    @triton.jit
+    def _spread(t, REPEAT: tl.constexpr):
+        """(B,) -> (B * REPEAT,): each entry repeated REPEAT times."""
+        if REPEAT == 1:
+            return t
+        return tl.reshape(tl.broadcast_to(t[:, None], (t.shape[0], REPEAT)), (t.shape[0] * REPEAT,))
+
+
+    @triton.jit
+    def _rows(t, BLOCK_N: tl.constexpr):
+        """(W,) -> (BLOCK_N, W): one activation vector for every row of the weight tile."""
+        return tl.broadcast_to(t[None, :], (BLOCK_N, t.shape[0]))
+
+
+    @triton.jit
+    def _vector(ptr, offs, limit):
+        """The int64 quads ptr[offs], zeros from `limit` on: activations every program reads, so kept in the L2."""
+        return tl.load(ptr + offs, mask=offs < limit, other=0, eviction_policy="evict_last")
 
 
     @triton.jit
@@ -306,85 +334,84 @@ if triton is not None:
     @triton.jit
     def _row_products_a8(x_ptr, g_ptr, rows, second, s_rows, z_rows, s_second, n_mask, K, eps, NORM: tl.constexpr,
                          TWO: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, ASM: tl.constexpr):
         """_row_products for int8 codes (int32 words of 4) or packed int4 codes (int32 words of 8, group scales and
         zeros at s_rows / z_rows) with the activations rounded to int8 in blocks of 32 here, tile by tile (see
-        INT8_A8): integer dot products four codes an instruction (dp4a). The weight words are loaded two a thread
-        (int4: one) and the activations as int64 quads in the same register layout (one quad a word for int8, two
-        for int4), so a block's scale is a max across 4 threads and each int8 thread's two words are summed as
-        integers and scaled once."""
+        INT8_A8): integer dot products four codes an instruction (dp4a). The activations of a tile are read as int64
+        quads of four bf16 and rounded as one vector over K, each entry once in the program, and only their code
+        words and block scales are handed to the weight tile's layout (a shared-memory exchange); so the rounding
+        costs per tile what it costs for one row, and BLOCK_N rows share it. Each thread loads VEC neighbouring
+        words of a row; its words within one block of 32 are summed as integers and scaled once."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         CODES: tl.constexpr = 8 if INT4 else 4  # codes a word
         W: tl.constexpr = BLOCK_K // CODES  # words a tile row
         WPB: tl.constexpr = 32 // CODES  # words a block of 32
+        CH: tl.constexpr = VEC if VEC < WPB else WPB  # words summed as integers: a thread's, within one block
         NB: tl.constexpr = BLOCK_K // 32  # blocks a tile
-        KW = K // CODES
+        KW = tl.multiple_of(K // CODES, 4)  # K is a multiple of 32 here
         KQ = K // 4
         offs_w = tl.arange(0, W)
-        lanes = tl.zeros((BLOCK_N, 1), dtype=tl.int32)  # the activations' offsets, repeated for every row
         zero = tl.zeros((BLOCK_N, W), dtype=tl.int32)
-        VEC: tl.constexpr = 1 if INT4 else 2  # words a thread
-        acc = tl.zeros((BLOCK_N, W // VEC), dtype=tl.float32)  # int8: a sum for each thread's pair of words
-        acc2 = tl.zeros((BLOCK_N, W // VEC), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, W // CH), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, W // CH), dtype=tl.float32)
+        squares = tl.zeros((W,), dtype=tl.float32)
         w, w2 = _weight_tile(rows, second, KW, offs_w, n_mask, TWO, VEC)
         if PDL:
             tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
             ow = k0 // CODES + offs_w
             if INT4:  # word j: codes 8j .. 8j + 7 (the even ones in the low nibbles), activation quads 2j, 2j + 1
-                qa, qb = _quads(x_ptr, 2 * ow, KQ, lanes, False), _quads(x_ptr, 2 * ow + 1, KQ, lanes, False)
+                oq = k0 // 4 + tl.arange(0, 2 * W)
+                qa, qb = tl.split(tl.reshape(_vector(x_ptr, oq, KQ), (W, 2)))
                 ga, gb = qa, qb
                 if NORM:
-                    ga, gb = _quads(g_ptr, 2 * ow, KQ, lanes, False), _quads(g_ptr, 2 * ow + 1, KQ, lanes, False)
+                    ga, gb = tl.split(tl.reshape(_vector(g_ptr, oq, KQ), (W, 2)))
                 v0, v1, v2, v3, sq = _bf16_quad(qa, ga, NORM)
                 v4, v5, v6, v7, sq2 = _bf16_quad(qb, gb, NORM)
                 squares += sq + sq2
                 m = tl.maximum(_abs_max4(v0, v1, v2, v3), _abs_max4(v4, v5, v6, v7))
             else:
-                q = _quads(x_ptr, ow, KW, lanes)
+                q = _vector(x_ptr, ow, KW)
                 g = q
                 if NORM:
-                    g = _quads(g_ptr, ow, KW, lanes)
+                    g = _vector(g_ptr, ow, KW)
                 v0, v1, v2, v3, sq = _bf16_quad(q, g, NORM)
                 squares += sq
                 m = _abs_max4(v0, v1, v2, v3)
-            amax = tl.max(tl.reshape(m, (BLOCK_N, NB, WPB)), axis=2)  # (BLOCK_N, NB), the same in every row
-            inv = tl.reshape(tl.broadcast_to(tl.where(amax > 0, 127.0 / amax, 0.0)[:, :, None], (BLOCK_N, NB, WPB)),
-                             (BLOCK_N, W))
-            # A code's worth, for each accumulator (int4: each word; int8: each pair of words).
-            step = tl.reshape(tl.broadcast_to((amax * (1.0 / 127.0))[:, :, None], (BLOCK_N, NB, WPB // VEC)),
-                              (BLOCK_N, W // VEC))
+            amax = tl.max(tl.reshape(m, (NB, WPB)), axis=1)  # (NB,)
+            inv = _spread(tl.where(amax > 0, 127.0 / amax, 0.0), WPB)  # (W,)
+            step = _rows(_spread(amax * (1.0 / 127.0), WPB // CH), BLOCK_N)  # a code's worth, each accumulator
             if INT4:
-                even = _code_word(v0, v2, v4, v6, inv, ASM)
-                odd = _code_word(v1, v3, v5, v7, inv, ASM)
-                vsum = v0 + v1 + v2 + v3 + v4 + v5 + v6 + v7  # for the zero points: x unrounded
-                offs_g = (k0 + 8 * offs_w) // GROUP  # each word's group
+                even = _rows(_code_word(v0, v2, v4, v6, inv, ASM), BLOCK_N)
+                odd = _rows(_code_word(v1, v3, v5, v7, inv, ASM), BLOCK_N)
+                vsum = _rows(_chunks1(v0 + v1 + v2 + v3 + v4 + v5 + v6 + v7, CH), BLOCK_N)  # x unrounded: zeros
+                offs_g = (k0 + 8 * CH * tl.arange(0, W // CH)) // GROUP  # each accumulator's group
                 g_mask = n_mask[:, None] & (offs_g < K // GROUP)[None, :]
                 d = _dp4a(w & 0x0F0F0F0F, even, _dp4a((w >> 4) & 0x0F0F0F0F, odd, zero, False, ASM), False, ASM)
                 s = tl.load(s_rows + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
                 z = tl.load(z_rows + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-                acc += d.to(tl.float32) * (step * s) + z * vsum
+                acc += _chunks(d, CH).to(tl.float32) * (step * s) + z * vsum
                 if TWO:
                     d2 = _dp4a(w2 & 0x0F0F0F0F, even, _dp4a((w2 >> 4) & 0x0F0F0F0F, odd, zero, False, ASM), False,
                                ASM)
                     s2 = tl.load(s_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
                     z2 = tl.load(z_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
-                    acc2 += d2.to(tl.float32) * (step * s2) + z2 * vsum
+                    acc2 += _chunks(d2, CH).to(tl.float32) * (step * s2) + z2 * vsum
             else:
-                codes = _code_word(v0, v1, v2, v3, inv, ASM)
-                acc += _pairs(_dp4a(w, codes, zero, True, ASM)).to(tl.float32) * step
+                codes = _rows(_code_word(v0, v1, v2, v3, inv, ASM), BLOCK_N)
+                acc += _chunks(_dp4a(w, codes, zero, True, ASM), CH).to(tl.float32) * step
                 if TWO:
-                    acc2 += _pairs(_dp4a(w2, codes, zero, True, ASM)).to(tl.float32) * step
+                    acc2 += _chunks(_dp4a(w2, codes, zero, True, ASM), CH).to(tl.float32) * step
             w, w2 = _weight_tile(rows, second, KW, ow + W, n_mask, TWO, VEC)
-        return _row_sums(acc, acc2, squares, K, eps, NORM, 1)
+        return _row_sums(acc, acc2, squares, K, eps, NORM, 0)
 
 
     @triton.jit
     def _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, second_rows, n_mask, K, eps, NORM: tl.constexpr,
                   TWO: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  WORDS: tl.constexpr, A8: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
+                  WORDS: tl.constexpr, A8: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, VEC: tl.constexpr,
+                  ASM: tl.constexpr):
         """_row_products (or with WORDS _row_products_words, with A8 _row_products_a8) of weight rows offs_n, and
         with TWO of the rows second_rows further on."""
         if A8:
@@ -393,7 +420,7 @@ if triton is not None:
             groups = K // GROUP
             y, y2 = _row_products_a8(x_ptr, g_ptr, rows, second_rows * KW, s_ptr + offs_n[:, None] * groups,
                                      z_ptr + offs_n[:, None] * groups, second_rows * groups, n_mask, K, eps, NORM,
-                                     TWO, INT4, GROUP, PDL, BLOCK_N, BLOCK_K, ASM)
+                                     TWO, INT4, GROUP, PDL, BLOCK_N, BLOCK_K, VEC, ASM)
         elif WORDS:
             rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 4)
             y, y2 = _row_products_words(x_ptr, g_ptr, rows, second_rows * (K // 4), n_mask, K, eps, NORM, TWO, PDL,
@@ -430,12 +457,13 @@ if triton is not None:
         A8: tl.constexpr = False,  # activations rounded to int8 blocks, dp4a (_row_products_a8)
         INT4: tl.constexpr = False,  # packed int4 codes (A8 only), scales and zeros by group in the loop
         GROUP: tl.constexpr = 32,  # int4 group size
+        VEC: tl.constexpr = 2,  # A8: words a thread loads of each row
         ASM: tl.constexpr = False,  # A8's dp4a and byte permutes as PTX (GPU) or spelt out (interpreter)
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         y, up = _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, N, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N,
-                          BLOCK_K, WORDS, A8, INT4, GROUP, ASM)
+                          BLOCK_K, WORDS, A8, INT4, GROUP, VEC, ASM)
         if HAS_SCALES:  # before bias and gate: the scales belong to the product
             y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if GATE_UP:
@@ -467,10 +495,11 @@ if triton is not None:
         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
         BLOCK_K: tl.constexpr,
-        WORDS: tl.constexpr = False,  # WORDS, A8, INT4, GROUP, ASM as in _gemv_kernel
+        WORDS: tl.constexpr = False,  # WORDS, A8, INT4, GROUP, VEC, ASM as in _gemv_kernel
         A8: tl.constexpr = False,
         INT4: tl.constexpr = False,
         GROUP: tl.constexpr = 32,
+        VEC: tl.constexpr = 2,
         ASM: tl.constexpr = False,
     ):
         # RoPE pairs row i of a head with row i + D/2, so a program owns rows [i0, i0 + BLOCK_N) of a head and the
@@ -482,7 +511,7 @@ if triton is not None:
         offs_n = head * D + offs_i
         n_mask = offs_i < HALF
         lo, hi = _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, HALF, n_mask, K, eps, True, True, PDL, BLOCK_N,
-                           BLOCK_K, WORDS, A8, INT4, GROUP, ASM)
+                           BLOCK_K, WORDS, A8, INT4, GROUP, VEC, ASM)
         if HAS_SCALES:
             lo *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             hi *= tl.load(s_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
@@ -513,7 +542,7 @@ if triton is not None:
 
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
              bias: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float, gate_up: bool,
-             residual: torch.Tensor | None, loop: str, block_n: int, block_k: int, num_warps: int,
+             residual: torch.Tensor | None, loop: str, block_n: int, block_k: int, num_warps: int, vec: int,
              pdl: bool) -> torch.Tensor:
     """Launch _gemv_kernel (the body of torch.ops.blitzgen.gemv / gemv_pdl)."""
     wrap = (lambda kernel: kernel) if pdl else wrap_triton  # PDL: launched here, with the launch attribute
@@ -524,7 +553,7 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
     args = (xs, xs if gs is None else gs, ws, x if scales is None else scales, x if zeros is None else zeros,
             x if bias is None else bias, x if residual is None else residual, out)
     flags.update(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k,
+                 HAS_RESIDUAL=residual is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec,
                  num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     wrap(_gemv_kernel)[(triton.cdiv(N, block_n),)](*args, N, K, eps, **flags)
     return out
@@ -537,7 +566,7 @@ def _gemv_fake(x, weight, scales, zeros, bias, norm_weight, eps, gate_up, *_):
 def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
                   bias: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
                   sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  n_heads: int, loop: str, block_n: int, block_k: int, num_warps: int,
+                  n_heads: int, loop: str, block_n: int, block_k: int, num_warps: int, vec: int,
                   pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch _gemv_rope_kernel (the body of torch.ops.blitzgen.gemv_rope / gemv_rope_pdl) -> rotated q (1, H, D)
     and lengths (1,) int64."""
@@ -553,7 +582,7 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         xs, gs, ws, x if scales is None else scales, x if zeros is None else zeros, x if bias is None else bias,
         cos, sin, positions, q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2), K, eps, H=n_heads, HKV=Hkv, D=D, HAS_BIAS=bias is not None, PDL=pdl,
-        BLOCK_N=half_block, BLOCK_K=block_k, num_warps=num_warps, **flags, **({"launch_pdl": True} if pdl else {}))
+        BLOCK_N=half_block, BLOCK_K=block_k, VEC=vec, num_warps=num_warps, **flags, **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
 
 
@@ -596,7 +625,8 @@ INT8_WORDS = True
 # block of 32 (+0.01% perplexity on the default model, session 5); INT8_A8 = False keeps the activations exact.
 INT8_A8 = True
 # (block_n, block_k in codes, num_warps) for the a8 loop: first guesses, the bf16 tiles.
-A8_BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
+A8_BLOCKS = {"int8": {"plain": (4, 1024, 4, 2), "norm": (16, 512, 4, 2), "gate_up": (4, 1024, 4, 2)},
+             "int4": {"plain": (4, 4096, 4, 4), "norm": (8, 2048, 4, 4), "gate_up": (4, 4096, 4, 4)}}
 
 
 def _mode(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None) -> str:
@@ -656,12 +686,23 @@ def _check_weight(name: str, x: torch.Tensor, weight: torch.Tensor, scales: torc
                             f"scales or packed int4 codes; got {weight.dtype}{' with scales' if scales is not None else ''}")
 
 
-def _blocks(name: str, mode: str, kind: str, blocks: tuple[int, int, int] | None) -> tuple[int, int, int]:
-    block_n, block_k, num_warps = blocks or (A8_BLOCKS if mode == "a8" else BLOCKS)[kind]
+def _format(weight: torch.Tensor) -> str:
+    return {torch.uint8: "int4", torch.int8: "int8"}.get(weight.dtype, "float")
+
+
+def _blocks(name: str, mode: str, fmt: str, kind: str, blocks: tuple[int, ...] | None) -> tuple[int, int, int, int]:
+    """(block_n, block_k, num_warps, words a thread) of a launch: `blocks` (three or four of them) or the defaults
+    of its loop, weight format and fusion."""
+    defaults = A8_BLOCKS[fmt][kind] if mode == "a8" else BLOCKS[kind] + (2,)
+    block_n, block_k, num_warps, vec = tuple(blocks) + defaults[len(blocks):] if blocks else defaults
+    words = block_k // (8 if fmt == "int4" else 4)
     if (block_n & (block_n - 1)) or (block_k & (block_k - 1)) or (mode == "a8" and block_k < 32):
         raise BlitzgenError(f"{name}: blocks {block_n, block_k} must be powers of two"
                             + (", block_k >= 32 with int8 activations" if mode == "a8" else ""))
-    return block_n, block_k, num_warps
+    if mode == "a8" and (vec & (vec - 1) or vec > words):
+        raise BlitzgenError(f"{name}: {vec} words a thread must be a power of two, at most the {words} words of a "
+                            f"tile row of {block_k} codes")
+    return block_n, block_k, num_warps, vec
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -694,12 +735,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual,
                         scales=scales, zeros=zeros, a8=mode == "a8")
     kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
-    block_n, block_k, num_warps = _blocks("gemv", mode, kind, blocks)
+    block_n, block_k, num_warps, vec = _blocks("gemv", mode, _format(weight), kind, blocks)
     pdl = PDL and hopper(x)
     op = torch.ops.blitzgen.gemv_pdl if pdl else torch.ops.blitzgen.gemv
     return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(zeros), _contiguous(bias),
               _contiguous(norm_weight), float(eps), gate_up, _contiguous(residual), mode, block_n, block_k, num_warps,
-              pdl)
+              vec, pdl)
 
 
 def gemv_rope_cache_ref(x, weight, bias, *, norm_weight, eps, cos, sin, positions, k_cache, v_cache, n_heads,
@@ -743,11 +784,11 @@ def gemv_rope_cache(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                                    scales=scales, zeros=zeros, a8=mode == "a8")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise BlitzgenError("gemv_rope_cache: the caches' last dim must be contiguous")
-    block_n, block_k, num_warps = _blocks("gemv_rope_cache", mode, "norm", blocks)
+    block_n, block_k, num_warps, vec = _blocks("gemv_rope_cache", mode, _format(weight), "norm", blocks)
     if block_n < 2:
         raise BlitzgenError(f"gemv_rope_cache: blocks {block_n, block_k}: block_n must be >= 2")
     pdl = PDL and hopper(x)
     op = torch.ops.blitzgen.gemv_rope_pdl if pdl else torch.ops.blitzgen.gemv_rope
     return op(x.contiguous(), weight.contiguous(), _contiguous(scales), _contiguous(zeros), _contiguous(bias),
               norm_weight.contiguous(), float(eps), cos.reshape(D).contiguous(), sin.reshape(D).contiguous(),
-              positions.reshape(1), k_cache, v_cache, n_heads, mode, block_n, block_k, num_warps, pdl)
+              positions.reshape(1), k_cache, v_cache, n_heads, mode, block_n, block_k, num_warps, vec, pdl)
