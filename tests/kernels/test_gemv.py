@@ -244,12 +244,14 @@ def test_rope_cache_errors():
 def test_int8_activations_match_reference(monkeypatch, fusion):
     """gemv.INT8_A8 (int8 codes) and packed int4 codes: the activations rounded to int8 blocks of 32 in the kernel,
     dp4a products. Against gemv_ref(a8=True), which rounds the same way; both round the output to bf16 and may
-    round a code differently at a tie, hence 2 ulps. K = 320 leaves a partial tile of (4, 256) blocks."""
+    round a code differently at a tie, hence 2 ulps. K = 320 leaves partial tiles; the blocks take 1, 2, 4 and 8
+    words a thread (dp4a chains of 1, 2 and 4 words; int4 with 8 codes a word needs 64 words a row for 8)."""
     import blitzgen.kernels.gemv as gemv_module
     from blitzgen.quantize import Int4Linear
 
     monkeypatch.setattr(gemv_module, "INT8_A8", True)
-    for K, blocks in ((320, (4, 256, 4)), (1024, None)):
+    for K, blocks in ((320, (4, 256, 4, 1)), (320, (8, 256, 2, 2)), (320, (2, 512, 4, 4)), (320, (4, 256, 1, 8)),
+                      (1024, None)):
         x, w, kw = _fused(1, 45, K, torch.bfloat16, fusion, seed=K + 7)
         codes, scales = _int8(w)
         assert_matches(gemv(x, codes, scales=scales, blocks=blocks, **kw),
