@@ -279,6 +279,14 @@ if triton is not None:
 
 
     @triton.jit
+    def _chunks(t, CH: tl.constexpr):
+        """(BLOCK_N, W) -> (BLOCK_N, W / CH): the sums of each CH neighbouring entries of a row (one thread's)."""
+        if CH == 1:
+            return t
+        return tl.sum(tl.reshape(t, (t.shape[0], t.shape[1] // CH, CH)), axis=2)
+
+
+    @triton.jit
     def _chunks1(t, CH: tl.constexpr):
         """(W,) -> (W / CH,): the sums of each CH neighbouring entries."""
         if CH == 1:
@@ -324,167 +332,78 @@ if triton is not None:
 
 
     @triton.jit
-    def _halves(t):
-        """(BLOCK_N, C) -> its columns at even and at odd positions, (BLOCK_N, C / 2) each."""
-        return tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
-
-
-    @triton.jit
-    def _halves1(t):
-        """(C,) -> its entries at even and at odd positions, (C / 2,) each."""
-        return tl.split(tl.reshape(t, (t.shape[0] // 2, 2)))
-
-
-    @triton.jit
-    def _dot_words(w, e, o, lo, hi, INT4: tl.constexpr, ASM: tl.constexpr):
-        """lo, hi plus the dp4a of one word a chunk: int8 codes w with the activation codes e; int4 codes w, low
-        nibbles with e (codes 0, 2, 4, 6) into lo, high nibbles masked in place (16 x the code) with o into hi."""
-        if INT4:
-            return (_dp4a(w & 0x0F0F0F0F, e, lo, False, ASM), _dp4a(w & -252645136, o, hi, False, ASM))  # 0xF0F0F0F0
-        return _dp4a(w, e, lo, True, ASM), hi
-
-
-    @triton.jit
-    def _chunk_dots(w, e, o, INT4: tl.constexpr, CH: tl.constexpr, ASM: tl.constexpr):
-        """(BLOCK_N, W / CH) int32: the integer dot product of each CH neighbouring words of w (BLOCK_N, W) with the
-        activation code words e (and for int4 o) (W,), one dp4a chain a chunk (no adds between them); int4: 16 x
-        the dot. CH is 1, 2 or 4."""
-        BLOCK_N: tl.constexpr = w.shape[0]
-        lo = tl.zeros((BLOCK_N, w.shape[1] // CH), dtype=tl.int32)
-        hi = lo
-        if CH == 1:
-            lo, hi = _dot_words(w, _rows(e, BLOCK_N), _rows(o, BLOCK_N), lo, hi, INT4, ASM)
-        elif CH == 2:
-            wa, wb = _halves(w)
-            ea, eb = _halves1(e)
-            oa, ob = _halves1(o)
-            lo, hi = _dot_words(wa, _rows(ea, BLOCK_N), _rows(oa, BLOCK_N), lo, hi, INT4, ASM)
-            lo, hi = _dot_words(wb, _rows(eb, BLOCK_N), _rows(ob, BLOCK_N), lo, hi, INT4, ASM)
-        else:
-            wa, wb = _halves(w)
-            w0, w2 = _halves(wa)
-            w1, w3 = _halves(wb)
-            ea, eb = _halves1(e)
-            e0, e2 = _halves1(ea)
-            e1, e3 = _halves1(eb)
-            oa, ob = _halves1(o)
-            o0, o2 = _halves1(oa)
-            o1, o3 = _halves1(ob)
-            lo, hi = _dot_words(w0, _rows(e0, BLOCK_N), _rows(o0, BLOCK_N), lo, hi, INT4, ASM)
-            lo, hi = _dot_words(w1, _rows(e1, BLOCK_N), _rows(o1, BLOCK_N), lo, hi, INT4, ASM)
-            lo, hi = _dot_words(w2, _rows(e2, BLOCK_N), _rows(o2, BLOCK_N), lo, hi, INT4, ASM)
-            lo, hi = _dot_words(w3, _rows(e3, BLOCK_N), _rows(o3, BLOCK_N), lo, hi, INT4, ASM)
-        if INT4:
-            return lo * 16 + hi
-        return lo
-
-
-    @triton.jit
-    def _a8_weights(rows, second, s_rows, z_rows, s_second, n_mask, k0, K, TWO: tl.constexpr, INT4: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, CH: tl.constexpr):
-        """The weight words of the tile at code k0 (and with TWO of the rows `second` further) and, for int4, the
-        group scales and zeros of each chunk of CH words, as fp32 (BLOCK_N, W / CH)."""
-        CODES: tl.constexpr = 8 if INT4 else 4
-        W: tl.constexpr = BLOCK_K // CODES
-        w, w2 = _weight_tile(rows, second, tl.multiple_of(K // CODES, 4), k0 // CODES + tl.arange(0, W), n_mask, TWO,
-                             VEC)
-        s = 0.0
-        z = 0.0
-        s2 = 0.0
-        z2 = 0.0
-        if INT4:
-            offs_g = (k0 + 8 * CH * tl.arange(0, W // CH)) // GROUP
-            g_ptrs = offs_g[None, :]
-            g_mask = n_mask[:, None] & (offs_g < K // GROUP)[None, :]
-            s = tl.load(s_rows + g_ptrs, mask=g_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            z = tl.load(z_rows + g_ptrs, mask=g_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            if TWO:
-                s2 = tl.load(s_rows + s_second + g_ptrs, mask=g_mask, other=0.0,
-                             eviction_policy="evict_first").to(tl.float32)
-                z2 = tl.load(z_rows + s_second + g_ptrs, mask=g_mask, other=0.0,
-                             eviction_policy="evict_first").to(tl.float32)
-        return w, w2, s, z, s2, z2
-
-
-    @triton.jit
-    def _a8_activations(x_ptr, g_ptr, k0, K, NORM: tl.constexpr, INT4: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The activation quads of the tile at code k0, as (W,) int64 vectors: int8, one a word (xb = xa); int4, the
-        two of each word (2j in xa, 2j + 1 in xb). With NORM the norm weight's quads likewise."""
-        if INT4:
-            oq = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-            xa, xb = _halves1(_vector(x_ptr, oq, K // 4))
-            ga, gb = xa, xb
-            if NORM:
-                ga, gb = _halves1(_vector(g_ptr, oq, K // 4))
-        else:
-            oq = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-            xa = _vector(x_ptr, oq, K // 4)
-            xb = xa
-            ga = xa
-            if NORM:
-                ga = _vector(g_ptr, oq, K // 4)
-            gb = ga
-        return xa, xb, ga, gb
-
-
-    @triton.jit
     def _row_products_a8(x_ptr, g_ptr, rows, second, s_rows, z_rows, s_second, n_mask, K, eps, NORM: tl.constexpr,
                          TWO: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, ASM: tl.constexpr):
         """_row_products for int8 codes (int32 words of 4) or packed int4 codes (int32 words of 8, group scales and
         zeros at s_rows / z_rows) with the activations rounded to int8 in blocks of 32 here, tile by tile (see
         INT8_A8): integer dot products four codes an instruction (dp4a). The activations of a tile are read as int64
-        quads of four bf16 and rounded as one vector over K, and only their code words and block scales meet the
-        weight tile's layout; so the rounding costs per tile what it costs for one row, shared by the BLOCK_N rows.
-        Each thread loads VEC neighbouring words of a row; a thread's words within a block of 32 are multiplied in
-        one dp4a chain (CH words) and scaled once. Everything the next tile needs, the activations and int4's group
-        scales and zeros included, is loaded one tile ahead: a scale load waited on in the same step stalls it on
-        the HBM's latency."""
+        quads of four bf16 and rounded as one vector over K, each entry once in the program, and only their code
+        words and block scales are handed to the weight tile's layout (a shared-memory exchange); so the rounding
+        costs per tile what it costs for one row, and BLOCK_N rows share it. Each thread loads VEC neighbouring
+        words of a row; its words within one block of 32 are summed as integers and scaled once."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         CODES: tl.constexpr = 8 if INT4 else 4  # codes a word
         W: tl.constexpr = BLOCK_K // CODES  # words a tile row
         WPB: tl.constexpr = 32 // CODES  # words a block of 32
-        CH: tl.constexpr = VEC if VEC < 4 else 4  # words a dp4a chain: a thread's, within one block
+        CH: tl.constexpr = VEC if VEC < WPB else WPB  # words summed as integers: a thread's, within one block
         NB: tl.constexpr = BLOCK_K // 32  # blocks a tile
+        KW = tl.multiple_of(K // CODES, 4)  # K is a multiple of 32 here
+        KQ = K // 4
+        offs_w = tl.arange(0, W)
+        zero = tl.zeros((BLOCK_N, W), dtype=tl.int32)
         acc = tl.zeros((BLOCK_N, W // CH), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, W // CH), dtype=tl.float32)
         squares = tl.zeros((W,), dtype=tl.float32)
-        w, w2, s, z, s2, z2 = _a8_weights(rows, second, s_rows, z_rows, s_second, n_mask, 0, K, TWO, INT4, GROUP,
-                                          BLOCK_K, VEC, CH)
+        w, w2 = _weight_tile(rows, second, KW, offs_w, n_mask, TWO, VEC)
         if PDL:
-            tl.extra.cuda.gdc_wait()  # weights, scales and zeros are never written; x is the previous kernel's
-        xa, xb, ga, gb = _a8_activations(x_ptr, g_ptr, 0, K, NORM, INT4, BLOCK_K)
+            tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
-            # The next tile's loads first (past K: masked, no traffic), then this tile's arithmetic.
-            nw, nw2, ns, nz, ns2, nz2 = _a8_weights(rows, second, s_rows, z_rows, s_second, n_mask, k0 + BLOCK_K, K,
-                                                    TWO, INT4, GROUP, BLOCK_K, VEC, CH)
-            nxa, nxb, nga, ngb = _a8_activations(x_ptr, g_ptr, k0 + BLOCK_K, K, NORM, INT4, BLOCK_K)
-            v0, v1, v2, v3, sq = _bf16_quad(xa, ga, NORM)
-            m = _abs_max4(v0, v1, v2, v3)
-            if INT4:  # word j: codes 8j .. 8j + 7, the even ones in the low nibbles; its activations v0-3, v4-7
-                v4, v5, v6, v7, sq2 = _bf16_quad(xb, gb, NORM)
-                sq += sq2
-                m = tl.maximum(m, _abs_max4(v4, v5, v6, v7))
-            squares += sq  # only read with NORM (_row_sums): compiled away otherwise
+            ow = k0 // CODES + offs_w
+            if INT4:  # word j: codes 8j .. 8j + 7 (the even ones in the low nibbles), activation quads 2j, 2j + 1
+                oq = k0 // 4 + tl.arange(0, 2 * W)
+                qa, qb = tl.split(tl.reshape(_vector(x_ptr, oq, KQ), (W, 2)))
+                ga, gb = qa, qb
+                if NORM:
+                    ga, gb = tl.split(tl.reshape(_vector(g_ptr, oq, KQ), (W, 2)))
+                v0, v1, v2, v3, sq = _bf16_quad(qa, ga, NORM)
+                v4, v5, v6, v7, sq2 = _bf16_quad(qb, gb, NORM)
+                squares += sq + sq2
+                m = tl.maximum(_abs_max4(v0, v1, v2, v3), _abs_max4(v4, v5, v6, v7))
+            else:
+                q = _vector(x_ptr, ow, KW)
+                g = q
+                if NORM:
+                    g = _vector(g_ptr, ow, KW)
+                v0, v1, v2, v3, sq = _bf16_quad(q, g, NORM)
+                squares += sq
+                m = _abs_max4(v0, v1, v2, v3)
             amax = tl.max(tl.reshape(m, (NB, WPB)), axis=1)  # (NB,)
             inv = _spread(tl.where(amax > 0, 127.0 / amax, 0.0), WPB)  # (W,)
-            # A code's worth for each chunk (int4: a sixteenth, the high nibbles are 16 x theirs in the dot).
-            step = _rows(_spread(amax * (1.0 / (127.0 * (16 if INT4 else 1))), WPB // CH), BLOCK_N)
+            step = _rows(_spread(amax * (1.0 / 127.0), WPB // CH), BLOCK_N)  # a code's worth, each accumulator
             if INT4:
-                even = _code_word(v0, v2, v4, v6, inv, ASM)
-                odd = _code_word(v1, v3, v5, v7, inv, ASM)
+                even = _rows(_code_word(v0, v2, v4, v6, inv, ASM), BLOCK_N)
+                odd = _rows(_code_word(v1, v3, v5, v7, inv, ASM), BLOCK_N)
                 vsum = _rows(_chunks1(v0 + v1 + v2 + v3 + v4 + v5 + v6 + v7, CH), BLOCK_N)  # x unrounded: zeros
-                acc += _chunk_dots(w, even, odd, True, CH, ASM).to(tl.float32) * (step * s) + z * vsum
+                offs_g = (k0 + 8 * CH * tl.arange(0, W // CH)) // GROUP  # each accumulator's group
+                g_mask = n_mask[:, None] & (offs_g < K // GROUP)[None, :]
+                d = _dp4a(w & 0x0F0F0F0F, even, _dp4a((w >> 4) & 0x0F0F0F0F, odd, zero, False, ASM), False, ASM)
+                s = tl.load(s_rows + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_rows + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                acc += _chunks(d, CH).to(tl.float32) * (step * s) + z * vsum
                 if TWO:
-                    acc2 += _chunk_dots(w2, even, odd, True, CH, ASM).to(tl.float32) * (step * s2) + z2 * vsum
+                    d2 = _dp4a(w2 & 0x0F0F0F0F, even, _dp4a((w2 >> 4) & 0x0F0F0F0F, odd, zero, False, ASM), False,
+                               ASM)
+                    s2 = tl.load(s_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                    z2 = tl.load(z_rows + s_second + offs_g[None, :], mask=g_mask, other=0.0).to(tl.float32)
+                    acc2 += _chunks(d2, CH).to(tl.float32) * (step * s2) + z2 * vsum
             else:
-                codes = _code_word(v0, v1, v2, v3, inv, ASM)
-                acc += _chunk_dots(w, codes, codes, False, CH, ASM).to(tl.float32) * step
+                codes = _rows(_code_word(v0, v1, v2, v3, inv, ASM), BLOCK_N)
+                acc += _chunks(_dp4a(w, codes, zero, True, ASM), CH).to(tl.float32) * step
                 if TWO:
-                    acc2 += _chunk_dots(w2, codes, codes, False, CH, ASM).to(tl.float32) * step
-            w, w2, s, z, s2, z2 = nw, nw2, ns, nz, ns2, nz2
-            xa, xb, ga, gb = nxa, nxb, nga, ngb
+                    acc2 += _chunks(_dp4a(w2, codes, zero, True, ASM), CH).to(tl.float32) * step
+            w, w2 = _weight_tile(rows, second, KW, ow + W, n_mask, TWO, VEC)
         return _row_sums(acc, acc2, squares, K, eps, NORM, 0)
 
 
@@ -706,8 +625,8 @@ INT8_WORDS = True
 # block of 32 (+0.01% perplexity on the default model, session 5); INT8_A8 = False keeps the activations exact.
 INT8_A8 = True
 # (block_n, block_k in codes, num_warps) for the a8 loop: first guesses, the bf16 tiles.
-A8_BLOCKS = {"int8": {"plain": (4, 1024, 4, 2), "norm": (16, 512, 4, 2), "gate_up": (4, 1024, 4, 2)},
-             "int4": {"plain": (4, 4096, 4, 4), "norm": (8, 2048, 4, 4), "gate_up": (4, 4096, 4, 4)}}
+A8_BLOCKS = {"int8": {"plain": (8, 2048, 8, 2), "norm": (8, 512, 4, 4), "gate_up": (4, 2048, 4, 4)},
+             "int4": {"plain": (8, 2048, 8, 4), "norm": (8, 1024, 4, 4), "gate_up": (8, 1024, 4, 2)}}
 
 
 def _mode(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None) -> str:
