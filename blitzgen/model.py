@@ -29,11 +29,11 @@ from blitzgen.kernels.rope_cache import rope_cache_write
 from blitzgen.quantize import Int4Linear, Int8Linear
 
 
-# Packed int4 layers of bf16 models can take kernels/gemv.py's one-row products too (its int8-activation loop, with
-# the norms, gate, residuals and RoPE fused) instead of kernels/gemv_a8.py beside Inductor's kernels. Off: on an
-# H200 a Llama-2-7B int4 step took 3.822 ms that way against 2.305 (206 launches against 545, but the loop, one
-# word a thread in 1024-code tiles and a scale and zero load a word, is slower; BENCHMARKS.md, 2026-12-02 session 11).
-GEMV_INT4 = False
+# Packed int4 layers of bf16 models take kernels/gemv.py's one-row products (its int8-activation loop, with the
+# norms, gate, residuals and RoPE fused) instead of kernels/gemv_a8.py beside Inductor's kernels: on an H200 a
+# Llama-2-7B int4 step 1.972 ms against 2.325 (507.2 against 430.1 tokens/s, 206 launches against 545;
+# BENCHMARKS.md, 2026-12-02 session 12). Session 11's first version of that loop was slower (3.822 ms).
+GEMV_INT4 = True
 
 
 def gemv_args(linear: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict | None:

@@ -31,11 +31,11 @@ kernels: the codes become floats in registers and the scales multiply the sums. 
 Llama-2-7B step took 2.934 ms this way against 3.047 through gemv_a8 (int8 activations, integer dot
 products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact. With bf16 activations the
 default (INT8_A8) rounds them to int8 blocks of 32 inside each program and multiplies with dp4a, four codes an
-instruction (_row_products_a8): 2.112 ms a step. With INT8_A8 off the codes are read as int32 words and codes
+instruction (_row_products_a8): 2.029 ms a step (session 12). With INT8_A8 off the codes are read as int32 words and codes
 and activations become floats by bit operations, without the int-to-float instruction that bounded the
 conversion path (INT8_WORDS, _row_products_words): 2.663 against 2.915 ms (BENCHMARKS.md, 2026-12-02
-session 11). Packed int4 codes (quantize.Int4Linear's format) take the a8 loop with group scales and zeros;
-model.py leaves them off (slower than gemv_a8.py there, session 11).
+session 11). Packed int4 codes (quantize.Int4Linear's format) take the a8 loop with group scales and zeros:
+a Llama-2-7B int4 g128 step 1.972 ms against 2.325 through gemv_a8.py beside Inductor's kernels (session 12).
 
 Rounding. Everything is accumulated in fp32 and rounded to the activation dtype once, at the store.
 Hugging Face's RMSNorm rounds x * r to bf16 and multiplies by g in bf16 before the product, and the
@@ -415,7 +415,7 @@ if triton is not None:
         """_row_products (or with WORDS _row_products_words, with A8 _row_products_a8) of weight rows offs_n, and
         with TWO of the rows second_rows further on."""
         if A8:
-            KW = K // (8 if INT4 else 4)
+            KW = tl.multiple_of(K // (8 if INT4 else 4), 4)  # K is a multiple of 32 here: rows start 16-byte aligned
             rows = w_ptr + offs_n[:, None].to(tl.int64) * KW
             groups = K // GROUP
             y, y2 = _row_products_a8(x_ptr, g_ptr, rows, second_rows * KW, s_ptr + offs_n[:, None] * groups,
@@ -619,12 +619,16 @@ PDL = True
 INT8_WORDS = True
 # The activations rounded to int8 in blocks of 32 inside the product loop (_row_products_a8), each program rounding
 # the x it reads: integer dot products four codes an instruction instead of a float multiply-add a code (sm_90
-# SASS: 99 instructions per 32 codes a thread against 177 in the words loop). The only one-row path of packed int4
-# codes here, and the default for int8 codes: a Llama-2-7B int8 step on an H200 2.112 ms against 2.662 with the
-# words loop (473.6 against 375.7 tokens/s; BENCHMARKS.md, 2026-12-02 session 11). It rounds x to 8 bits per
+# SASS: 99 instructions per 32 codes a thread against 177 in the words loop, session 11's tiles). The only one-row
+# path of packed int4 codes here, and the default for int8 codes: a Llama-2-7B int8 step on an H200 2.112 ms
+# against 2.662 with the words loop (473.6 against 375.7 tokens/s; BENCHMARKS.md, 2026-12-02 session 11). It rounds x to 8 bits per
 # block of 32 (+0.01% perplexity on the default model, session 5); INT8_A8 = False keeps the activations exact.
 INT8_A8 = True
-# (block_n, block_k in codes, num_warps) for the a8 loop: first guesses, the bf16 tiles.
+# (block_n, block_k in codes, num_warps, words a thread) for the a8 loop by weight format: the best of the H200
+# sweep at Llama-2-7B shapes (`python benchmarks/gemv_bench.py --quantize int8|int4`; BENCHMARKS.md, 2026-12-02
+# session 12). int8 reads 79-98% of the bandwidth at these tiles (64-92% at session 11's bf16 tiles; a 7B step
+# 2.029 against 2.116 ms); int4, with half the bytes for the same rounding work, 41-58%. Tiles with several rows a
+# thread share its rounding (see _row_products_a8); the smallest programs still won for int4's normed products.
 A8_BLOCKS = {"int8": {"plain": (8, 2048, 8, 2), "norm": (8, 512, 4, 4), "gate_up": (4, 2048, 4, 4)},
              "int4": {"plain": (8, 2048, 8, 4), "norm": (8, 1024, 4, 4), "gate_up": (8, 1024, 4, 2)}}
 

@@ -71,14 +71,14 @@ def main():
         gemv.gemv(x, wf, norm_weight=nw, eps=1e-5)  # every epilogue the decode step uses
         gemv.gemv(x, wf, norm_weight=nw, eps=1e-5, gate_up=True)
         gemv.gemv(x, wf, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype))
-        gemv._gemv_op(x, wf, None, None, None, nw, 1e-5, True, None, "float", 4, 256, 4, True)  # a dependent launch
+        gemv._gemv_op(x, wf, None, None, None, nw, 1e-5, True, None, "float", 4, 256, 4, 2, True)  # a dependent launch
         w8f = torch.randint(-127, 128, (2 * N, K), dtype=torch.int8, generator=g)  # int8 codes, every epilogue
         gemv.INT8_WORDS = gemv.INT8_A8 = False  # the conversion path first
         gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
         gemv.gemv(x, w8f, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype), scales=torch.rand(2 * N).to(dtype))
         gemv.INT8_WORDS = True  # int8 codes as words, bf16 activations as quads (the default; the others ignore it)
         gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
-        gemv._gemv_op(x, w8f, torch.rand(2 * N).to(dtype), None, None, nw, 1e-5, True, None, "words", 4, 1024, 4, True)
+        gemv._gemv_op(x, w8f, torch.rand(2 * N).to(dtype), None, None, nw, 1e-5, True, None, "words", 4, 1024, 4, 2, True)
         gemv.INT8_A8 = True  # activations rounded to int8 in the kernel: int8 codes (bf16 only) and packed int4
         gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
         gemv.INT8_A8 = False
@@ -87,7 +87,7 @@ def main():
             s4f, z4f = torch.rand(2 * N, K // 128).to(dtype), torch.rand(2 * N, K // 128).to(dtype)
             gemv.gemv(x, w4f, norm_weight=nw, eps=1e-5, gate_up=True, scales=s4f, zeros=z4f)
             gemv._gemv_op(x, w4f, s4f, z4f, None, None, 0.0, False, torch.randn(1, 2 * N).to(dtype), "a8", 4, 1024, 4,
-                          True)
+                          4, True)
         gemv.INT8_WORDS = False
         H, Hkv, D = 8, 2, 64  # wqkv with RoPE and the cache write in the epilogue, plain and as a dependent launch
         wqkv, caches = torch.randn((H + 2 * Hkv) * D, K).to(dtype), torch.zeros(2, 1, 16, Hkv, D, dtype=dtype)
@@ -97,13 +97,13 @@ def main():
                 gemv.INT8_WORDS = words
                 gemv._gemv_rope_op(x, w, s, None, wqkv[:, 0], nw, 1e-5, torch.randn(D).to(dtype),
                                    torch.randn(D).to(dtype), torch.zeros(1, dtype=torch.int64), caches[0], caches[1], H,
-                                   gemv._mode(x, w, nw), 16, 512, 4, pdl)
+                                   gemv._mode(x, w, nw), 16, 512, 4, 2, pdl)
             gemv.INT8_WORDS = True
             gemv.INT8_A8 = True  # the default int8 loop, with RoPE
             w8q = wqkv.to(torch.int8)
             gemv._gemv_rope_op(x, w8q, torch.rand(wqkv.shape[0]).to(dtype), None, None, nw, 1e-5,
                                torch.randn(D).to(dtype), torch.randn(D).to(dtype), torch.zeros(1, dtype=torch.int64),
-                               caches[0], caches[1], H, gemv._mode(x, w8q, nw), 16, 512, 4, pdl)
+                               caches[0], caches[1], H, gemv._mode(x, w8q, nw), 16, 512, 4, 2, pdl)
             gemv.INT8_A8 = False
         gemv.INT8_A8 = True
         dequantize.int4_dequantize(w4, s4, z4, dtype)
