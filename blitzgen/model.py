@@ -31,8 +31,9 @@ from blitzgen.quantize import Int4Linear, Int8Linear
 
 # Packed int4 layers of bf16 models take kernels/gemv.py's one-row products (its int8-activation loop, with the
 # norms, gate, residuals and RoPE fused) instead of kernels/gemv_a8.py beside Inductor's kernels: on an H200 a
-# Llama-2-7B int4 step 1.972 ms against 2.325 (507.2 against 430.1 tokens/s, 206 launches against 545;
-# BENCHMARKS.md, 2026-12-02 session 12). Session 11's first version of that loop was slower (3.822 ms).
+# Llama-2-7B int4 step 1.972 ms against 2.325 (507.2 against 430.1 tokens/s, 206 launches against 545; 1.813 ms
+# with the tiles tuned after; BENCHMARKS.md, 2026-12-02 session 12). Session 11's first version of that loop was
+# slower (3.822 ms).
 GEMV_INT4 = True
 
 

@@ -18,11 +18,25 @@ ROOT = Path(__file__).resolve().parent.parent
     ("benchmarks/gemv_bench.py", "| a layer's products in sequence |"),
 ])
 def test_dry_run(script, expected):
+    assert expected in _dry_run(script)
+
+
+def _dry_run(script, *args):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, str(ROOT / script), "--dry-run"], capture_output=True, text=True,
-                            timeout=600, cwd=ROOT, env=env)
+    result = subprocess.run([sys.executable, str(ROOT / script), "--dry-run", *args], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert expected in result.stdout
+    return result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gemv_bench_quantized_rows(fmt):
+    """gemv_bench --quantize: a row for each of a layer's four products, each within bf16 rounding of
+    gemv_ref(a8=True) (the error column: max |kernel - ref| / max |ref|; bf16 keeps 8 bits, 2^-8 = 3.9e-3)."""
+    rows = [line.split("|") for line in _dry_run("benchmarks/gemv_bench.py", "--quantize", fmt).splitlines()
+            if line.startswith("| ") and "+" in line]
+    assert [r[1].strip() for r in rows] == ["norm + wqkv", "wo + residual", "norm + w13 gated", "w2 + residual"]
+    assert all(float(r[3]) < 2 * 2 ** -8 for r in rows)
 
 
 def test_a8_quality_script(tmp_path):

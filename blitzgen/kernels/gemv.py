@@ -35,7 +35,8 @@ instruction (_row_products_a8): 2.029 ms a step (session 12). With INT8_A8 off t
 and activations become floats by bit operations, without the int-to-float instruction that bounded the
 conversion path (INT8_WORDS, _row_products_words): 2.663 against 2.915 ms (BENCHMARKS.md, 2026-12-02
 session 11). Packed int4 codes (quantize.Int4Linear's format) take the a8 loop with group scales and zeros:
-a Llama-2-7B int4 g128 step 1.972 ms against 2.325 through gemv_a8.py beside Inductor's kernels (session 12).
+a Llama-2-7B int4 g128 step 1.972 ms against 2.325 through gemv_a8.py beside Inductor's kernels, 1.813 ms with
+the tiles tuned in the step (session 12).
 
 Rounding. Everything is accumulated in fp32 and rounded to the activation dtype once, at the store.
 Hugging Face's RMSNorm rounds x * r to bf16 and multiplies by g in bf16 before the product, and the
@@ -626,11 +627,12 @@ INT8_WORDS = True
 INT8_A8 = True
 # (block_n, block_k in codes, num_warps, words a thread) for the a8 loop by weight format: the best of the H200
 # sweep at Llama-2-7B shapes (`python benchmarks/gemv_bench.py --quantize int8|int4`; BENCHMARKS.md, 2026-12-02
-# session 12). int8 reads 79-98% of the bandwidth at these tiles (64-92% at session 11's bf16 tiles; a 7B step
-# 2.029 against 2.116 ms); int4, with half the bytes for the same rounding work, 41-58%. Tiles with several rows a
-# thread share its rounding (see _row_products_a8); the smallest programs still won for int4's normed products.
+# session 12). int8 reads 80-98% of the bandwidth at these tiles (64-92% at session 11's bf16 tiles; a 7B step
+# 2.029 against 2.116 ms); int4, with half the bytes for the same rounding work, 43-70%. int4's tiles are the best
+# of variants timed in the decode step (`blitzgen bench --variants`), which disagreed with the product sweep for the
+# normed products (the RoPE product takes the "norm" tiles in two halves): a 7B step 1.815 ms against 1.959.
 A8_BLOCKS = {"int8": {"plain": (8, 2048, 8, 2), "norm": (8, 512, 4, 4), "gate_up": (4, 2048, 4, 4)},
-             "int4": {"plain": (8, 2048, 8, 4), "norm": (8, 1024, 4, 4), "gate_up": (8, 1024, 4, 2)}}
+             "int4": {"plain": (8, 2048, 8, 4), "norm": (16, 1024, 4, 4), "gate_up": (8, 1024, 4, 4)}}
 
 
 def _mode(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None) -> str:
