@@ -31,8 +31,8 @@ kernels: the codes become floats in registers and the scales multiply the sums. 
 Llama-2-7B step took 2.934 ms this way against 3.047 through gemv_a8 (int8 activations, integer dot
 products; BENCHMARKS.md, 2026-12-02 session 8), with the activations exact. With bf16 activations the
 default (INT8_A8) rounds them to int8 blocks of 32 inside each program and multiplies with dp4a, four codes an
-instruction (_row_products_a8): 2.029 ms a step (session 12). With INT8_A8 off the codes are read as int32 words and codes
-and activations become floats by bit operations, without the int-to-float instruction that bounded the
+instruction (_row_products_a8): 2.029 ms a step (session 12). With INT8_A8 off the codes are read as int32 words
+and codes and activations become floats by bit operations, without the int-to-float instruction that bounded the
 conversion path (INT8_WORDS, _row_products_words): 2.663 against 2.915 ms (BENCHMARKS.md, 2026-12-02
 session 11). Packed int4 codes (quantize.Int4Linear's format) take the a8 loop with group scales and zeros:
 a Llama-2-7B int4 g128 step 1.972 ms against 2.325 through gemv_a8.py beside Inductor's kernels, 1.813 ms with
@@ -156,7 +156,7 @@ if triton is not None:
             # Load int8 codes 8 to a vector, as x's 16-bit entries are: with Triton's 16-byte vectors of 16 codes
             # the tile and x get different register layouts, and x is re-laid through shared memory every tile.
             ptrs = tl.max_contiguous(ptrs, [1, 8])
-        elif rows.dtype.element_ty == tl.int32:  # two words a thread (int4 codes: one), as the activations' quads
+        elif rows.dtype.element_ty == tl.int32:  # words of codes: WORDS_A_THREAD neighbours a thread
             ptrs = tl.max_contiguous(ptrs, [1, WORDS_A_THREAD])
         # Each weight byte is read once: let it leave the L2 first, before the activation row every program reads.
         w = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
@@ -223,11 +223,11 @@ if triton is not None:
 
 
     @triton.jit
-    def _quads(ptr, offs, limit, lanes, VEC: tl.constexpr = 2):
-        """The int64 quads ptr[offs] (zeros from `limit` on) repeated over the tile's rows (`lanes`), VEC neighbours
-        a thread, laid out as the weight words they multiply."""
+    def _quads(ptr, offs, limit, lanes):
+        """The int64 quads ptr[offs] (zeros from `limit` on) repeated over the tile's rows (`lanes`), two a thread,
+        laid out as the weight words they multiply (_row_products_words)."""
         mask = (offs < limit)[None, :] & (lanes == 0)
-        ptrs = tl.max_contiguous(ptr + offs[None, :] + lanes, [1, VEC])
+        ptrs = tl.max_contiguous(ptr + offs[None, :] + lanes, [1, 2])
         return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_last")
 
 
@@ -583,7 +583,8 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         xs, gs, ws, x if scales is None else scales, x if zeros is None else zeros, x if bias is None else bias,
         cos, sin, positions, q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2), K, eps, H=n_heads, HKV=Hkv, D=D, HAS_BIAS=bias is not None, PDL=pdl,
-        BLOCK_N=half_block, BLOCK_K=block_k, VEC=vec, num_warps=num_warps, **flags, **({"launch_pdl": True} if pdl else {}))
+        BLOCK_N=half_block, BLOCK_K=block_k, VEC=vec, num_warps=num_warps, **flags,
+        **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
 
 
@@ -622,8 +623,9 @@ INT8_WORDS = True
 # the x it reads: integer dot products four codes an instruction instead of a float multiply-add a code (sm_90
 # SASS: 99 instructions per 32 codes a thread against 177 in the words loop, session 11's tiles). The only one-row
 # path of packed int4 codes here, and the default for int8 codes: a Llama-2-7B int8 step on an H200 2.112 ms
-# against 2.662 with the words loop (473.6 against 375.7 tokens/s; BENCHMARKS.md, 2026-12-02 session 11). It rounds x to 8 bits per
-# block of 32 (+0.01% perplexity on the default model, session 5); INT8_A8 = False keeps the activations exact.
+# against 2.662 with the words loop (473.6 against 375.7 tokens/s; BENCHMARKS.md, 2026-12-02 session 11). It rounds
+# x to 8 bits per block of 32 (+0.01% perplexity on the default model, session 5); INT8_A8 = False keeps the
+# activations exact.
 INT8_A8 = True
 # (block_n, block_k in codes, num_warps, words a thread) for the a8 loop by weight format: the best of the H200
 # sweep at Llama-2-7B shapes (`python benchmarks/gemv_bench.py --quantize int8|int4`; BENCHMARKS.md, 2026-12-02

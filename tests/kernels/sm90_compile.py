@@ -78,7 +78,8 @@ def main():
         gemv.gemv(x, w8f, wf[:, 0], residual=torch.randn(1, 2 * N).to(dtype), scales=torch.rand(2 * N).to(dtype))
         gemv.INT8_WORDS = True  # int8 codes as words, bf16 activations as quads (the default; the others ignore it)
         gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
-        gemv._gemv_op(x, w8f, torch.rand(2 * N).to(dtype), None, None, nw, 1e-5, True, None, "words", 4, 1024, 4, 2, True)
+        gemv._gemv_op(x, w8f, torch.rand(2 * N).to(dtype), None, None, nw, 1e-5, True, None, "words", 4, 1024, 4, 2,
+                      True)
         gemv.INT8_A8 = True  # activations rounded to int8 in the kernel: int8 codes (bf16 only) and packed int4
         gemv.gemv(x, w8f, norm_weight=nw, eps=1e-5, gate_up=True, scales=torch.rand(2 * N).to(dtype))
         gemv.INT8_A8 = False
