@@ -37,15 +37,17 @@ from blitzgen.quantize import Int4Linear, Int8Linear
 GEMV_INT4 = True
 
 
-def gemv_args(linear: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict | None:
+def gemv_args(linear: nn.Module, dtype: torch.dtype = torch.bfloat16, int4: bool | None = None) -> dict | None:
     """kernels/gemv.py's weight arguments for a product in a model of `dtype`: an nn.Linear's weight and bias, an
-    Int8Linear's codes, per-row scales and bias, or (bf16, GEMV_INT4) an Int4Linear's packed codes, group scales,
-    zeros and bias; None for what it does not read."""
+    Int8Linear's codes, per-row scales and bias, or (bf16, `int4`, by default GEMV_INT4) an Int4Linear's packed
+    codes, group scales, zeros and bias; None for what it does not read. Block.gemv_decode passes int4=True: the
+    flag was read when the Generator turned the layer's kernels on, and changing it later must not strand them."""
     if type(linear) is nn.Linear:
         return dict(weight=linear.weight, bias=linear.bias)
     if type(linear) is Int8Linear:
         return dict(weight=linear.weight, bias=linear.bias, scales=linear.scales)
-    if type(linear) is Int4Linear and GEMV_INT4 and dtype == torch.bfloat16 and linear.group_size % 32 == 0:
+    int4 = GEMV_INT4 if int4 is None else int4
+    if type(linear) is Int4Linear and int4 and dtype == torch.bfloat16 and linear.group_size % 32 == 0:
         return dict(weight=linear.packed, bias=linear.bias, scales=linear.scales, zeros=linear.zeros)
     return None
 
@@ -203,7 +205,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
         # Decode steps of one sequence run their four products through kernels/gemv.py, with the norms, the
         # SiLU gate and the residual adds fused into them (gemv_decode below). Generator(gemv_kernels=) sets it,
-        # only where gemv.py reads all four (gemv_args: float or int8).
+        # only where gemv.py reads all four (gemv_args: float, int8, or int4 in bf16 models).
         self.gemv_kernels = False
 
     def forward(self, x, cos, sin, positions, k_cache, v_cache, mask, kv_len, rows=None):
@@ -217,20 +219,24 @@ class Block(nn.Module):
         attention, where Inductor makes six to eight kernels of the products, norms and adds (and three to four
         more of RoPE and the cache write, which the first launch does too)."""
         att, ffn, C = self.attention, self.feed_forward, x.shape[-1]
+
+        def args(linear):  # the Generator decided which layers take gemv.py (gemv_args' int4)
+            return gemv_args(linear, x.dtype, int4=True)
+
         x = x.view(1, C)
         norm = dict(norm_weight=self.attention_norm.weight, eps=self.attention_norm.eps)
         if att.decode_kernel and att.q_norm is None:
             # RoPE and the cache write happen in the product's epilogue, one launch instead of the product plus
             # Inductor's rotation and scatter kernels (kernels/gemv.py, gemv_rope_cache).
-            q, lengths = gemv_rope_cache(x, **gemv_args(att.wqkv), **norm, cos=cos, sin=sin, positions=positions,
+            q, lengths = gemv_rope_cache(x, **args(att.wqkv), **norm, cos=cos, sin=sin, positions=positions,
                                          k_cache=k_cache, v_cache=v_cache, n_heads=att.n_heads)
             out = decode_attention(q, k_cache, v_cache, lengths, att.sliding_window).view(1, 1, -1)  # (1, 1, H D)
         else:  # q/k norms (Qwen3) come between the product and RoPE; or no decode attention kernel
-            qkv = gemv(x, **gemv_args(att.wqkv), **norm)  # (1, (H + 2 Hkv) D)
+            qkv = gemv(x, **args(att.wqkv), **norm)  # (1, (H + 2 Hkv) D)
             out = att.attend(qkv.view(1, 1, -1), cos, sin, positions, k_cache, v_cache, None, kv_len)  # (1, 1, H D)
-        h = gemv(out.view(1, -1), **gemv_args(att.wo), residual=x)  # (1, C)
-        act = gemv(h, **gemv_args(ffn.w13), norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, gate_up=True)
-        return gemv(act, **gemv_args(ffn.w2), residual=h).view(1, 1, C)
+        h = gemv(out.view(1, -1), **args(att.wo), residual=x)  # (1, C)
+        act = gemv(h, **args(ffn.w13), norm_weight=self.ffn_norm.weight, eps=self.ffn_norm.eps, gate_up=True)
+        return gemv(act, **args(ffn.w2), residual=h).view(1, 1, C)
 
 
 class Transformer(nn.Module):

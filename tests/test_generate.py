@@ -467,6 +467,11 @@ def test_gemv_kernels_read_int4_codes(tiny_models, monkeypatch):
     kernels = Generator(gen.model, gen.tokenizer, compile=False, attention_kernel=True, gemv_kernels=True)
     assert all(layer.gemv_kernels for layer in kernels.model.layers)
     assert [c.token_ids for c in kernels.generate(prompts, greedy(8))] == [c.token_ids for c in expected]
+    # The flag is read when the kernels are turned on: turning it off later (a bench variant restoring it) leaves
+    # this generator's layers on their path instead of failing in them.
+    monkeypatch.setattr(blitzgen.model, "GEMV_INT4", False)
+    kernels.reset()  # the same prefill again, not only the prompt's last token against the cached rest
+    assert [c.token_ids for c in kernels.generate(prompts, greedy(8))] == [c.token_ids for c in expected]
 
 
 def test_gemv_kernels_read_int8_codes(tiny_models, monkeypatch):
