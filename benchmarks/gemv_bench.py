@@ -146,15 +146,17 @@ def quantized_products(args, device, shapes, ceiling):
         }
         print(f"\n### {model}, {fmt} codes, int8 activations, one row\n")
         sweep = A8_SWEEP[fmt] if device.type == "cuda" and not args.no_sweep else []
-        print("| product | MB | max rel. error vs gemv_ref(a8) | defaults | " +
-              " | ".join(f"{bn}x{bk} w{w} v{v}" for bn, bk, w, v in sweep) + " |")
-        print("|---|---|---|---|" + "---|" * len(sweep))
+        columns = ["product", "MB", "max rel. error vs gemv_ref(a8)", "defaults"]
+        columns += [f"{bn}x{bk} w{w} v{v}" for bn, bk, w, v in sweep]
+        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
         for name, (shape, kw, act) in specs.items():
-            one = quantized(torch.randn(*shape, generator=gen, device=device).mul(0.02).bfloat16(), fmt, group)
+            def make():
+                return quantized(torch.randn(*shape, generator=gen, device=device).mul(0.02).bfloat16(), fmt, group)
+
+            one = make()
             nbytes = sum(t.nbytes for t in one.values())
             copies = max(2, -(-(256 << 20) // nbytes)) if device.type == "cuda" else 1
-            ws = [one] + [quantized(torch.randn(*shape, generator=gen, device=device).mul(0.02).bfloat16(), fmt, group)
-                          for _ in range(copies - 1)]
+            ws = [one] + [make() for _ in range(copies - 1)]
             ref = gemv_ref(act, **one, **kw, a8=True).float()
             err = ((gemv(act, **one, **kw).float() - ref).abs().max() / ref.abs().max()).item()
             cells = []
