@@ -77,7 +77,10 @@ Llama-2-7B step 3.670 against 3.691 ms. What was measured and removed:
   sweep2-h100.log); on the H200 again, with a count the merger resets (no memset), 15.4 against 14.4 us
   at 8k, 39.9 against 38.8 at 32k, a 7B step 3.679 ms against 3.670 with the dependent merge;
 - the first kernel also a dependent of whatever wrote q (waiting before its first read): 19.2 against
-  14.3 us at 8k, a 7B step 1% slower (session 7);
+  14.3 us at 8k, a 7B step 1% slower (session 7) again in session 13 with wqkv's fused kernel before it: a 7B step
+  3.652 against 3.645 ms;
+- asking L2 to prefetch the wo GEMV's weight during a short call (cp.async.bulk.prefetch.L2): a 7B step 3.3%
+  slower with all of it, no better with 16 MB (session 13);
 - the last attention kernel letting the wo GEMV (a dependent) launch at its start: no change with two
   plain launches (3.690 against 3.691 ms), 3.4% slower with the dependent merge (3.794 ms): the GEMV's
   waiting programs hold SMs the attention still needs.
@@ -294,12 +297,13 @@ if triton is not None:
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
         PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
     ):
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # the partials are the first kernel's
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-
+        # The lengths were written before the first kernel launched (it is no dependent), so their read may overlap
+        # the wait rather than follow it: 0.1-0.2 us a call on an H200 (BENCHMARKS.md, 2026-12-02 session 13).
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # the partials are the first kernel's
         first = tl.maximum(length - window, 0)
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         num_live = tl.cdiv(length - first, split_len)  # splits the first kernel wrote (<= NUM_SPLITS)
