@@ -68,8 +68,8 @@ the MAX_SPLITS cap.
 
 Launch overlap. On Hopper the merge is a programmatic dependent launch (PDL) of the first kernel:
 the first lets it launch as soon as its own programs start, and the merge's programs wait
-(griddepcontrol.wait) for the partials before their first read, so the merge's launch no longer
-follows the first kernel's end. Measured on an H200 in one run (BENCHMARKS.md, 2026-12-02 session 9):
+(griddepcontrol.wait) before they read the partials (their length, written earlier, is read before
+the wait), so the merge's launch no longer follows the first kernel's end. Measured on an H200 in one run (BENCHMARKS.md, 2026-12-02 session 9):
 0.2-0.6 us faster a call at every size (5.4 against 6.0 us at 128 keys, 38.3 against 38.8 at 32k) and a
 Llama-2-7B step 3.670 against 3.691 ms. What was measured and removed:
 - merging inside the first kernel (the last split of a kv head to finish, found with an atomic count,
@@ -77,7 +77,7 @@ Llama-2-7B step 3.670 against 3.691 ms. What was measured and removed:
   sweep2-h100.log); on the H200 again, with a count the merger resets (no memset), 15.4 against 14.4 us
   at 8k, 39.9 against 38.8 at 32k, a 7B step 3.679 ms against 3.670 with the dependent merge;
 - the first kernel also a dependent of whatever wrote q (waiting before its first read): 19.2 against
-  14.3 us at 8k, a 7B step 1% slower (session 7) again in session 13 with wqkv's fused kernel before it: a 7B step
+  14.3 us at 8k, a 7B step 1% slower (session 7); again in session 13, with wqkv's fused kernel before it: a 7B step
   3.652 against 3.645 ms;
 - asking L2 to prefetch the wo GEMV's weight during a short call (cp.async.bulk.prefetch.L2): a 7B step 3.3%
   slower with all of it, no better with 16 MB (session 13);
@@ -141,8 +141,8 @@ NUM_WARPS = 2
 _INTERPRETER_SMS = 4  # the "SM count" used on the CPU interpreter: a few splits at test sizes
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # On Hopper the merge kernel is a programmatic dependent launch of the first: the first lets it launch at its start
-# (griddepcontrol.launch_dependents) and the merge waits for the partials (griddepcontrol.wait) before its first
-# read, so its launch overlaps the first kernel's work (module docstring, "Launch overlap").
+# (griddepcontrol.launch_dependents) and the merge waits (griddepcontrol.wait) before it reads the partials, so its
+# launch overlaps the first kernel's work (module docstring, "Launch overlap").
 MERGE_PDL = True
 
 
