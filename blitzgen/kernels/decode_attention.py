@@ -71,7 +71,10 @@ the first lets it launch as soon as its own programs start, and the merge's prog
 (griddepcontrol.wait) before they read the partials (their length, written earlier, is read before
 the wait), so the merge's launch no longer follows the first kernel's end. Measured on an H200 in one run (BENCHMARKS.md, 2026-12-02 session 9):
 0.2-0.6 us faster a call at every size (5.4 against 6.0 us at 128 keys, 38.3 against 38.8 at 32k) and a
-Llama-2-7B step 3.670 against 3.691 ms. What was measured and removed:
+Llama-2-7B step 3.670 against 3.691 ms. Once past its wait the merge lets its own dependent (wo's GEMV on
+the one-sequence path) launch, so that launch and the GEMV's first weight loads overlap the merge instead of
+following it: a 7B step 3.642 against 3.677 ms, int8 2.041 against 2.057, int4 1.791 against 1.811 (session 14).
+What was measured and removed:
 - merging inside the first kernel (the last split of a kv head to finish, found with an atomic count,
   merges; one launch): on an H100 57% against 63% of the ceiling at batch 1, 8k (results-attention-
   sweep2-h100.log); on the H200 again, with a count the merger resets (no memset), 15.4 against 14.4 us
@@ -83,7 +86,11 @@ Llama-2-7B step 3.670 against 3.691 ms. What was measured and removed:
   slower with all of it, no better with 16 MB (session 13);
 - the last attention kernel letting the wo GEMV (a dependent) launch at its start: no change with two
   plain launches (3.690 against 3.691 ms), 3.4% slower with the dependent merge (3.794 ms): the GEMV's
-  waiting programs hold SMs the attention still needs.
+  waiting programs hold SMs the attention still needs;
+- running the attention inside wqkv's GEMV kernel at short contexts (programs of the same grid, found by an
+  atomic ticket, wait on a count of their kv group's stored rows, then merge in the kernel; session 14): at
+  most 1.0 us a layer at 128 keys, nothing from 328 keys on. What a short call costs is the dependent chain
+  from the last q/k/v row to wo's start (~6 us a layer even inside one kernel), not the launches.
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
@@ -304,6 +311,9 @@ if triton is not None:
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
         if PDL:
             tl.extra.cuda.gdc_wait()  # the partials are the first kernel's
+            # The next kernel (wo's GEMV) may launch now: its programs no longer compete with the first kernel's,
+            # and its launch and first weight loads overlap the merge (1% of a 7B step, session 14).
+            tl.extra.cuda.gdc_launch_dependents()
         first = tl.maximum(length - window, 0)
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         num_live = tl.cdiv(length - first, split_len)  # splits the first kernel wrote (<= NUM_SPLITS)
