@@ -151,6 +151,10 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (griddepcontrol.launch_dependents) and the merge waits (griddepcontrol.wait) before it reads the partials, so its
 # launch overlaps the first kernel's work (module docstring, "Launch overlap").
 MERGE_PDL = True
+# Once past that wait the merge lets the next kernel (wo's GEMV on the one-sequence path) launch: its programs no
+# longer compete with the first kernel's, and its launch and first weight loads overlap the merge (1% of a 7B step
+# at 128 keys, session 14; a constant so that `bench --variants` can compare it at other lengths).
+MERGE_SIGNAL = True
 
 
 def decode_attention_ref(
@@ -303,6 +307,7 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
         PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
+        SIGNAL: tl.constexpr,  # MERGE_SIGNAL: let the next kernel launch once past the wait
     ):
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -311,9 +316,8 @@ if triton is not None:
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
         if PDL:
             tl.extra.cuda.gdc_wait()  # the partials are the first kernel's
-            # The next kernel (wo's GEMV) may launch now: its programs no longer compete with the first kernel's,
-            # and its launch and first weight loads overlap the merge (1% of a 7B step, session 14).
-            tl.extra.cuda.gdc_launch_dependents()
+            if SIGNAL:
+                tl.extra.cuda.gdc_launch_dependents()
         first = tl.maximum(length - window, 0)
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         num_live = tl.cdiv(length - first, split_len)  # splits the first kernel wrote (<= NUM_SPLITS)
@@ -466,6 +470,7 @@ def _decode_attention_triton(
             NUM_SPLITS=num_splits,
             BLOCK_SPLITS=block_splits,
             PDL=merge_pdl,
+            SIGNAL=MERGE_SIGNAL,
             num_warps=min(16, max(4, block_splits * block_d // 2048)),  # <= 64 float32 per thread
             num_stages=1,
             **({"launch_pdl": True} if merge_pdl else {}),
