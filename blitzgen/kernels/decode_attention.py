@@ -81,7 +81,8 @@ What was measured and removed:
   at 8k, 39.9 against 38.8 at 32k, a 7B step 3.679 ms against 3.670 with the dependent merge;
 - the first kernel also a dependent of whatever wrote q (waiting before its first read): 19.2 against
   14.3 us at 8k, a 7B step 1% slower (session 7); again in session 13, with wqkv's fused kernel before it: a 7B step
-  3.652 against 3.645 ms;
+  3.652 against 3.645 ms; in session 14 with wqkv's kernel letting it launch only after its stores: 3.631 against
+  3.637 ms, but a 32k run of that build reached 86% of read against 91% (not yet compared side by side);
 - asking L2 to prefetch the wo GEMV's weight during a short call (cp.async.bulk.prefetch.L2): a 7B step 3.3%
   slower with all of it, no better with 16 MB (session 13);
 - the last attention kernel letting the wo GEMV (a dependent) launch at its start: no change with two
