@@ -74,6 +74,9 @@ the wait), so the merge's launch no longer follows the first kernel's end. Measu
 Llama-2-7B step 3.670 against 3.691 ms. Once past its wait the merge lets its own dependent (wo's GEMV on
 the one-sequence path) launch, so that launch and the GEMV's first weight loads overlap the merge instead of
 following it: a 7B step 3.642 against 3.677 ms, int8 2.041 against 2.057, int4 1.791 against 1.811 (session 14).
+It does so only for sequences of at most MERGE_SIGNAL_MAX_KEYS live keys (the merge reads the length anyway): from
+2k keys on the early wo launch costs a Llama-3.1-8B step 5-7% (4.384 against 4.078 ms at 2k, 4.594 against 4.283 at
+8k, 5.335 against 5.025 at 32k; session 15), which is what the 86% of read seen at 32k in session 14 was.
 What was measured and removed:
 - merging inside the first kernel (the last split of a kv head to finish, found with an atomic count,
   merges; one launch): on an H100 57% against 63% of the ceiling at batch 1, 8k (results-attention-
@@ -152,9 +155,14 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (griddepcontrol.launch_dependents) and the merge waits (griddepcontrol.wait) before it reads the partials, so its
 # launch overlaps the first kernel's work (module docstring, "Launch overlap").
 MERGE_PDL = True
-# Once past that wait the merge lets the next kernel launch (module docstring, "Launch overlap"); a constant so that
-# `bench --variants` can compare it at other lengths than the 128 keys it was measured at.
+# Once past that wait the merge lets the next kernel launch (module docstring, "Launch overlap"), but only while the
+# sequence's live keys are at most MERGE_SIGNAL_MAX_KEYS (read on the device, so one captured graph serves every
+# length): it pays at 128 keys and cost 5.5% of a Llama-3.1-8B step at 32k (BENCHMARKS.md, 2026-12-03 session 15).
 MERGE_SIGNAL = True
+# The first kernel as a programmatic dependent of wqkv's fused GEMV kernel, which lets it launch after its stores
+# (kernels/gemv.py, _gemv_rope_kernel); a constant for `bench --variants` (module docstring, "Launch overlap").
+FIRST_PDL = False
+MERGE_SIGNAL_MAX_KEYS = 512
 
 
 def decode_attention_ref(
@@ -218,7 +226,10 @@ if triton is not None:
         EXACT_DOT: tl.constexpr,  # float32 products in full precision ("ieee"), not TF32; for float32 inputs
         DOT_IN_FP32: tl.constexpr,  # the CPU interpreter only: it multiplies bf16 bit patterns as integers
         SIGNAL: tl.constexpr,  # MERGE_PDL: let the merge kernel, a programmatic dependent, launch now
+        WAIT: tl.constexpr,  # FIRST_PDL: launched as a programmatic dependent of what wrote q and the cache
     ):
+        if WAIT:
+            tl.extra.cuda.gdc_wait()
         if SIGNAL:  # the merge launches and waits on an SM while this kernel runs
             tl.extra.cuda.gdc_launch_dependents()
         split = tl.program_id(0)
@@ -300,6 +311,7 @@ if triton is not None:
         capacity,  # S, as in _decode_attention_kernel
         window,  # as in _decode_attention_kernel
         split_min,  # as in _decode_attention_kernel
+        signal_max_keys,  # MERGE_SIGNAL_MAX_KEYS
         H: tl.constexpr,  # query heads
         D: tl.constexpr,  # head dim
         BLOCK_D: tl.constexpr,  # D rounded up to a power of two
@@ -307,7 +319,7 @@ if triton is not None:
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
         PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
-        SIGNAL: tl.constexpr,  # MERGE_SIGNAL: let the next kernel launch once past the wait
+        SIGNAL: tl.constexpr,  # MERGE_SIGNAL: let the next kernel launch once past the wait (short sequences only)
     ):
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -317,7 +329,10 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()  # the partials are the first kernel's
             if SIGNAL:
-                tl.extra.cuda.gdc_launch_dependents()
+                # The dependent launches once every program has signalled or exited: with a longer sequence in the
+                # batch it launches at the end, as without the signal.
+                if length <= signal_max_keys:
+                    tl.extra.cuda.gdc_launch_dependents()
         first = tl.maximum(length - window, 0)
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         num_live = tl.cdiv(length - first, split_len)  # splits the first kernel wrote (<= NUM_SPLITS)
@@ -427,6 +442,7 @@ def _decode_attention_triton(
     # Triton 3.9's interpreter runs tl.dot on bf16 as a product of the raw 16-bit integers.
     dot_in_fp32 = _INTERPRET and q.dtype == torch.bfloat16
     merge_pdl = (MERGE_PDL if merge_pdl is None else merge_pdl) and hopper(q) and num_splits > 1
+    first_pdl = FIRST_PDL and merge_pdl  # launched here (not by Inductor) only with merge_pdl
 
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if num_splits > 1:
@@ -454,15 +470,17 @@ def _decode_attention_triton(
         EXACT_DOT=q.dtype == torch.float32 or dot_in_fp32,
         DOT_IN_FP32=dot_in_fp32,
         SIGNAL=merge_pdl,
+        WAIT=first_pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"launch_pdl": True} if first_pdl else {}),
     )  # fmt: skip
     if num_splits > 1:
         block_splits = triton.next_power_of_2(num_splits)
         launch(_decode_attention_merge_kernel)[(H, B)](
             part_out, part_lse, lengths, out,
             out.stride(0), out.stride(1),
-            S, window, split_min,
+            S, window, split_min, MERGE_SIGNAL_MAX_KEYS,
             H=H,
             D=D,
             BLOCK_D=block_d,

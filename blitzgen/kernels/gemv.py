@@ -172,7 +172,7 @@ if triton is not None:
         """(y, y2), each (BLOCK_N,) fp32: the dot products of the weight rows at `rows` (and with TWO of those
         `second` elements further) with the activation row, RMSNorm-scaled with NORM. The main loop of both
         one-row kernels, PDL's wait included (see gemv())."""
-        if PDL:
+        if PDL == 1:  # (PDL == 2: the caller lets them start, later)
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel's programs may start as SMs free up
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -249,7 +249,7 @@ if triton is not None:
         operations and float adds, with no int-to-float conversion (see INT8_WORDS). Both are loaded as
         (BLOCK_N, BLOCK_K / 4) tiles, two elements a thread, so they get the same register layout (an activation
         vector broadcast over the rows would go through shared memory every tile)."""
-        if PDL:
+        if PDL == 1:
             tl.extra.cuda.gdc_launch_dependents()
         W: tl.constexpr = BLOCK_K // 4  # words (and quads) a tile row
         KW = K // 4
@@ -343,7 +343,7 @@ if triton is not None:
         words and block scales are handed to the weight tile's layout (a shared-memory exchange); so the rounding
         costs per tile what it costs for one row, and BLOCK_N rows share it. Each thread loads VEC neighbouring
         words of a row; its words within one block of 32 are summed as integers and scaled once."""
-        if PDL:
+        if PDL == 1:
             tl.extra.cuda.gdc_launch_dependents()
         CODES: tl.constexpr = 8 if INT4 else 4  # codes a word
         W: tl.constexpr = BLOCK_K // CODES  # words a tile row
@@ -493,7 +493,8 @@ if triton is not None:
         stride_kn, stride_kh, stride_vn, stride_vh,
         K, eps,
         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+        PDL: tl.constexpr,  # 0, or 2: PDL's wait, and dependents launch after this program's stores
         BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
         BLOCK_K: tl.constexpr,
         WORDS: tl.constexpr = False,  # WORDS, A8, INT4, GROUP, VEC, ASM as in _gemv_kernel
@@ -539,6 +540,11 @@ if triton is not None:
             tl.store(dst + HALF, hi.to(v_cache_ptr.dtype.element_ty), mask=n_mask)
         if tl.program_id(0) == 0:
             tl.store(lengths_ptr, position + 1)
+        if PDL == 2:
+            # The dependent is decode attention's first kernel (a PDL launch with FIRST_PDL), which needs every row
+            # stored: launched at this kernel's start, its waiting programs would take SMs the products still use
+            # (a 7B step 3.652 against 3.645 ms, session 13); launched here, it overlaps only this kernel's end.
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None,
@@ -582,7 +588,8 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     wrap(_gemv_rope_kernel)[grid](
         xs, gs, ws, x if scales is None else scales, x if zeros is None else zeros, x if bias is None else bias,
         cos, sin, positions, q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(1), v_cache.stride(2), K, eps, H=n_heads, HKV=Hkv, D=D, HAS_BIAS=bias is not None, PDL=pdl,
+        v_cache.stride(1), v_cache.stride(2), K, eps, H=n_heads, HKV=Hkv, D=D, HAS_BIAS=bias is not None,
+        PDL=2 if pdl else 0,  # dependents launch after the stores: see _gemv_rope_kernel
         BLOCK_N=half_block, BLOCK_K=block_k, VEC=vec, num_warps=num_warps, **flags,
         **({"launch_pdl": True} if pdl else {}))
     return q_out, lengths
