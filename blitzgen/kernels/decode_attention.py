@@ -76,16 +76,20 @@ the one-sequence path) launch, so that launch and the GEMV's first weight loads 
 following it: a 7B step 3.642 against 3.677 ms, int8 2.041 against 2.057, int4 1.791 against 1.811 (session 14).
 It does so only for sequences of at most MERGE_SIGNAL_MAX_KEYS live keys (the merge reads the length anyway): from
 2k keys on the early wo launch costs a Llama-3.1-8B step 5-7% (4.384 against 4.078 ms at 2k, 4.594 against 4.283 at
-8k, 5.335 against 5.025 at 32k; session 15), which is what the 86% of read seen at 32k in session 14 was.
+8k, 5.335 against 5.025 at 32k; session 15), which is what the 86% of read seen at 32k in session 14 was; it
+gains 0.6-0.9% up to 1.2k keys. The first kernel is a dependent too (FIRST_PDL), waiting before its first read (the
+length); wqkv's fused GEMV kernel (kernels/gemv.py, _gemv_rope_kernel) lets it launch only once its own rows are
+stored, so its waiting programs never hold SMs the product needs: a 7B step 3.596 against 3.607 ms, int8 2.003
+against 2.012, 32k unchanged (4.963 against 4.966; session 15). Before a kernel that never calls
+launch_dependents (Inductor's, on the paths without the fused product) the launch is an ordinary one.
 What was measured and removed:
 - merging inside the first kernel (the last split of a kv head to finish, found with an atomic count,
   merges; one launch): on an H100 57% against 63% of the ceiling at batch 1, 8k (results-attention-
   sweep2-h100.log); on the H200 again, with a count the merger resets (no memset), 15.4 against 14.4 us
   at 8k, 39.9 against 38.8 at 32k, a 7B step 3.679 ms against 3.670 with the dependent merge;
-- the first kernel also a dependent of whatever wrote q (waiting before its first read): 19.2 against
-  14.3 us at 8k, a 7B step 1% slower (session 7); again in session 13, with wqkv's fused kernel before it: a 7B step
-  3.652 against 3.645 ms; in session 14 with wqkv's kernel letting it launch only after its stores: 3.631 against
-  3.637 ms, but a 32k run of that build reached 86% of read against 91% (not yet compared side by side);
+- the first kernel a dependent of a kernel that lets it launch at its start: 19.2 against 14.3 us at 8k, a 7B
+  step 1% slower (session 7); again in session 13, with wqkv's fused kernel before it: a 7B step 3.652 against
+  3.645 ms;
 - asking L2 to prefetch the wo GEMV's weight during a short call (cp.async.bulk.prefetch.L2): a 7B step 3.3%
   slower with all of it, no better with 16 MB (session 13);
 - the last attention kernel letting the wo GEMV (a dependent) launch at its start: no change with two
@@ -157,12 +161,13 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MERGE_PDL = True
 # Once past that wait the merge lets the next kernel launch (module docstring, "Launch overlap"), but only while the
 # sequence's live keys are at most MERGE_SIGNAL_MAX_KEYS (read on the device, so one captured graph serves every
-# length): it pays at 128 keys and cost 5.5% of a Llama-3.1-8B step at 32k (BENCHMARKS.md, 2026-12-03 session 15).
+# length): it gains 0.6-0.9% up to 1.2k keys and cost 7.5% of a Llama-3.1-8B step at 2k, 5.5% at 32k (BENCHMARKS.md,
+# 2026-12-03 session 15).
 MERGE_SIGNAL = True
 # The first kernel as a programmatic dependent of wqkv's fused GEMV kernel, which lets it launch after its stores
-# (kernels/gemv.py, _gemv_rope_kernel); a constant for `bench --variants` (module docstring, "Launch overlap").
-FIRST_PDL = False
-MERGE_SIGNAL_MAX_KEYS = 512
+# (kernels/gemv.py, _gemv_rope_kernel): +0.3-0.5% a 7B step (module docstring, "Launch overlap").
+FIRST_PDL = True
+MERGE_SIGNAL_MAX_KEYS = 1024
 
 
 def decode_attention_ref(
