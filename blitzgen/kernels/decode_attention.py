@@ -164,10 +164,10 @@ MERGE_PDL = True
 # length): it gains 0.6-0.9% up to 1.2k keys and cost 7.5% of a Llama-3.1-8B step at 2k, 5.5% at 32k (BENCHMARKS.md,
 # 2026-12-03 session 15).
 MERGE_SIGNAL = True
+MERGE_SIGNAL_MAX_KEYS = 1024
 # The first kernel as a programmatic dependent of wqkv's fused GEMV kernel, which lets it launch after its stores
 # (kernels/gemv.py, _gemv_rope_kernel): +0.3-0.5% a 7B step (module docstring, "Launch overlap").
 FIRST_PDL = True
-MERGE_SIGNAL_MAX_KEYS = 1024
 
 
 def decode_attention_ref(

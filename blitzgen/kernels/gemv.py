@@ -72,10 +72,10 @@ next kernel launch (griddepcontrol.launch_dependents), loads its first weight ti
 written, so that needs no wait), and only then waits for the previous kernel to finish
 (griddepcontrol.wait) before reading x, the residual or writing its output. So one product's weights
 start streaming during the previous kernel's tail. The exception is gemv_rope_cache's kernel: its dependent,
-decode attention's first kernel, needs all its rows, so it lets it launch only after its own stores. Measured on an H200 (BENCHMARKS.md, 2026-12-01
-session 7): a Llama-2-7B layer's four products in sequence read 93% of the bandwidth with PDL, 88%
-without, 81% as Inductor compiles them; a decode step took 3.86 ms against 4.09 without PDL and
-4.21-4.35 through Inductor's products.
+decode attention's first kernel, needs all its rows, so it lets it launch only after its own stores. Measured
+on an H200 (BENCHMARKS.md, 2026-12-01 session 7): a Llama-2-7B layer's four products in sequence read 93% of the
+bandwidth with PDL, 88% without, 81% as Inductor compiles them; a decode step took 3.86 ms against 4.09
+without PDL and 4.21-4.35 through Inductor's products.
 
 Registered with torch.library.triton_op (`torch.ops.blitzgen.gemv`) so torch.compile traces it into
 the CUDA-graphed decode step. The PDL launch needs a launch attribute that Inductor's call of a traced
