@@ -81,7 +81,9 @@ gains 0.6-0.9% up to 1.2k keys. The first kernel is a dependent too (FIRST_PDL),
 length); wqkv's fused GEMV kernel (kernels/gemv.py, _gemv_rope_kernel) lets it launch only once its own rows are
 stored, so its waiting programs never hold SMs the product needs: a 7B step 3.596 against 3.607 ms, int8 2.003
 against 2.012, 32k unchanged (4.963 against 4.966; session 15). Before a kernel that never calls
-launch_dependents (Inductor's, on the paths without the fused product) the launch is an ordinary one.
+launch_dependents (Inductor's, on the paths without the fused product) the launch is an ordinary one; after
+kernels/rope_cache.py's kernel (several sequences with --rope-kernel), which lets its dependent launch at its start,
+the first kernel's programs wait through that short kernel (not timed).
 What was measured and removed:
 - merging inside the first kernel (the last split of a kv head to finish, found with an atomic count,
   merges; one launch): on an H100 57% against 63% of the ceiling at batch 1, 8k (results-attention-
