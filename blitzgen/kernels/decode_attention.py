@@ -77,13 +77,15 @@ following it: a 7B step 3.642 against 3.677 ms, int8 2.041 against 2.057, int4 1
 It does so only for sequences of at most MERGE_SIGNAL_MAX_KEYS live keys (the merge reads the length anyway): from
 2k keys on the early wo launch costs a Llama-3.1-8B step 5-7% (4.384 against 4.078 ms at 2k, 4.594 against 4.283 at
 8k, 5.335 against 5.025 at 32k; session 15), which is what the 86% of read seen at 32k in session 14 was; it
-gains 0.6-0.9% up to 1.2k keys. The first kernel is a dependent too (FIRST_PDL), waiting before its first read (the
+gains 0.6-0.9% up to 1.2k keys and 0.4% from 1.5k to 1.7k (4.063 against 4.080 ms; session 16). Where between 1.7k
+and 2k the gain turns into that loss, and why, is not known. The first kernel is a dependent too (FIRST_PDL), waiting before its first read (the
 length); wqkv's fused GEMV kernel (kernels/gemv.py, _gemv_rope_kernel) lets it launch only once its own rows are
 stored, so its waiting programs never hold SMs the product needs: a 7B step 3.596 against 3.607 ms, int8 2.003
-against 2.012, 32k unchanged (4.963 against 4.966; session 15). Before a kernel that never calls
+against 2.012, 32k unchanged (4.963 against 4.966; session 15), and at batch 8 4.674 against 4.707 ms (4.635
+against 4.682 with --rope-kernel; session 16). Before a kernel that never calls
 launch_dependents (Inductor's, on the paths without the fused product) the launch is an ordinary one; after
 kernels/rope_cache.py's kernel (several sequences with --rope-kernel), which lets its dependent launch at its start,
-the first kernel's programs wait through that short kernel (not timed).
+the first kernel's programs wait through that short kernel.
 What was measured and removed:
 - merging inside the first kernel (the last split of a kv head to finish, found with an atomic count,
   merges; one launch): on an H100 57% against 63% of the ceiling at batch 1, 8k (results-attention-
@@ -163,10 +165,10 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MERGE_PDL = True
 # Once past that wait the merge lets the next kernel launch (module docstring, "Launch overlap"), but only while the
 # sequence's live keys are at most MERGE_SIGNAL_MAX_KEYS (read on the device, so one captured graph serves every
-# length): it gains 0.6-0.9% up to 1.2k keys and cost 7.5% of a Llama-3.1-8B step at 2k, 5.5% at 32k (BENCHMARKS.md,
-# 2026-12-03 session 15).
+# length): it gains 0.6-0.9% up to 1.2k keys and 0.4% at 1.5k-1.7k, and cost 7.5% of a Llama-3.1-8B step at 2k, 5.5% at
+# 32k (BENCHMARKS.md, 2026-12-03 sessions 15 and 16).
 MERGE_SIGNAL = True
-MERGE_SIGNAL_MAX_KEYS = 1024
+MERGE_SIGNAL_MAX_KEYS = 1536
 # The first kernel as a programmatic dependent of wqkv's fused GEMV kernel, which lets it launch after its stores
 # (kernels/gemv.py, _gemv_rope_kernel): +0.3-0.5% a 7B step (module docstring, "Launch overlap").
 FIRST_PDL = True
