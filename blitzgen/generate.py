@@ -198,15 +198,34 @@ class Sequence:
         return held
 
 
+# With the "block" compile scope, also compile the embedding + RoPE and the greedy tail (_compiled_decode_step);
+# False leaves them eager (blitzgen bench --variants base,set:generate.COMPILE_ENDS=False compares).
+COMPILE_ENDS = True
+
+
 def _call_block(block, *args):
     return block(*args)
 
 
-def _fresh_block_caller():
-    """A copy of _call_block with its own code object. Dynamo keeps compiled graphs per code object
-    and allows 8 per object: a private copy per Generator keeps one Generator's shapes (and models)
-    from using up another's budget."""
-    return types.FunctionType(_call_block.__code__.replace(), globals(), "_call_block")
+def _call_embed(model, tokens, positions):
+    return model.embed(tokens, positions)
+
+
+def _greedy_tail(logits: torch.Tensor, positions: torch.Tensor, last: int) -> torch.Tensor:
+    """The end of a greedy step: the (B,) argmax of logits (B, 1, V), and each slot's position advanced, in
+    place (a view of cache.lengths), kept inside the cache (`last`: its last position)."""
+    out = logits[:, 0].float().argmax(dim=-1)
+    # A slot whose own budget ended may run on while others finish; keep its writes inside the
+    # cache (its output is ignored and its cache past the finish is never reused).
+    positions.add_(1).clamp_(max=last)
+    return out
+
+
+def _fresh_copy(fn):
+    """A copy of fn with its own code object. Dynamo keeps compiled graphs per code object and allows
+    8 per object: a private copy per Generator keeps one Generator's shapes (and models) from using up
+    another's budget."""
+    return types.FunctionType(fn.__code__.replace(), globals(), fn.__name__)
 
 
 class _DecodeStep:
@@ -458,7 +477,7 @@ class Generator:
 
     # ---- decode ------------------------------------------------------------------------
     def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None,
-                     top_logprobs=None, rows=None):
+                     top_logprobs=None, rows=None, run_embed=None, run_tail=None):
         """One token for every slot: (B,) in, (B,) out, and with top_logprobs=k also the (B, 1 + 2k)
         token_logprobs() of those tokens. Compiled and graph-captured on CUDA. rows=r: the inputs are
         those of the first r cache slots, and only those advance."""
@@ -466,12 +485,12 @@ class Generator:
         slots = slice(0, rows)
         positions = cache.lengths[slots]  # (B,) where each slot's input token goes
         logits = self.model(tokens[:, None], positions[:, None], cache, slots=slots, kv_len=kv_len,
-                            run_block=run_block)
+                            run_block=run_block, run_embed=run_embed)
+        if greedy and top_logprobs is None:
+            return (run_tail or _greedy_tail)(logits, positions, cache.max_seq_len - 1)
         logits = logits[:, 0].float()  # (B, V)
         out = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seed, positions)
-        # A slot whose own budget ended may run on while others finish; keep its writes inside the
-        # cache (its output is ignored and its cache past the finish is never reused).
-        positions.add_(1).clamp_(max=cache.max_seq_len - 1)  # a view: advances cache.lengths[slots]
+        positions.add_(1).clamp_(max=cache.max_seq_len - 1)  # as in _greedy_tail
         if top_logprobs is not None:
             return out, token_logprobs(logits, out, top_logprobs)
         return out
@@ -481,8 +500,10 @@ class Generator:
 
         compile_scope "block" (default) compiles one transformer block and calls that compiled code
         for every layer (the layers are the same code with other weights): compilation time does not
-        grow with depth. The embedding, the output projection and the sampler stay eager (the CUDA
-        graph removes their launch cost). "step" compiles the whole step as one graph, which lets
+        grow with depth. The embedding with the RoPE rotation, and a greedy step's argmax with the
+        position update, are two more small compiled graphs: eager, they were ~12 kernels of a few
+        microseconds each in the captured step. The output projection (kernels/gemv.py on one row)
+        and the sampler stay eager. "step" compiles the whole step as one graph, which lets
         Inductor fuse across layer boundaries at the price of a compile time proportional to depth.
         The figures behind the default are in benchmarks/BENCHMARKS.md.
         """
@@ -493,8 +514,11 @@ class Generator:
             if self.compile_scope == "step":
                 self._compiled = torch.compile(self._decode_step, fullgraph=True, dynamic=False, options=options)
             else:
-                block = torch.compile(_fresh_block_caller(), fullgraph=True, dynamic=False, options=options)
-                self._compiled = functools.partial(self._decode_step, run_block=block)
+                compiled = [torch.compile(_fresh_copy(fn), fullgraph=True, dynamic=False, options=options)
+                            for fn in ((_call_block, _call_embed, _greedy_tail) if COMPILE_ENDS else (_call_block,))]
+                self._compiled = functools.partial(self._decode_step, run_block=compiled[0],
+                                                   run_embed=compiled[1] if COMPILE_ENDS else None,
+                                                   run_tail=compiled[2] if COMPILE_ENDS else None)
         return self._compiled
 
     def _step(self, greedy: bool, top_logprobs: int | None = None) -> _DecodeStep:

@@ -251,6 +251,12 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # (D/2,)
 
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """x (B, T, C): the tokens' embeddings, and cos, sin (B, T, D): their positions' RoPE rotation."""
+        x = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        return x, cos, sin
+
     def forward(
         self,
         tokens: torch.Tensor,  # (B, T) int64
@@ -263,14 +269,14 @@ class Transformer(nn.Module):
         last_only: bool = False,  # logits of the last token only (prefill), saves a (T, V) product
         last_index: torch.Tensor | None = None,  # (B,): logits at each row's own index instead (padded rows)
         run_block=None,  # calls a Block; the Generator passes one compiled call that every layer shares
+        run_embed=None,  # calls Transformer.embed; the Generator passes a compiled call
     ) -> torch.Tensor:
         kv_len = cache.max_seq_len if kv_len is None else kv_len
         T = tokens.shape[1]
         # One token: decode attention finds its live keys from the positions, no mask.
         need_mask = T > 1 and not causal_from_zero
         mask = attention_mask(positions, kv_len, self.config.sliding_window) if need_mask else None
-        x = self.tok_embeddings(tokens)  # (B, T, C)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        x, cos, sin = (run_embed or Transformer.embed)(self, tokens, positions)
         run_block = run_block or Block.__call__
         for i, layer in enumerate(self.layers):
             if isinstance(slots, torch.Tensor):
