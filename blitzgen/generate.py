@@ -514,11 +514,11 @@ class Generator:
             if self.compile_scope == "step":
                 self._compiled = torch.compile(self._decode_step, fullgraph=True, dynamic=False, options=options)
             else:
-                compiled = [torch.compile(_fresh_copy(fn), fullgraph=True, dynamic=False, options=options)
-                            for fn in ((_call_block, _call_embed, _greedy_tail) if COMPILE_ENDS else (_call_block,))]
-                self._compiled = functools.partial(self._decode_step, run_block=compiled[0],
-                                                   run_embed=compiled[1] if COMPILE_ENDS else None,
-                                                   run_tail=compiled[2] if COMPILE_ENDS else None)
+                def compiled(fn):
+                    return torch.compile(_fresh_copy(fn), fullgraph=True, dynamic=False, options=options)
+
+                ends = dict(run_embed=compiled(_call_embed), run_tail=compiled(_greedy_tail)) if COMPILE_ENDS else {}
+                self._compiled = functools.partial(self._decode_step, run_block=compiled(_call_block), **ends)
         return self._compiled
 
     def _step(self, greedy: bool, top_logprobs: int | None = None) -> _DecodeStep:

@@ -78,11 +78,11 @@ It does so only for sequences of at most MERGE_SIGNAL_MAX_KEYS live keys (the me
 2k keys on the early wo launch costs a Llama-3.1-8B step 5-7% (4.384 against 4.078 ms at 2k, 4.594 against 4.283 at
 8k, 5.335 against 5.025 at 32k; session 15), which is what the 86% of read seen at 32k in session 14 was; it
 gains 0.6-0.9% up to 1.2k keys and 0.4% from 1.5k to 1.7k (4.063 against 4.080 ms; session 16). Where between 1.7k
-and 2k the gain turns into that loss, and why, is not known. The first kernel is a dependent too (FIRST_PDL), waiting before its first read (the
-length); wqkv's fused GEMV kernel (kernels/gemv.py, _gemv_rope_kernel) lets it launch only once its own rows are
-stored, so its waiting programs never hold SMs the product needs: a 7B step 3.596 against 3.607 ms, int8 2.003
-against 2.012, 32k unchanged (4.963 against 4.966; session 15), and at batch 8 4.674 against 4.707 ms (4.635
-against 4.682 with --rope-kernel; session 16). Before a kernel that never calls
+and 2k the gain turns into that loss, and why, is not known. The first kernel is a dependent too (FIRST_PDL),
+waiting before its first read (the length); wqkv's fused GEMV kernel (kernels/gemv.py, _gemv_rope_kernel) lets it
+launch only once its own rows are stored, so its waiting programs never hold SMs the product needs: a 7B step 3.596
+against 3.607 ms, int8 2.003 against 2.012, 32k unchanged (4.963 against 4.966; session 15), and at batch 8 4.674
+against 4.707 ms (4.635 against 4.682 with --rope-kernel; session 16). Before a kernel that never calls
 launch_dependents (Inductor's, on the paths without the fused product) the launch is an ordinary one; after
 kernels/rope_cache.py's kernel (several sequences with --rope-kernel), which lets its dependent launch at its start,
 the first kernel's programs wait through that short kernel.
