@@ -214,3 +214,21 @@ def test_variants_join_their_settings():
     ]
 
 
+
+
+def test_bench_times_the_sampled_step_with_temperature(tmp_path, capsys):
+    """--temperature times (and profiles) the sampled step: the sampler's sort, filters and draw run every step, so
+    it runs more operators than the greedy step the default times."""
+
+    def profiled(extra):
+        out = tmp_path / "bench.json"
+        assert main(["bench", "--device", "cpu", "--prompt-len", "8", "--prompt-lengths", "8", "--new-tokens", "4",
+                     "--runs", "1", "--ceiling-gib", "0.01", "--profile", "--json", str(out)] + extra) == 0
+        return json.loads(out.read_text())
+
+    greedy, sampled = profiled([]), profiled(["--temperature", "0.8"])
+    assert greedy["temperature"] == 0 and sampled["temperature"] == 0.8
+    assert sampled["profile_totals"]["launches_per_step"] >= greedy["profile_totals"]["launches_per_step"] + 10
+    assert "sampled at temperature 0.8" in capsys.readouterr().out
+    assert main(["bench", "--device", "cpu", "--temperature", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "blitzgen: error: invalid temperature=-1.0: expected a number >= 0 (0 = greedy)"
