@@ -211,13 +211,17 @@ def _call_embed(model, tokens, positions):
     return model.embed(tokens, positions)
 
 
-def _greedy_tail(logits: torch.Tensor, positions: torch.Tensor, last: int) -> torch.Tensor:
-    """The end of a greedy step: the (B,) argmax of logits (B, 1, V), and each slot's position advanced, in
-    place (a view of cache.lengths), kept inside the cache (`last`: its last position)."""
-    out = logits[:, 0].float().argmax(dim=-1)
-    # A slot whose own budget ended may run on while others finish; keep its writes inside the
-    # cache (its output is ignored and its cache past the finish is never reused).
+def _advance(positions: torch.Tensor, last: int):
+    """Each slot's position (a view of cache.lengths) one on, in place, kept inside the cache (`last`: its last
+    position): a slot whose own budget ended may run on while others finish, and its writes must stay in the
+    cache (its output is ignored and its cache past the finish is never reused)."""
     positions.add_(1).clamp_(max=last)
+
+
+def _greedy_tail(logits: torch.Tensor, positions: torch.Tensor, last: int) -> torch.Tensor:
+    """The end of a greedy step: the (B,) argmax of logits (B, 1, V), and the positions advanced (_advance)."""
+    out = logits[:, 0].float().argmax(dim=-1)
+    _advance(positions, last)
     return out
 
 
@@ -490,7 +494,7 @@ class Generator:
             return (run_tail or _greedy_tail)(logits, positions, cache.max_seq_len - 1)
         logits = logits[:, 0].float()  # (B, V)
         out = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seed, positions)
-        positions.add_(1).clamp_(max=cache.max_seq_len - 1)  # as in _greedy_tail
+        _advance(positions, cache.max_seq_len - 1)
         if top_logprobs is not None:
             return out, token_logprobs(logits, out, top_logprobs)
         return out
