@@ -198,8 +198,9 @@ class Sequence:
         return held
 
 
-# With the "block" compile scope, also compile the embedding + RoPE and the greedy tail (_compiled_decode_step);
-# False leaves them eager (blitzgen bench --variants base,set:generate.COMPILE_ENDS=False compares).
+# With the "block" compile scope, also compile the embedding + RoPE and the greedy and sampled tails
+# (_compiled_decode_step); False leaves them eager (blitzgen bench --variants base,set:generate.COMPILE_ENDS=False
+# compares).
 COMPILE_ENDS = True
 
 
@@ -221,6 +222,13 @@ def _advance(positions: torch.Tensor, last: int):
 def _greedy_tail(logits: torch.Tensor, positions: torch.Tensor, last: int) -> torch.Tensor:
     """The end of a greedy step: the (B,) argmax of logits (B, 1, V), and the positions advanced (_advance)."""
     out = logits[:, 0].float().argmax(dim=-1)
+    _advance(positions, last)
+    return out
+
+
+def _sample_tail(logits, temperature, top_k, top_p, min_p, seed, positions, last: int) -> torch.Tensor:
+    """_greedy_tail for sampled steps: sample() of each row's logits, then the positions advanced (_advance)."""
+    out = sample(logits[:, 0].float(), temperature, top_k, top_p, min_p, seed, positions)
     _advance(positions, last)
     return out
 
@@ -481,7 +489,7 @@ class Generator:
 
     # ---- decode ------------------------------------------------------------------------
     def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None,
-                     top_logprobs=None, rows=None, run_embed=None, run_tail=None):
+                     top_logprobs=None, rows=None, run_embed=None, run_tail=None, run_sample=None):
         """One token for every slot: (B,) in, (B,) out, and with top_logprobs=k also the (B, 1 + 2k)
         token_logprobs() of those tokens. Compiled and graph-captured on CUDA. rows=r: the inputs are
         those of the first r cache slots, and only those advance."""
@@ -492,22 +500,23 @@ class Generator:
                             run_block=run_block, run_embed=run_embed)
         if greedy and top_logprobs is None:
             return (run_tail or _greedy_tail)(logits, positions, cache.max_seq_len - 1)
+        if top_logprobs is None:
+            return (run_sample or _sample_tail)(logits, temperature, top_k, top_p, min_p, seed, positions,
+                                                cache.max_seq_len - 1)
         logits = logits[:, 0].float()  # (B, V)
         out = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seed, positions)
         _advance(positions, cache.max_seq_len - 1)
-        if top_logprobs is not None:
-            return out, token_logprobs(logits, out, top_logprobs)
-        return out
+        return out, token_logprobs(logits, out, top_logprobs)
 
     def _compiled_decode_step(self):
         """The decode step with compiled code in it, built once per Generator.
 
         compile_scope "block" (default) compiles one transformer block and calls that compiled code
         for every layer (the layers are the same code with other weights): compilation time does not
-        grow with depth. The embedding with the RoPE rotation, and a greedy step's argmax with the
-        position update, are two more small compiled graphs: eager, they were ~12 kernels of a few
-        microseconds each in the captured step. The output projection (kernels/gemv.py on one row)
-        and the sampler stay eager. "step" compiles the whole step as one graph, which lets
+        grow with depth. The embedding with the RoPE rotation, and a greedy step's argmax (or a
+        sampled step's sample()) with the position update, are more small compiled graphs: eager,
+        they were ~12 kernels of a few microseconds each in the captured step (the sampler 46 more). The
+        output projection (kernels/gemv.py on one row) and the logprobs path stay eager. "step" compiles the whole step as one graph, which lets
         Inductor fuse across layer boundaries at the price of a compile time proportional to depth.
         The figures behind the default are in benchmarks/BENCHMARKS.md.
         """
@@ -521,7 +530,10 @@ class Generator:
                 def compiled(fn):
                     return torch.compile(_fresh_copy(fn), fullgraph=True, dynamic=False, options=options)
 
-                ends = dict(run_embed=compiled(_call_embed), run_tail=compiled(_greedy_tail)) if COMPILE_ENDS else {}
+                ends = {}
+                if COMPILE_ENDS:
+                    ends = dict(run_embed=compiled(_call_embed), run_tail=compiled(_greedy_tail),
+                                run_sample=compiled(_sample_tail))
                 self._compiled = functools.partial(self._decode_step, run_block=compiled(_call_block), **ends)
         return self._compiled
 

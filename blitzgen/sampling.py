@@ -78,6 +78,19 @@ def hashed_uniform(seed: torch.Tensor, position: torch.Tensor, vocab_size: int) 
     return (((x >> 40) & 0xFFFFFF).float() + 0.5) * 2.0**-24
 
 
+@torch.library.custom_op("blitzgen::cumsum_rows", mutates_args=())
+def cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(dim=-1), opaque to torch.compile. Inductor's own scan over a (B, V) vocabulary splits
+    it across programs, and on CUDA (torch 2.11) that code generation fails for B > 1; this runs
+    ATen's cumsum kernel instead, one launch inside the otherwise fused sampler graph."""
+    return x.cumsum(dim=-1)
+
+
+@cumsum_rows.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def sample(
     logits: torch.Tensor,  # (B, V) float32
     temperature: torch.Tensor,  # (B,) float32, 0 = greedy
@@ -97,7 +110,7 @@ def sample(
     values = values.masked_fill(rank >= k[:, None], float("-inf"))
     probs = values.softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    before = probs.cumsum(dim=-1) - probs
+    before = cumsum_rows(probs) - probs
     values = values.masked_fill(before >= top_p[:, None], float("-inf"))
     probs = values.softmax(dim=-1)
     values = values.masked_fill(probs < min_p[:, None] * probs[:, :1], float("-inf"))

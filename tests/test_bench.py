@@ -111,8 +111,8 @@ def test_generator_hands_inductor_options_to_torch_compile(monkeypatch):
     gen = blitzgen.generate.load(device="cpu", compile=True)
     gen.inductor_options = {"combo_kernels": True}
     gen._compiled_decode_step()
-    # Every compiled graph of the step (the block, the embedding, the greedy tail) gets them.
-    assert seen == [{"coordinate_descent_tuning": False, "combo_kernels": True}] * 3
+    # Every compiled graph of the step (the block, the embedding, the greedy and sampled tails) gets them.
+    assert seen == [{"coordinate_descent_tuning": False, "combo_kernels": True}] * 4
 
 
 def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):

@@ -250,3 +250,19 @@ def test_hashed_uniform_is_uniform_and_compiles_identically():
     assert (counts - 30000).abs().max() < 820
     compiled = torch.compile(hashed_uniform)(torch.tensor([0, 1, 2**61]), torch.tensor([0, 5, 9]), 100_000)
     assert torch.equal(u, compiled)  # same integer arithmetic in Inductor's generated code
+
+
+def test_compiled_sample_draws_what_eager_draws():
+    """The decode step compiles sample() (fullgraph, with the cumsum as an opaque op): same tokens as eager
+    for rows mixing every filter. A float difference could only flip a token sitting exactly on a filter
+    boundary or a near-tie of the race; with random logits over 1000 tokens that is practically impossible."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 1000) * 3
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)
+              for t, k, p, m in zip([0.0, 0.7, 1.0, 1.3] * 16, [0, 0, 5, 50, 0, 200, 0, 1] * 8,
+                                    [1.0, 0.9, 0.5, 1.0, 0.95, 1.0, 0.3, 1.0] * 8, [0.0, 0.0, 0.1, 0.0] * 16)]
+    rows = rows_for(params)
+    compiled = torch.compile(sample, fullgraph=True, dynamic=False)
+    eager = sample(logits, **rows)
+    assert torch.equal(compiled(logits, **rows), eager)
+    assert len(set(eager.tolist())) > 16  # the rows really draw different tokens
