@@ -20,6 +20,7 @@ import ast
 import contextlib
 import gc
 import importlib
+import dataclasses
 import json
 import statistics
 import time
@@ -150,20 +151,22 @@ def gemv_roof(model: Transformer, batch_size: int, device: torch.device, iters: 
     return timer.stop() / iters
 
 
-def prepare_decode(gen: Generator, batch_size: int, prompt_len: int, steps: int, temperature: float = 0.0):
+def prepare_decode(gen: Generator, batch_size: int, prompt_len: int, steps: int,
+                   sampling: SamplingParams | None = None):
     """Prefill `batch_size` random prompts of `prompt_len` tokens and return the built (compiled,
-    captured) decode step, with cache room for `steps` more tokens and a warm-up: greedy, or with
-    temperature > 0 the sampled step (sort, filters and draw every row at that temperature, seed 0)."""
+    captured) decode step, with cache room for `steps` more tokens and a warm-up: greedy, or the step
+    that generate() would run for every row sampled with `sampling` (seed 0)."""
     vocab = gen.config.vocab_size
     prompts = [torch.randint(1, vocab, (prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(batch_size)]
     gen._ensure_cache(batch_size, prompt_len + steps + 8)
     for i, prompt in enumerate(prompts):
         gen.prefill(i, prompt)
-    step = gen._step(greedy=temperature == 0)
-    if temperature:
-        for name, t in params_to_tensors([SamplingParams(temperature=temperature, seed=0)], gen.device).items():
-            step.sampling[name].fill_(t[0])
+    if sampling is None or sampling.greedy:
+        return gen._step(greedy=True)
+    step = gen._step(greedy=False, sort=sampling.sorts)
+    for name, t in params_to_tensors([dataclasses.replace(sampling, seed=0)], gen.device).items():
+        step.sampling[name].fill_(t[0])
     return step
 
 
@@ -181,9 +184,9 @@ def time_steps(gen: Generator, step, batch_size: int, prompt_len: int, steps: in
 
 
 def decode_seconds_per_step(gen: Generator, batch_size: int, prompt_len: int, steps: int, runs: int,
-                            temperature: float = 0.0) -> float:
+                            sampling: SamplingParams | None = None) -> float:
     """Median over runs of the time per decode step, prefill excluded, host streaming excluded."""
-    step = prepare_decode(gen, batch_size, prompt_len, steps, temperature)
+    step = prepare_decode(gen, batch_size, prompt_len, steps, sampling)
     times = [time_steps(gen, step, batch_size, prompt_len, steps) for _ in range(runs)]
     gen.reset()
     return statistics.median(times)
@@ -288,7 +291,7 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
 
 
 def compare_variants(make_generator, variants: list[tuple[str, dict]], prompt_len: int, steps: int,
-                     runs: int, batch: int = 1, temperature: float = 0.0) -> list[dict]:
+                     runs: int, batch: int = 1, sampling: SamplingParams | None = None) -> list[dict]:
     """Decode of each variant at `batch` sequences in this one process, the runs interleaved (A B C A B C
     ...), so that a difference between variants is not one between processes or machines (on an H200 the
     same code measured 3.99-4.26 ms a step across processes). At batch 1 also each variant's kernel totals."""
@@ -297,7 +300,7 @@ def compare_variants(make_generator, variants: list[tuple[str, dict]], prompt_le
         settings = dict(settings)
         with module_constants(settings.pop("constants", {})):  # set while the step compiles and is captured
             gen = make_generator(**settings)
-            built.append((name, gen, prepare_decode(gen, batch, prompt_len, steps, temperature)))
+            built.append((name, gen, prepare_decode(gen, batch, prompt_len, steps, sampling)))
     times = [[] for _ in built]  # by position: a name may repeat ("base,base" times two captures)
     for _ in range(runs):
         for i, (_, gen, step) in enumerate(built):
@@ -308,21 +311,21 @@ def compare_variants(make_generator, variants: list[tuple[str, dict]], prompt_le
         row = {"variant": name, "batch": batch, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds,
                "runs_ms": [1000 * t for t in runs_s], "kernel_us_per_step": None, "launches_per_step": None}
         if batch == 1:  # profile_step replays the batch-1 step captured above
-            _, totals = profile_step(gen, prompt_len, steps=10, temperature=temperature)
+            _, totals = profile_step(gen, prompt_len, steps=10, sampling=sampling)
             row.update(kernel_us_per_step=totals["us_per_step"], launches_per_step=totals["launches_per_step"])
         rows.append(row)
     return rows
 
 
 def profile_step(gen: Generator, prompt_len: int, steps: int, top: int = 15,
-                 temperature: float = 0.0) -> tuple[list[dict], dict]:
+                 sampling: SamplingParams | None = None) -> tuple[list[dict], dict]:
     """Where a batch-1 decode step's time goes: the kernels (CUDA) or operators (CPU) of `steps`
     replayed steps, by total time, as time per step and share of the step; and the totals over all
     of them (time and launches per step), which a step time above their time says is spent between
     kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = prepare_decode(gen, 1, prompt_len, steps + 1, temperature)
+    step = prepare_decode(gen, 1, prompt_len, steps + 1, sampling)
     step.run(prompt_len + 1)  # not profiled: the first run after building
     cuda = gen.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
@@ -369,7 +372,8 @@ def run(args) -> dict:
     batch_sizes = sorted(set(args.batch_size or [1]))
     if any(b < 1 for b in batch_sizes) or args.new_tokens < 2 or args.runs < 1:
         raise BlitzgenError("--batch-size, --runs must be >= 1 and --new-tokens >= 2")
-    SamplingParams(temperature=args.temperature)  # a bad value fails here, before the model is built
+    # A bad value fails here, before the model is built.
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=0)
     variants = parse_variants(args.variants) if args.variants else []
     phases = (4 + len(batch_sizes) * (2 + bool(args.compare_eager)) + len(args.prompt_lengths) + bool(args.profile)
               + bool(variants))
@@ -393,6 +397,8 @@ def run(args) -> dict:
             "model": args.arch or str(args.model or DEFAULT_MODEL),
             "quantize": args.quantize,
             "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
             "rope_kernel": args.rope_kernel,
             "inductor_options": dict(args.inductor or []),
         }
@@ -431,7 +437,7 @@ def run(args) -> dict:
         phase("cold start: compile + capture")
         gen = generator()
         prompt = list(range(1, args.prompt_len + 1))
-        params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
+        params = dataclasses.replace(sampling, max_new_tokens=args.new_tokens, ignore_eos=True)
         compile_counters.clear()
         t1 = time.perf_counter()
         events = gen.stream([prompt], params)
@@ -465,7 +471,7 @@ def run(args) -> dict:
         for b in batch_sizes:
             phase(f"decode batch {b}")
             gen = generator()
-            seconds = decode_seconds_per_step(gen, b, args.prompt_len, args.new_tokens, args.runs, args.temperature)
+            seconds = decode_seconds_per_step(gen, b, args.prompt_len, args.new_tokens, args.runs, sampling)
             live = args.prompt_len + args.new_tokens / 2
             moved = bytes_per_token(model, live, b)
             row = {"batch": b, "step_ms": 1000 * seconds, "tokens_per_s": 1 / seconds, "total_tokens_per_s": b / seconds,
@@ -489,20 +495,20 @@ def run(args) -> dict:
             if args.compare_eager:
                 phase(f"eager batch {b}")
                 seconds = decode_seconds_per_step(generator(compile=False), b, args.prompt_len,
-                                                  max(2, args.new_tokens // 4), args.runs, args.temperature)
+                                                  max(2, args.new_tokens // 4), args.runs, sampling)
                 res["eager"].append({"batch": b, "tokens_per_s": 1 / seconds,
                                      "pct_of_read": 100 * moved / seconds / read_bps})
                 progress.update()
         if args.profile:
             phase("profile")
             res["profile"], res["profile_totals"] = profile_step(generator(), args.prompt_len, steps=20,
-                                                                 temperature=args.temperature)
+                                                                 sampling=sampling)
         progress.update(bool(args.profile))
         res["variants"] = []
         for b in batch_sizes if variants else []:
             phase(f"variants, batch {b}")
             rows = compare_variants(generator, variants, args.prompt_len, args.new_tokens, max(args.runs, 3), b,
-                                    args.temperature)
+                                    sampling)
             for row in rows:
                 row["vs_first"] = rows[0]["step_ms"] / row["step_ms"]
             res["variants"] += rows
@@ -518,6 +524,8 @@ def format_table(res: dict) -> str:
         f"torch {res['torch']}, {res['date']}"
         + (", RoPE + cache-write kernel" if res.get("rope_kernel") else "")
         + (f", sampled at temperature {res['temperature']:g}" if res.get("temperature") else "")
+        + (f" with top-k {res['top_k']}" if res.get("temperature") and res.get("top_k") else "")
+        + (f" with top-p {res['top_p']:g}" if res.get("temperature") and res.get("top_p", 1) < 1 else "")
         + "".join(f", {k}={v}" for k, v in res.get("inductor_options", {}).items()),
         f"ceilings: streaming read {res['read_tbps']:.2f} TB/s, copy {res['copy_tbps']:.2f} TB/s",
         f"load {res['load_s']:.1f} s; compile + capture + first token {res['compile_s']:.1f} s; "

@@ -289,8 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths for time to first token (default 128,1024,4096)")
     b.add_argument("--new-tokens", type=int, default=200, help="decode steps timed per run (default 200)")
     b.add_argument("--temperature", type=float, default=0.0,
-                   help="decode sampled at this temperature (default 0: greedy); times the sampler's sort, filters "
-                        "and draw in every step")
+                   help="decode sampled at this temperature (default 0: greedy); times the sampler's filters and "
+                        "draw in every step")
+    b.add_argument("--top-k", type=int, default=0, help="with --temperature: top-k of every row (default 0: off)")
+    b.add_argument("--top-p", type=float, default=1.0,
+                   help="with --temperature: top-p of every row (default 1: off); top-k or top-p sort the vocabulary "
+                        "each step")
     b.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
     b.add_argument("--compare-eager", action="store_true", help="also time the uncompiled decode step")
     b.add_argument("--profile", action="store_true", help="also list where a batch-1 decode step's time goes")

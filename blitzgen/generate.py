@@ -233,6 +233,14 @@ def _sample_tail(logits, temperature, top_k, top_p, min_p, seed, positions, last
     return out
 
 
+def _unsorted_sample_tail(logits, temperature, top_k, top_p, min_p, seed, positions, last: int) -> torch.Tensor:
+    """_sample_tail for steps where no row uses top-k or top-p: sample(sort=False), no sort of the vocabulary.
+    A function of its own, so that compiled it has its own code object and graph cache."""
+    out = sample(logits[:, 0].float(), temperature, top_k, top_p, min_p, seed, positions, sort=False)
+    _advance(positions, last)
+    return out
+
+
 def _fresh_copy(fn):
     """A copy of fn with its own code object. Dynamo keeps compiled graphs per code object and allows
     8 per object: a private copy per Generator keeps one Generator's shapes (and models) from using up
@@ -251,7 +259,7 @@ class _DecodeStep:
     With top_logprobs=k the step also writes token_logprobs() of every row into `logprobs`.
     """
 
-    def __init__(self, generator: "Generator", greedy: bool, top_logprobs: int | None = None):
+    def __init__(self, generator: "Generator", greedy: bool, top_logprobs: int | None = None, sort: bool = True):
         self.cache = cache = generator.cache
         B = cache.batch_size
         self.tokens = torch.zeros(B, dtype=torch.int64, device=generator.device)
@@ -270,7 +278,7 @@ class _DecodeStep:
         def run(rows: int, kv_len: int | None):
             return fn(self.tokens[:rows], **{name: t[:rows] for name, t in self.sampling.items()},
                       kv_len=None if compiled else kv_len, greedy=greedy, top_logprobs=top_logprobs,
-                      rows=None if rows == B else rows)
+                      rows=None if rows == B else rows, sort=sort)
 
         self._run = run
         if self.capture:
@@ -489,10 +497,12 @@ class Generator:
 
     # ---- decode ------------------------------------------------------------------------
     def _decode_step(self, tokens, temperature, top_k, top_p, min_p, seed, kv_len=None, greedy=False, run_block=None,
-                     top_logprobs=None, rows=None, run_embed=None, run_tail=None, run_sample=None):
+                     top_logprobs=None, rows=None, run_embed=None, run_tail=None, run_sample=None,
+                     run_unsorted_sample=None, sort=True):
         """One token for every slot: (B,) in, (B,) out, and with top_logprobs=k also the (B, 1 + 2k)
         token_logprobs() of those tokens. Compiled and graph-captured on CUDA. rows=r: the inputs are
-        those of the first r cache slots, and only those advance."""
+        those of the first r cache slots, and only those advance. sort=False: no slot uses top-k or
+        top-p (see sample())."""
         cache = self.cache
         slots = slice(0, rows)
         positions = cache.lengths[slots]  # (B,) where each slot's input token goes
@@ -501,8 +511,8 @@ class Generator:
         if greedy and top_logprobs is None:
             return (run_tail or _greedy_tail)(logits, positions, cache.max_seq_len - 1)
         if top_logprobs is None:
-            return (run_sample or _sample_tail)(logits, temperature, top_k, top_p, min_p, seed, positions,
-                                                cache.max_seq_len - 1)
+            tail = (run_sample or _sample_tail) if sort else (run_unsorted_sample or _unsorted_sample_tail)
+            return tail(logits, temperature, top_k, top_p, min_p, seed, positions, cache.max_seq_len - 1)
         logits = logits[:, 0].float()  # (B, V)
         out = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seed, positions)
         _advance(positions, cache.max_seq_len - 1)
@@ -533,14 +543,15 @@ class Generator:
                 ends = {}
                 if COMPILE_ENDS:
                     ends = dict(run_embed=compiled(_call_embed), run_tail=compiled(_greedy_tail),
-                                run_sample=compiled(_sample_tail))
+                                run_sample=compiled(_sample_tail),
+                                run_unsorted_sample=compiled(_unsorted_sample_tail))
                 self._compiled = functools.partial(self._decode_step, run_block=compiled(_call_block), **ends)
         return self._compiled
 
-    def _step(self, greedy: bool, top_logprobs: int | None = None) -> _DecodeStep:
-        key = (greedy, top_logprobs)
+    def _step(self, greedy: bool, top_logprobs: int | None = None, sort: bool = True) -> _DecodeStep:
+        key = (greedy, top_logprobs, sort and not greedy)
         if key not in self._steps:
-            self._steps[key] = _DecodeStep(self, greedy, top_logprobs)
+            self._steps[key] = _DecodeStep(self, greedy, top_logprobs, key[2])
         return self._steps[key]
 
     # ---- the public calls ----------------------------------------------------------------
@@ -598,7 +609,7 @@ class Generator:
             self.cache.lengths[i] = 0  # idle slots restart at 0 so they never run past the cache
             self.slot_tokens[i] = []
         steps_left = max(p.max_new_tokens for p in params) - 1
-        step = self._step(greedy) if steps_left > 0 else None
+        step = self._step(greedy, sort=any(p.sorts for p in params)) if steps_left > 0 else None
 
         firsts = []
         all_logits = self.prefill_many(list(range(B)), prompts)  # (B, V)

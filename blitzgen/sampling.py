@@ -5,7 +5,10 @@ graph serves any mix of greedy and sampled sequences and nothing is read back to
 Filters apply in the order Hugging Face's generate() applies them: temperature, top-k,
 top-p, min-p, each renormalising what the previous one kept. The draw itself is the
 exponential race (argmax of p_i / E_i with E_i ~ Exp(1) picks i with probability p_i),
-which needs no torch.multinomial and so no host synchronisation.
+which needs no torch.multinomial and so no host synchronisation. Top-k and top-p need the
+vocabulary sorted; a step in which no row uses them skips the sort (sample(sort=False), picked by
+the caller, who knows the requests) and draws the same tokens: the default request (top-k and
+top-p off) then costs a step no more than greedy decoding (BENCHMARKS.md, session 17).
 
 The exponential noise is not drawn from torch's RNG but hashed from (the sequence's seed, the
 position being sampled, the token id), so a seed gives the same text whatever else is in the
@@ -60,6 +63,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def sorts(self) -> bool:
+        """Whether sample() must sort the vocabulary for this request (top-k or top-p on)."""
+        return self.top_k > 0 or self.top_p < 1
+
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
     """A 64-bit integer hash (splitmix64's finaliser, with arithmetic shifts masked to logical ones).
@@ -99,27 +107,53 @@ def sample(
     min_p: torch.Tensor,  # (B,) float32, 0 = off
     seed: torch.Tensor,  # (B,) int64
     position: torch.Tensor,  # (B,) int64, position of the token whose logits these are
+    sort: bool = True,  # False: no row uses top-k or top-p (the caller knows), so the vocabulary is not sorted
 ) -> torch.Tensor:
-    """Next token per row (B,) int64."""
+    """Next token per row (B,) int64. Either value of `sort` draws the same token for a row without top-k
+    and top-p: the race compares exp(v - max) / E per token id, the same float operations in both."""
     B, V = logits.shape
     greedy = logits.argmax(dim=-1)
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    # Noise per token id (not per sorted rank), so filters never change which draw a token gets.
+    exponential = -hashed_uniform(seed, position, V).log()  # (B, V) ~ Exp(1)
+    if not sort:
+        # Unnormalised probabilities: the race's argmax does not change by a common factor, and min-p compares
+        # with the best token's, which is exp(0) = 1.
+        weights = (scaled - scaled.amax(dim=-1, keepdim=True)).exp()
+        weights = weights.masked_fill(weights < min_p[:, None], 0.0)
+        return torch.where(temperature == 0, greedy, argmax_rows(weights / exponential))
     values, order = scaled.sort(dim=-1, descending=True)  # (B, V), best first
     rank = torch.arange(V, device=logits.device)
     k = torch.where(top_k > 0, top_k, V)
     values = values.masked_fill(rank >= k[:, None], float("-inf"))
     probs = values.softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    # top_p = 1 is off exactly (as in transformers): over a large vocabulary the float32 cumsum rounds past 1
+    # before its last tokens.
     before = cumsum_rows(probs) - probs
-    values = values.masked_fill(before >= top_p[:, None], float("-inf"))
-    probs = values.softmax(dim=-1)
-    values = values.masked_fill(probs < min_p[:, None] * probs[:, :1], float("-inf"))
-    probs = values.softmax(dim=-1)
-    # Noise per token id (not per sorted rank), so filters never change which draw a token gets.
-    exponential = -hashed_uniform(seed, position, V).log()  # (B, V) ~ Exp(1)
-    race = probs / exponential.gather(1, order)
-    sampled = order.gather(1, race.argmax(dim=-1, keepdim=True))[:, 0]
-    return torch.where(temperature == 0, greedy, sampled)
+    values = values.masked_fill((before >= top_p[:, None]) & (top_p[:, None] < 1), float("-inf"))
+    weights = (values - values[:, :1]).exp()  # as without sort: values[:, 0] is the row's maximum
+    weights = weights.masked_fill(weights < min_p[:, None], 0.0)
+    race = weights / exponential.gather(1, order)
+    return torch.where(temperature == 0, greedy, order.gather(1, argmax_rows(race)[:, None])[:, 0])
+
+
+# Programs a row's argmax is spread over: Inductor gives a (1, V) argmax one program, ~28 us over 32000 tokens
+# with the race's hash in it; in pieces every SM takes a share. 1 = a plain argmax.
+ARGMAX_PIECES = 64
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of a (B, V) tensor as the maximum of ARGMAX_PIECES pieces of each row, then of those
+    (the first maximum on ties, as argmax)."""
+    B, V = x.shape
+    if ARGMAX_PIECES == 1:
+        return x.argmax(dim=-1)
+    n = -(-V // ARGMAX_PIECES)  # tokens a piece
+    pieces = torch.nn.functional.pad(x, (0, n * ARGMAX_PIECES - V), value=float("-inf")).view(B, ARGMAX_PIECES, n)
+    best, at = pieces.max(dim=-1)  # (B, ARGMAX_PIECES)
+    piece = best.argmax(dim=-1, keepdim=True)  # (B, 1)
+    return piece[:, 0] * n + at.gather(1, piece)[:, 0]
 
 
 def params_to_tensors(params: list[SamplingParams], device) -> dict[str, torch.Tensor]:

@@ -111,8 +111,8 @@ def test_generator_hands_inductor_options_to_torch_compile(monkeypatch):
     gen = blitzgen.generate.load(device="cpu", compile=True)
     gen.inductor_options = {"combo_kernels": True}
     gen._compiled_decode_step()
-    # Every compiled graph of the step (the block, the embedding, the greedy and sampled tails) gets them.
-    assert seen == [{"coordinate_descent_tuning": False, "combo_kernels": True}] * 4
+    # Every compiled graph of the step (the block, the embedding, the greedy and both sampled tails) gets them.
+    assert seen == [{"coordinate_descent_tuning": False, "combo_kernels": True}] * 5
 
 
 def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):
@@ -217,18 +217,25 @@ def test_variants_join_their_settings():
 
 
 def test_bench_times_the_sampled_step_with_temperature(tmp_path, capsys):
-    """--temperature times (and profiles) the sampled step: the sampler's sort, filters and draw run every step, so
-    it runs more operators than the greedy step the default times."""
+    """--temperature times (and profiles) the sampled step, the one generate() runs for such requests: with top-p
+    the sampler that sorts the vocabulary, without it the one that does not."""
 
     def profiled(extra):
         out = tmp_path / "bench.json"
         assert main(["bench", "--device", "cpu", "--prompt-len", "8", "--prompt-lengths", "8", "--new-tokens", "4",
                      "--runs", "1", "--ceiling-gib", "0.01", "--profile", "--json", str(out)] + extra) == 0
-        return json.loads(out.read_text())
+        res = json.loads(out.read_text())
+        return res, {row["name"] for row in res["profile"]}
 
-    greedy, sampled = profiled([]), profiled(["--temperature", "0.8"])
+    (greedy, _), (sampled, sampled_ops) = profiled([]), profiled(["--temperature", "0.8"])
     assert greedy["temperature"] == 0 and sampled["temperature"] == 0.8
-    assert sampled["profile_totals"]["launches_per_step"] >= greedy["profile_totals"]["launches_per_step"] + 10
+    assert "aten::sort" not in sampled_ops
     assert "sampled at temperature 0.8" in capsys.readouterr().out
+    nucleus, nucleus_ops = profiled(["--temperature", "0.8", "--top-p", "0.9"])
+    assert nucleus["top_p"] == 0.9
+    assert {"aten::sort", "blitzgen::cumsum_rows"} <= nucleus_ops
+    assert "sampled at temperature 0.8 with top-p 0.9" in capsys.readouterr().out
     assert main(["bench", "--device", "cpu", "--temperature", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "blitzgen: error: invalid temperature=-1.0: expected a number >= 0 (0 = greedy)"
+    assert main(["bench", "--device", "cpu", "--temperature", "1", "--top-p", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "blitzgen: error: invalid top_p=0.0: expected a number in (0, 1]"

@@ -266,3 +266,45 @@ def test_compiled_sample_draws_what_eager_draws():
     eager = sample(logits, **rows)
     assert torch.equal(compiled(logits, **rows), eager)
     assert len(set(eager.tolist())) > 16  # the rows really draw different tokens
+    unfiltered = [SamplingParams(temperature=p.temperature, min_p=p.min_p) for p in params]
+    rows = rows_for(unfiltered)
+    assert torch.equal(compiled(logits, **rows, sort=False), sample(logits, **rows, sort=False))
+
+
+def test_sampling_without_sort_draws_what_the_sorting_sampler_draws():
+    """sort=False (no row uses top-k or top-p) must give exactly the tokens of the sorting path, for any
+    temperature and min-p: a seeded request's text may not depend on whether a neighbour in its batch sorts."""
+    torch.manual_seed(1)
+    logits = torch.randn(200, 3000) * torch.rand(200, 1) * 8  # peaked to flat rows
+    params = [SamplingParams(temperature=t, min_p=m) for t, m in zip([0.0, 0.3, 0.8, 1.0, 2.0] * 40,
+                                                                     [0.0, 0.0, 0.05, 0.3] * 50)]
+    for position in range(3):
+        rows = dict(rows_for(params, seed=position), position=torch.full((200,), position))
+        sorted_draws = sample(logits, **rows)
+        assert torch.equal(sample(logits, **rows, sort=False), sorted_draws)
+    assert len(set(sorted_draws.tolist())) > 100
+
+
+def test_top_p_one_keeps_every_token(monkeypatch):
+    """top_p = 1 is off: the cumulative sum's rounding reaching 1 early must not drop the least likely token."""
+    from blitzgen import sampling
+
+    logits = torch.zeros(1, 32000)
+    logits[0, 0], logits[0, 7] = 5.0, -8.0  # token 7 comes last, after a float32 cumsum that rounds past 1
+    # Token 7's noise made so small that it wins the race whenever it is still in it.
+    monkeypatch.setattr(sampling, "hashed_uniform",
+                        lambda seed, position, v: torch.where(torch.arange(v) == 7, 1 - 2.0**-24, 0.5)[None, :])
+    rows = rows_for([SamplingParams(temperature=1.0)])
+    assert sample(logits, **rows).item() == 7
+    assert sample(logits, **rows, sort=False).item() == 7
+    assert sample(logits, **dict(rows, top_p=torch.tensor([0.999]))).item() != 7  # a real top-p drops it
+
+
+@pytest.mark.parametrize("vocab_size", [1, 63, 64, 65, 1000, 32001])
+def test_argmax_rows_is_argmax(vocab_size):
+    from blitzgen.sampling import argmax_rows
+
+    x = torch.randn(5, vocab_size)
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    x[:, vocab_size // 2 :] = x.max() + 1  # ties: the first maximum, as argmax
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
