@@ -12,6 +12,7 @@ before it is measured. Speed is `blitzgen bench`'s job.
 """
 
 import argparse
+import dataclasses
 import tempfile
 
 import torch
@@ -51,6 +52,8 @@ def check_correctness(inductor_options: dict):
             gen.inductor_options = inductor_options
             check_generator(name + (" +attention-kernel" if kernel else "") + (" +rope-kernel" if rope else "")
                             + (" +gemv-kernels, one prompt at a time" if gemv else ""), hf, prompts, gen, alone=gemv)
+            if kernel and not rope and not gemv:
+                check_slots(name + " +attention-kernel", prompts, gen)
 
 
 def check_generator(name, hf, prompts, gen, alone=False):
@@ -66,9 +69,31 @@ def check_generator(name, hf, prompts, gen, alone=False):
     a = gen.generate(prompts, SamplingParams(temperature=1.0, seed=7, max_new_tokens=16, ignore_eos=True))
     b = gen.generate(prompts, SamplingParams(temperature=1.0, seed=7, max_new_tokens=16, ignore_eos=True))
     c = gen.generate(prompts, SamplingParams(temperature=1.0, seed=8, max_new_tokens=16, ignore_eos=True))
+    # With a top-p row in the batch the step sorts the vocabulary: the other rows must draw what they drew
+    # in the step that does not sort (a above).
+    mixed = gen.generate(prompts, [SamplingParams(temperature=1.0, seed=7, max_new_tokens=16, ignore_eos=True)]
+                         * (len(prompts) - 1) + [SamplingParams(temperature=1.0, top_p=0.9, seed=7,
+                                                                max_new_tokens=16, ignore_eos=True)])
     print(f"{name}: greedy equal to transformers: {same}; seeded repeat equal: "
           f"{[x.token_ids == y.token_ids for x, y in zip(a, b)]}; other seed differs: "
-          f"{[x.token_ids != y.token_ids for x, y in zip(a, c)]}", flush=True)
+          f"{[x.token_ids != y.token_ids for x, y in zip(a, c)]}; sorting step draws the same: "
+          f"{[x.token_ids == y.token_ids for x, y in zip(a[:-1], mixed[:-1])]}", flush=True)
+
+
+def check_slots(name, prompts, gen):
+    """The slot API (the server's): a seeded request draws what it draws alone, in the step that does not sort
+    and, once a top-p request joins, in the one that does."""
+    plain = SamplingParams(temperature=1.0, seed=3, max_new_tokens=24, ignore_eos=True)
+    nucleus = dataclasses.replace(plain, top_p=0.9, seed=4)
+    alone = gen.generate([prompts[0]], plain)[0].token_ids
+    gen.open_slots(2, 128)
+    got = [gen.add_sequence(0, prompts[0], plain)]
+    for _ in range(8):
+        got.append(gen.step(rows=1)[0])
+    gen.add_sequence(1, prompts[1], nucleus)
+    while len(got) < len(alone):
+        got.append(gen.step()[0])
+    print(f"{name}, slots: seeded tokens equal alone, unsorted then sorting step: {got == alone}", flush=True)
 
 
 if __name__ == "__main__":

@@ -392,6 +392,29 @@ def test_sequences_joining_a_running_batch_match_generating_alone(tiny_models, h
     assert got[0] == hf_greedy(hf_model, prompts[2], NEW_TOKENS)
 
 
+def test_slot_steps_with_and_without_top_p_neighbours_draw_the_same_tokens(tiny_models):
+    """A seeded request in a slot draws what it draws alone (stream()), whether its neighbours make the step
+    sort the vocabulary (top-p) or not: the slot API switches between the sorting and the unsorted step."""
+    path = tiny_models("llama_gqa1")[1]  # logits close to uniform: every draw is a real choice
+    prompts = make_prompts()
+    plain = SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=11, ignore_eos=True)
+    nucleus = SamplingParams(temperature=1.0, top_p=0.8, max_new_tokens=NEW_TOKENS, seed=12, ignore_eos=True)
+    generator = generator_for(path)
+    alone = generator.generate([prompts[0]], plain)[0].token_ids
+    nucleus_alone = generator.generate([prompts[1]], nucleus)[0].token_ids
+    generator.open_slots(2, 128)
+    got = [generator.add_sequence(0, prompts[0], plain)]
+    for _ in range(10):  # no slot sorts: the unsorted step
+        got.append(generator.step(rows=1)[0])
+    other = [generator.add_sequence(1, prompts[1], nucleus)]
+    for _ in range(NEW_TOKENS - 11):  # slot 1 uses top-p: the sorting step for both
+        tokens = generator.step()
+        got.append(tokens[0])
+        other.append(tokens[1])
+    assert got == alone
+    assert other == nucleus_alone[: len(other)]
+
+
 @pytest.mark.parametrize("variant", ["llama_gqa2", "mistral_window", "qwen3"])
 @pytest.mark.parametrize("rope_kernel", [False, True])
 def test_split_kv_attention_kernel_in_the_model_matches_transformers(tiny_models, hf_greedy, variant, rope_kernel,
