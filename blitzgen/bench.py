@@ -18,9 +18,9 @@ uncompiled (--compare-eager).
 import argparse
 import ast
 import contextlib
+import dataclasses
 import gc
 import importlib
-import dataclasses
 import json
 import statistics
 import time

@@ -384,7 +384,7 @@ class Generator:
         self.compile_scope = "block"  # or "step"; see _compiled_decode_step
         self.inductor_options: dict = {}  # extra torch.compile options for the step (blitzgen bench --inductor)
         self.coordinate_descent_tuning = self.device.type == "cuda"  # Inductor tunes its GEMV reductions
-        # (greedy-only or sampling, top_logprobs) variants, built on first use
+        # (greedy-only or sampling, top_logprobs, sorts the vocabulary) variants, built on first use
         self._steps: dict[tuple[bool, int | None, bool], _DecodeStep] = {}
         self.last_stats = GenerationStats()
         self.last_prompts: list[list[int]] = []
@@ -528,9 +528,10 @@ class Generator:
         compile_scope "block" (default) compiles one transformer block and calls that compiled code
         for every layer (the layers are the same code with other weights): compilation time does not
         grow with depth. The embedding with the RoPE rotation, and a greedy step's argmax (or a
-        sampled step's sample()) with the position update, are more small compiled graphs: eager,
-        they were ~12 kernels of a few microseconds each in the captured step (the sampler 46 more). The
-        output projection (kernels/gemv.py on one row) and the logprobs path stay eager. "step" compiles the whole step as one graph, which lets
+        sampled step's sample(), with or without its sort) with the position update, are more small
+        compiled graphs: eager, they were ~12 kernels of a few microseconds each in the captured step
+        (the sampler 46 more). The output projection (kernels/gemv.py on one row) and the logprobs
+        path stay eager. "step" compiles the whole step as one graph, which lets
         Inductor fuse across layer boundaries at the price of a compile time proportional to depth.
         The figures behind the default are in benchmarks/BENCHMARKS.md.
         """
