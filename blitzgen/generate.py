@@ -202,6 +202,9 @@ class Sequence:
 # (_compiled_decode_step); False leaves them eager (blitzgen bench --variants base,set:generate.COMPILE_ENDS=False
 # compares).
 COMPILE_ENDS = True
+# Whether Inductor's coordinate-descent tuning (on CUDA) also tunes those small graphs' kernels, or only the
+# block's. Not measured yet: the sampled tails benchmark 100-180 kernel configurations at a cold start.
+TUNE_ENDS = True
 
 
 def _call_block(block, *args):
@@ -542,14 +545,16 @@ class Generator:
             if self.compile_scope == "step":
                 self._compiled = torch.compile(self._decode_step, fullgraph=True, dynamic=False, options=options)
             else:
-                def compiled(fn):
+                def compiled(fn, options=options):
                     return torch.compile(_fresh_copy(fn), fullgraph=True, dynamic=False, options=options)
 
                 ends = {}
                 if COMPILE_ENDS:
-                    ends = dict(run_embed=compiled(_call_embed), run_tail=compiled(_greedy_tail),
-                                run_sample=compiled(_sample_tail),
-                                run_unsorted_sample=compiled(_unsorted_sample_tail))
+                    small = {"coordinate_descent_tuning": self.coordinate_descent_tuning and TUNE_ENDS,
+                             **self.inductor_options}
+                    ends = {name: compiled(fn, small) for name, fn in [
+                        ("run_embed", _call_embed), ("run_tail", _greedy_tail), ("run_sample", _sample_tail),
+                        ("run_unsorted_sample", _unsorted_sample_tail)]}
                 self._compiled = functools.partial(self._decode_step, run_block=compiled(_call_block), **ends)
         return self._compiled
 
