@@ -392,14 +392,16 @@ def test_sequences_joining_a_running_batch_match_generating_alone(tiny_models, h
     assert got[0] == hf_greedy(hf_model, prompts[2], NEW_TOKENS)
 
 
-def test_slot_steps_with_and_without_top_p_neighbours_draw_the_same_tokens(tiny_models):
+@pytest.mark.parametrize("compile", [False, True])
+def test_slot_steps_with_and_without_top_p_neighbours_draw_the_same_tokens(tiny_models, compile):
     """A seeded request in a slot draws what it draws alone (stream()), whether its neighbours make the step
-    sort the vocabulary (top-p) or not: the slot API switches between the sorting and the unsorted step."""
+    sort the vocabulary (top-p) or not: the slot API switches between the sorting and the unsorted step
+    (compiled: two compiled sampling tails)."""
     path = tiny_models("llama_gqa1")[1]  # logits close to uniform: every draw is a real choice
     prompts = make_prompts()
     plain = SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=11, ignore_eos=True)
     nucleus = SamplingParams(temperature=1.0, top_p=0.8, max_new_tokens=NEW_TOKENS, seed=12, ignore_eos=True)
-    generator = generator_for(path)
+    generator = generator_for(path, compile=compile)
     alone = generator.generate([prompts[0]], plain)[0].token_ids
     nucleus_alone = generator.generate([prompts[1]], nucleus)[0].token_ids
     generator.open_slots(2, 128)
