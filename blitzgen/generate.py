@@ -719,7 +719,7 @@ class Generator:
             row = params_to_tensors([p], self.device)
             first = self._first_token(logits[j : j + 1], len(prompt), p, row)
             self._slot_step.set_row(slot, first[0], row)
-            self._slot_sorts[slot] = p.sorts and not p.greedy
+            self._slot_sorts[slot] = p.sorts
             self._slot_lengths[slot] = len(prompt)
             if self._slot_step.logprobs is not None:
                 k = (self._slot_step.logprobs.shape[1] - 1) // 2

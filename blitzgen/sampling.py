@@ -65,8 +65,8 @@ class SamplingParams:
 
     @property
     def sorts(self) -> bool:
-        """Whether sample() must sort the vocabulary for this request (top-k or top-p on)."""
-        return self.top_k > 0 or self.top_p < 1
+        """Whether sample() must sort the vocabulary for this request: sampled, with top-k or top-p on."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

@@ -308,3 +308,10 @@ def test_argmax_rows_is_argmax(vocab_size):
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
     x[:, vocab_size // 2 :] = x.max() + 1  # ties: the first maximum, as argmax
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_only_sampled_requests_with_top_k_or_top_p_sort():
+    assert not SamplingParams().sorts  # the defaults: temperature 0.8, top-k and top-p off
+    assert SamplingParams(top_k=5).sorts and SamplingParams(top_p=0.9).sorts
+    assert not SamplingParams(temperature=0, top_k=5, top_p=0.9).sorts  # greedy takes the argmax
+    assert not SamplingParams(min_p=0.1).sorts  # min-p compares with the best token: no sort
