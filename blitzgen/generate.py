@@ -229,17 +229,11 @@ def _greedy_tail(logits: torch.Tensor, positions: torch.Tensor, last: int) -> to
     return out
 
 
-def _sample_tail(logits, temperature, top_k, top_p, min_p, seed, positions, last: int) -> torch.Tensor:
-    """_greedy_tail for sampled steps: sample() of each row's logits, then the positions advanced (_advance)."""
-    out = sample(logits[:, 0].float(), temperature, top_k, top_p, min_p, seed, positions)
-    _advance(positions, last)
-    return out
-
-
-def _unsorted_sample_tail(logits, temperature, top_k, top_p, min_p, seed, positions, last: int) -> torch.Tensor:
-    """_sample_tail for steps where no row uses top-k or top-p: sample(sort=False), no sort of the vocabulary.
-    A function of its own, so that compiled it has its own code object and graph cache."""
-    out = sample(logits[:, 0].float(), temperature, top_k, top_p, min_p, seed, positions, sort=False)
+def _sample_tail(logits, temperature, top_k, top_p, min_p, seed, positions, last: int, sort: bool) -> torch.Tensor:
+    """_greedy_tail for sampled steps: sample() of each row's logits (sort=False: no row uses top-k or top-p),
+    then the positions advanced (_advance). Compiled twice, one copy for each value of sort, so that each copy's
+    graph cache holds one graph a shape."""
+    out = sample(logits[:, 0].float(), temperature, top_k, top_p, min_p, seed, positions, sort=sort)
     _advance(positions, last)
     return out
 
@@ -518,8 +512,8 @@ class Generator:
         if greedy and top_logprobs is None:
             return (run_tail or _greedy_tail)(logits, positions, cache.max_seq_len - 1)
         if top_logprobs is None:
-            tail = (run_sample or _sample_tail) if sort else (run_unsorted_sample or _unsorted_sample_tail)
-            return tail(logits, temperature, top_k, top_p, min_p, seed, positions, cache.max_seq_len - 1)
+            tail = (run_sample if sort else run_unsorted_sample) or _sample_tail
+            return tail(logits, temperature, top_k, top_p, min_p, seed, positions, cache.max_seq_len - 1, sort)
         logits = logits[:, 0].float()  # (B, V)
         out = logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_k, top_p, min_p, seed, positions)
         _advance(positions, cache.max_seq_len - 1)
@@ -554,7 +548,7 @@ class Generator:
                              **self.inductor_options}
                     ends = {name: compiled(fn, small) for name, fn in [
                         ("run_embed", _call_embed), ("run_tail", _greedy_tail), ("run_sample", _sample_tail),
-                        ("run_unsorted_sample", _unsorted_sample_tail)]}
+                        ("run_unsorted_sample", _sample_tail)]}
                 self._compiled = functools.partial(self._decode_step, run_block=compiled(_call_block), **ends)
         return self._compiled
 

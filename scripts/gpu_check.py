@@ -71,9 +71,8 @@ def check_generator(name, hf, prompts, gen, alone=False):
     c = gen.generate(prompts, SamplingParams(temperature=1.0, seed=8, max_new_tokens=16, ignore_eos=True))
     # With a top-p row in the batch the step sorts the vocabulary: the other rows must draw what they drew
     # in the step that does not sort (a above).
-    mixed = gen.generate(prompts, [SamplingParams(temperature=1.0, seed=7, max_new_tokens=16, ignore_eos=True)]
-                         * (len(prompts) - 1) + [SamplingParams(temperature=1.0, top_p=0.9, seed=7,
-                                                                max_new_tokens=16, ignore_eos=True)])
+    seeded = SamplingParams(temperature=1.0, seed=7, max_new_tokens=16, ignore_eos=True)
+    mixed = gen.generate(prompts, [seeded] * (len(prompts) - 1) + [dataclasses.replace(seeded, top_p=0.9)])
     print(f"{name}: greedy equal to transformers: {same}; seeded repeat equal: "
           f"{[x.token_ids == y.token_ids for x, y in zip(a, b)]}; other seed differs: "
           f"{[x.token_ids != y.token_ids for x, y in zip(a, c)]}; sorting step draws the same: "
