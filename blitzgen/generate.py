@@ -203,8 +203,9 @@ class Sequence:
 # compares).
 COMPILE_ENDS = True
 # Whether Inductor's coordinate-descent tuning (on CUDA) also tunes those small graphs' kernels, or only the
-# block's. Not measured yet: the sampled tails benchmark 100-180 kernel configurations at a cold start.
-TUNE_ENDS = True
+# block's. Off: on an H200 it left the 7B step time unchanged (3.630 vs 3.635 ms sampled, 3.616 both greedy) and
+# its 100-250 benchmarked configurations took a sampled cold start from 21.2 s to 12.7 s (BENCHMARKS, session 18).
+TUNE_ENDS = False
 
 
 def _call_block(block, *args):

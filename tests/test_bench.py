@@ -113,13 +113,14 @@ def test_generator_hands_inductor_options_to_torch_compile(monkeypatch):
     gen._compiled_decode_step()
     # Every compiled graph of the step (the block, the embedding, the greedy and both sampled tails) gets them.
     assert seen == [{"coordinate_descent_tuning": False, "combo_kernels": True}] * 5
-    # With coordinate-descent tuning (on by default on CUDA), TUNE_ENDS = False keeps it for the block only.
-    monkeypatch.setattr(blitzgen.generate, "TUNE_ENDS", False)
-    seen.clear()
-    gen = blitzgen.generate.load(device="cpu", compile=True)
-    gen.coordinate_descent_tuning = True
-    gen._compiled_decode_step()
-    assert [options["coordinate_descent_tuning"] for options in seen] == [False] * 4 + [True]  # the block last
+    # Coordinate-descent tuning (on by default on CUDA) is for the block only unless TUNE_ENDS asks for it everywhere.
+    for tune_ends, expected in [(False, [False] * 4 + [True]), (True, [True] * 5)]:  # the block last
+        monkeypatch.setattr(blitzgen.generate, "TUNE_ENDS", tune_ends)
+        seen.clear()
+        gen = blitzgen.generate.load(device="cpu", compile=True)
+        gen.coordinate_descent_tuning = True
+        gen._compiled_decode_step()
+        assert [options["coordinate_descent_tuning"] for options in seen] == expected
 
 
 def test_bench_variants_run_interleaved_in_one_process(tmp_path, capsys):
