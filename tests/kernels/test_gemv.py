@@ -268,7 +268,7 @@ def test_activations_loaded_ahead_give_the_same_products(monkeypatch, fmt):
     """gemv.X_AHEAD only moves the activation loads one tile earlier: the same arithmetic in the same order, so the
     products are equal bit for bit either way (bf16 codes, int8 codes in the a8 loop, packed int4), for every
     fusion and for the RoPE + cache epilogue. K = 320 ends in a partial tile; (4, 128) tiles give every program
-    three of them."""
+    three of them, N = 19 a partial last program."""
     import blitzgen.kernels.gemv as gemv_module
     from blitzgen.quantize import Int4Linear
 
@@ -284,8 +284,8 @@ def test_activations_loaded_ahead_give_the_same_products(monkeypatch, fmt):
         return w, {}
 
     blocks = (4, 128, 4) if fmt == "float" else (4, 128, 4, 2)
-    for fusion in ["bias+residual", "norm", "gate_up"]:
-        x, w, kw = _fused(1, 45, 320, torch.bfloat16, fusion, seed=90)
+    for fusion in ["bias+residual", "gate_up"]:  # without and with the norm weight; the RoPE product below has it too
+        x, w, kw = _fused(1, 19, 320, torch.bfloat16, fusion, seed=90)
         weight, quant = weights(w)
         outs = []
         for ahead in (False, True):
