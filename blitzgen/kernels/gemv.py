@@ -36,7 +36,7 @@ and codes and activations become floats by bit operations, without the int-to-fl
 conversion path (INT8_WORDS, _row_products_words): 2.663 against 2.915 ms (BENCHMARKS.md, 2026-12-02
 session 11). Packed int4 codes (quantize.Int4Linear's format) take the a8 loop with group scales and zeros:
 a Llama-2-7B int4 g128 step 1.972 ms against 2.325 through gemv_a8.py beside Inductor's kernels, 1.813 ms with
-the tiles tuned in the step (session 12).
+the tiles tuned in the step (session 12), 1.512 ms with the group scales loaded a tile ahead (session 18).
 
 Rounding. Everything is accumulated in fp32 and rounded to the activation dtype once, at the store.
 Hugging Face's RMSNorm rounds x * r to bf16 and multiplies by g in bf16 before the product, and the
