@@ -611,7 +611,8 @@ def _gemv_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None,
     K = x.shape[1]
     N = weight.shape[0] // 2 if gate_up else weight.shape[0]
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    xs, ws, gs, flags = _operands(loop, x, weight, norm_weight, scales, zeros)
+    kind = _kind(gate_up, norm_weight)
+    xs, ws, gs, flags = _operands(loop, x, weight, norm_weight, scales, zeros, kind)
     args = (xs, xs if gs is None else gs, ws, x if scales is None else scales, x if zeros is None else zeros,
             x if bias is None else bias, x if residual is None else residual, out)
     flags.update(NORM=norm_weight is not None, GATE_UP=gate_up, HAS_BIAS=bias is not None,
@@ -639,7 +640,7 @@ def _gemv_rope_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     lengths = torch.empty((1,), dtype=torch.int64, device=x.device)
     half_block = block_n // 2  # rows of each half of a head a program owns: block_n rows in all, as in gemv
     grid = ((n_heads + 2 * Hkv) * triton.cdiv(D // 2, half_block),)
-    xs, ws, gs, flags = _operands(loop, x, weight, norm_weight, scales, zeros)
+    xs, ws, gs, flags = _operands(loop, x, weight, norm_weight, scales, zeros, "norm")
     wrap(_gemv_rope_kernel)[grid](
         xs, gs, ws, x if scales is None else scales, x if zeros is None else zeros, x if bias is None else bias,
         cos, sin, positions, q_out, lengths, k_cache, v_cache, k_cache.stride(1), k_cache.stride(2),
@@ -703,10 +704,11 @@ A8_BLOCKS = {"int8": {"plain": (8, 2048, 8, 2), "norm": (8, 512, 4, 4), "gate_up
 # issued them after the dp4a and the next weight tile's loads after them): a Llama-2-7B int4 step on an H200 1.550 ms
 # against 1.775 (BENCHMARKS.md, 2026-12-04 session 18). Issuing every next-tile load at the top of the loop
 # instead, before the current tile's arithmetic, measured 1.634 (int4) and 2.171 against 1.991 ms (int8).
-# Whether each loop also loads the activations (x, and the norm weight) one tile ahead, by weight format. Measured in
+# Which fusions of each weight format also load the activations (x, and the norm weight) one tile ahead (all or
+# none so far; the kinds are BLOCKS' keys, the RoPE product is "norm"). Measured in
 # the same session, 7B steps: bf16 3.501 against 3.578 ms (Llama-3.1-8B at 32k 4.856 against 4.938), int8 2.054
 # against 1.994, int4 at the 16 x 2048 "plain" tile 1.526 against 1.512 (at 8 x 2048 1.537 against 1.549).
-X_AHEAD = {"float": True, "int8": False, "int4": False}
+X_AHEAD = {"float": ("plain", "norm", "gate_up"), "int8": (), "int4": ()}
 # The float loop's accumulators: 1 keeps a (BLOCK_N, BLOCK_K) fp32 tile, as many registers as the weight tile has
 # entries (the "norm" and "gate_up" launches of a 7B step take 168 and 128 registers a thread, 3-4 programs an SM,
 # compiled for sm_90); 8 sums each thread's 8 neighbouring products first (multiply-adds all the same), for 1/8 of
@@ -729,17 +731,22 @@ def _mode(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | Non
 
 
 def _operands(mode: str, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None,
-              scales: torch.Tensor | None, zeros: torch.Tensor | None):
-    """(x, weight, norm_weight, kernel flags) as a launch of `mode` passes them: words and a8 read x and the norm
-    weight as int64 quads and the codes as int32 words."""
+              scales: torch.Tensor | None, zeros: torch.Tensor | None, kind: str = "plain"):
+    """(x, weight, norm_weight, kernel flags) as a launch of `mode` and fusion `kind` passes them: words and a8 read
+    x and the norm weight as int64 quads and the codes as int32 words."""
     int4 = zeros is not None
     flags = dict(HAS_SCALES=scales is not None and not int4, WORDS=mode == "words", A8=mode == "a8", INT4=int4,
                  GROUP=x.shape[1] // scales.shape[1] if int4 else 32, ASM=not _INTERPRET,
-                 X_AHEAD=X_AHEAD[_format(weight)], CHUNK=FLOAT_CHUNK if mode == "float" else 1)
+                 X_AHEAD=kind in X_AHEAD[_format(weight)], CHUNK=FLOAT_CHUNK if mode == "float" else 1)
     if mode == "float":
         return x, weight, norm_weight, flags
     quads = None if norm_weight is None else norm_weight.view(torch.int64)
     return x.view(torch.int64), weight.view(torch.int32), quads, flags
+
+
+def _kind(gate_up: bool, norm_weight: torch.Tensor | None) -> str:
+    """The fusion of a gemv() launch, as BLOCKS, A8_BLOCKS and X_AHEAD name it."""
+    return "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -820,7 +827,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if triton is None or not triton_runs_on(x):
         return gemv_ref(x, weight, bias, norm_weight=norm_weight, eps=eps, gate_up=gate_up, residual=residual,
                         scales=scales, zeros=zeros, a8=mode == "a8")
-    kind = "gate_up" if gate_up else "norm" if norm_weight is not None else "plain"
+    kind = _kind(gate_up, norm_weight)
     block_n, block_k, num_warps, vec = _blocks("gemv", mode, _format(weight), kind, blocks)
     pdl = PDL and hopper(x)
     op = torch.ops.blitzgen.gemv_pdl if pdl else torch.ops.blitzgen.gemv

@@ -289,14 +289,14 @@ def test_activations_loaded_ahead_give_the_same_products(monkeypatch, fmt):
         weight, quant = weights(w)
         outs = []
         for ahead in (False, True):
-            monkeypatch.setitem(gemv_module.X_AHEAD, fmt, ahead)
+            monkeypatch.setitem(gemv_module.X_AHEAD, fmt, ("plain", "norm", "gate_up") if ahead else ())
             outs.append(gemv(x, weight, blocks=blocks, **kw, **quant))
         assert torch.equal(outs[0], outs[1]), fusion
     x, w, b, kw, cache = _rope_case(6, 2, 20, 320, torch.bfloat16, True, position=3, seed=91)
     weight, quant = weights(w)
     results = []
     for ahead in (False, True):
-        monkeypatch.setitem(gemv_module.X_AHEAD, fmt, ahead)
+        monkeypatch.setitem(gemv_module.X_AHEAD, fmt, ("norm",) if ahead else ())
         q, _ = gemv_rope_cache(x, weight, b, **kw, **quant, blocks=blocks)
         results.append((q, cache.clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -320,3 +320,18 @@ def test_chunked_float_accumulators_match_reference(monkeypatch, dtype):
     q_ref, _ = gemv_rope_cache_ref(x, w, b, **dict(kw, k_cache=ref_cache[0, 1, 1:2], v_cache=ref_cache[1, 1, 1:2]))
     assert_matches(q, q_ref, ulps=2)  # bf16: the reference rounds the product before rotating it
     assert_matches(cache, ref_cache, ulps=2)
+
+
+def test_activations_ahead_are_chosen_by_format_and_fusion(monkeypatch):
+    import blitzgen.kernels.gemv as gemv_module
+
+    monkeypatch.setitem(gemv_module.X_AHEAD, "int8", ("plain",))
+    monkeypatch.setitem(gemv_module.X_AHEAD, "float", ("norm", "gate_up"))
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    codes, floats = torch.zeros(8, 64, dtype=torch.int8), torch.zeros(8, 64, dtype=torch.bfloat16)
+    scales = torch.ones(8, dtype=torch.bfloat16)
+    chosen = {(fmt, kind): gemv_module._operands(gemv_module._mode(x, w, None), x, w, None, s, None, kind)[3]["X_AHEAD"]
+              for fmt, w, s in (("int8", codes, scales), ("float", floats, None))
+              for kind in ("plain", "norm", "gate_up")}
+    assert chosen == {("int8", "plain"): True, ("int8", "norm"): False, ("int8", "gate_up"): False,
+                      ("float", "plain"): False, ("float", "norm"): True, ("float", "gate_up"): True}
