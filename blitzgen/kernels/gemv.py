@@ -169,14 +169,22 @@ if triton is not None:
 
 
     @triton.jit
-    def _vector_tile(x_ptr, g_ptr, offs_k, K, NORM: tl.constexpr):
-        """x[offs_k] and with NORM g[offs_k] as fp32 (zeros past K), kept in the L2: every program reads them."""
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    def _vectors(x_ptr, g_ptr, offs, limit, NORM: tl.constexpr):
+        """x[offs] and with NORM g[offs] (without, x again), zeros from `limit` on: the activation row and norm
+        weight every program reads, so kept in the L2. The a8 loop reads them as int64 quads."""
+        mask = offs < limit
+        x = tl.load(x_ptr + offs, mask=mask, other=0, eviction_policy="evict_last")
         g = x
         if NORM:
-            g = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=mask, other=0, eviction_policy="evict_last")
         return x, g
+
+
+    @triton.jit
+    def _vector_tile(x_ptr, g_ptr, offs_k, K, NORM: tl.constexpr):
+        """_vectors() at columns offs_k, as fp32: the float loop's x and g."""
+        x, g = _vectors(x_ptr, g_ptr, offs_k, K, NORM)
+        return x.to(tl.float32), g.to(tl.float32)
 
 
     @triton.jit
@@ -333,12 +341,6 @@ if triton is not None:
 
 
     @triton.jit
-    def _vector(ptr, offs, limit):
-        """The int64 quads ptr[offs], zeros from `limit` on: activations every program reads, so kept in the L2."""
-        return tl.load(ptr + offs, mask=offs < limit, other=0, eviction_policy="evict_last")
-
-
-    @triton.jit
     def _code_word(b0, b1, b2, b3, inv, ASM: tl.constexpr):
         """The int8 codes round(b_j * inv) (|b_j * inv| <= 127) as the bytes of one int32 word, b0 lowest. Adding
         1.5 * 2^23 to a float below 2^22 in size rounds it to an integer (ties to even) held in the low mantissa
@@ -406,24 +408,15 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
         if X_AHEAD:
-            xq_next = _vector(x_ptr, offs_q, KQ)
-            gq_next = xq_next
-            if NORM:
-                gq_next = _vector(g_ptr, offs_q, KQ)
+            xq_next, gq_next = _vectors(x_ptr, g_ptr, offs_q, KQ, NORM)
         for k0 in range(0, K, BLOCK_K):
             ow = k0 // CODES + offs_w
             oq = k0 // 4 + offs_q
             if X_AHEAD:
                 xq, gq = xq_next, gq_next
-                xq_next = _vector(x_ptr, oq + BLOCK_K // 4, KQ)
-                gq_next = xq_next
-                if NORM:
-                    gq_next = _vector(g_ptr, oq + BLOCK_K // 4, KQ)
+                xq_next, gq_next = _vectors(x_ptr, g_ptr, oq + BLOCK_K // 4, KQ, NORM)
             else:
-                xq = _vector(x_ptr, oq, KQ)
-                gq = xq
-                if NORM:
-                    gq = _vector(g_ptr, oq, KQ)
+                xq, gq = _vectors(x_ptr, g_ptr, oq, KQ, NORM)
             if INT4:  # word j: codes 8j .. 8j + 7 (the even ones in the low nibbles), activation quads 2j, 2j + 1
                 qa, qb = tl.split(tl.reshape(xq, (W, 2)))
                 ga, gb = tl.split(tl.reshape(gq, (W, 2)))
