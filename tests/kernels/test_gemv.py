@@ -53,6 +53,16 @@ def _int8(w):
     return codes.to(DEVICE), scales.to(DEVICE)
 
 
+def _int4(w, group=64):
+    """quantize.py's int4 format of a float weight: packed codes (N, K / 2) uint8, group scales and zeros."""
+    from blitzgen.quantize import Int4Linear
+
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data = w.float().cpu()
+    m = Int4Linear.from_float(linear, group).to(DEVICE)
+    return m.packed, m.scales, m.zeros
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fusion", ["bias", "norm", "bias+residual", "gate_up"])
 def test_int8_codes_match_reference(monkeypatch, dtype, fusion):
@@ -247,7 +257,6 @@ def test_int8_activations_match_reference(monkeypatch, fusion):
     round a code differently at a tie, hence 2 ulps. K = 320 leaves partial tiles; the blocks take 1, 2, 4 and 8
     words a thread (dp4a chains of 1, 2 and 4 words; int4 with 8 codes a word needs 64 words a row for 8)."""
     import blitzgen.kernels.gemv as gemv_module
-    from blitzgen.quantize import Int4Linear
 
     monkeypatch.setattr(gemv_module, "INT8_A8", True)
     for K, blocks in ((320, (4, 256, 4, 1)), (320, (8, 256, 2, 2)), (320, (2, 512, 4, 4)), (320, (4, 256, 1, 8)),
@@ -256,11 +265,9 @@ def test_int8_activations_match_reference(monkeypatch, fusion):
         codes, scales = _int8(w)
         assert_matches(gemv(x, codes, scales=scales, blocks=blocks, **kw),
                        gemv_ref(x, codes, scales=scales, a8=True, **kw), ulps=2)
-        linear = torch.nn.Linear(K, w.shape[0], bias=False)
-        linear.weight.data = w.float().cpu()
-        m = Int4Linear.from_float(linear, 64).to(DEVICE)
-        assert_matches(gemv(x, m.packed, scales=m.scales, zeros=m.zeros, blocks=blocks, **kw),
-                       gemv_ref(x, m.packed, scales=m.scales, zeros=m.zeros, a8=True, **kw), ulps=2)
+        packed, scales, zeros = _int4(w)
+        assert_matches(gemv(x, packed, scales=scales, zeros=zeros, blocks=blocks, **kw),
+                       gemv_ref(x, packed, scales=scales, zeros=zeros, a8=True, **kw), ulps=2)
 
 
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
@@ -270,17 +277,14 @@ def test_activations_loaded_ahead_give_the_same_products(monkeypatch, fmt):
     fusion and for the RoPE + cache epilogue. K = 320 ends in a partial tile; (4, 128) tiles give every program
     three of them, N = 19 a partial last program."""
     import blitzgen.kernels.gemv as gemv_module
-    from blitzgen.quantize import Int4Linear
 
     def weights(w):
         if fmt == "int8":
             codes, scales = _int8(w)
             return codes, {"scales": scales}
         if fmt == "int4":
-            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-            linear.weight.data = w.float().cpu()
-            m = Int4Linear.from_float(linear, 64).to(DEVICE)
-            return m.packed, {"scales": m.scales, "zeros": m.zeros}
+            packed, scales, zeros = _int4(w)
+            return packed, {"scales": scales, "zeros": zeros}
         return w, {}
 
     blocks = (4, 128, 4) if fmt == "float" else (4, 128, 4, 2)
