@@ -189,18 +189,14 @@ if triton is not None:
 
     @triton.jit
     def _row_products(x_ptr, g_ptr, rows, second, n_mask, K, eps, NORM: tl.constexpr, TWO: tl.constexpr,
-                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_AHEAD: tl.constexpr = False,
-                      CHUNK: tl.constexpr = 1):
+                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_AHEAD: tl.constexpr = False):
         """(y, y2), each (BLOCK_N,) fp32: the dot products of the weight rows at `rows` (and with TWO of those
         `second` elements further) with the activation row, RMSNorm-scaled with NORM. The main loop of both
-        one-row kernels, PDL's wait included (see gemv()). CHUNK > 1 sums each CHUNK neighbouring products of a
-        row (one thread's; at most BLOCK_K) before adding them to the accumulators, which then take 1 / CHUNK of
-        the registers (FLOAT_CHUNK)."""
+        one-row kernels, PDL's wait included (see gemv())."""
         if PDL == 1:  # (PDL == 2: the caller lets them start, later)
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel's programs may start as SMs free up
-        C: tl.constexpr = CHUNK if CHUNK < BLOCK_K else BLOCK_K
-        acc = tl.zeros((BLOCK_N, BLOCK_K // C), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K // C), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         # The tile of the next step is loaded one step ahead, so its bytes are in flight while this one is
         # multiplied; the first is loaded before waiting on the previous kernel (weights are never written).
@@ -219,10 +215,9 @@ if triton is not None:
             if NORM:
                 squares += x * x
                 x *= g
-            # int8 codes too: see BLOCKS for why a plain conversion
-            acc += _chunks(w.to(tl.float32) * x[None, :], C)
+            acc += w.to(tl.float32) * x[None, :]  # int8 codes too: see BLOCKS for why a plain conversion
             if TWO:
-                acc2 += _chunks(w2.to(tl.float32) * x[None, :], C)
+                acc2 += w2.to(tl.float32) * x[None, :]
             w, w2 = _weight_tile(rows, second, K, offs_k + BLOCK_K, n_mask, TWO)  # past K: masked, no traffic
         return _row_sums(acc, acc2, squares, K, eps, NORM, 0)
 
@@ -456,7 +451,7 @@ if triton is not None:
     def _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, second_rows, n_mask, K, eps, NORM: tl.constexpr,
                   TWO: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   WORDS: tl.constexpr, A8: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, VEC: tl.constexpr,
-                  ASM: tl.constexpr, X_AHEAD: tl.constexpr, CHUNK: tl.constexpr):
+                  ASM: tl.constexpr, X_AHEAD: tl.constexpr):
         """_row_products (or with WORDS _row_products_words, with A8 _row_products_a8) of weight rows offs_n, and
         with TWO of the rows second_rows further on."""
         if A8:
@@ -473,7 +468,7 @@ if triton is not None:
         else:
             rows = w_ptr + offs_n[:, None].to(tl.int64) * K
             y, y2 = _row_products(x_ptr, g_ptr, rows, second_rows * K, n_mask, K, eps, NORM, TWO, PDL, BLOCK_N,
-                                  BLOCK_K, X_AHEAD, CHUNK)
+                                  BLOCK_K, X_AHEAD)
         return y, y2
 
 
@@ -505,12 +500,11 @@ if triton is not None:
         VEC: tl.constexpr = 2,  # A8: words a thread loads of each row
         ASM: tl.constexpr = False,  # A8's dp4a and byte permutes as PTX (GPU) or spelt out (interpreter)
         X_AHEAD: tl.constexpr = False,  # the activations loaded one tile ahead (the module's X_AHEAD)
-        CHUNK: tl.constexpr = 1,  # float loop: neighbouring products summed before the accumulators (FLOAT_CHUNK)
     ):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         y, up = _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, N, n_mask, K, eps, NORM, GATE_UP, PDL, BLOCK_N,
-                          BLOCK_K, WORDS, A8, INT4, GROUP, VEC, ASM, X_AHEAD, CHUNK)
+                          BLOCK_K, WORDS, A8, INT4, GROUP, VEC, ASM, X_AHEAD)
         if HAS_SCALES:  # before bias and gate: the scales belong to the product
             y *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if GATE_UP:
@@ -543,14 +537,13 @@ if triton is not None:
         PDL: tl.constexpr,  # 0, or 2: PDL's wait, and dependents launch after this program's stores
         BLOCK_N: tl.constexpr,  # rows of each half of a head: a program owns 2 * BLOCK_N rows
         BLOCK_K: tl.constexpr,
-        WORDS: tl.constexpr = False,  # WORDS, A8, INT4, GROUP, VEC, ASM, X_AHEAD, CHUNK as in _gemv_kernel
+        WORDS: tl.constexpr = False,  # WORDS, A8, INT4, GROUP, VEC, ASM, X_AHEAD as in _gemv_kernel
         A8: tl.constexpr = False,
         INT4: tl.constexpr = False,
         GROUP: tl.constexpr = 32,
         VEC: tl.constexpr = 2,
         ASM: tl.constexpr = False,
         X_AHEAD: tl.constexpr = False,
-        CHUNK: tl.constexpr = 1,
     ):
         # RoPE pairs row i of a head with row i + D/2, so a program owns rows [i0, i0 + BLOCK_N) of a head and the
         # rows D/2 further: the rotation is applied to the fp32 sums before anything is stored.
@@ -561,7 +554,7 @@ if triton is not None:
         offs_n = head * D + offs_i
         n_mask = offs_i < HALF
         lo, hi = _products(x_ptr, g_ptr, w_ptr, s_ptr, z_ptr, offs_n, HALF, n_mask, K, eps, True, True, PDL, BLOCK_N,
-                           BLOCK_K, WORDS, A8, INT4, GROUP, VEC, ASM, X_AHEAD, CHUNK)
+                           BLOCK_K, WORDS, A8, INT4, GROUP, VEC, ASM, X_AHEAD)
         if HAS_SCALES:
             lo *= tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             hi *= tl.load(s_ptr + offs_n + HALF, mask=n_mask, other=0.0).to(tl.float32)
@@ -664,6 +657,10 @@ BLOCKS = {"plain": (4, 1024, 4), "norm": (16, 512, 4), "gate_up": (4, 1024, 4)}
 # them with byte permutes and a float subtraction instead (no int-to-float instruction) measured 22% slower there.
 # Weight tiles loaded two ahead instead of one (more bytes in flight a program, for ~20 more registers a thread)
 # made a 7B step 14% slower in int8 (3.330 against 2.914 ms) and 22% slower in bf16 (session 10).
+# Summing each thread's 8 (or 4) neighbouring products before the float loop's accumulators, for 1/8 of their
+# registers (sm_90: 168 -> 80-96 a thread for wqkv and the output product, 128 -> 72 for w13), measured no faster
+# on an H100 (7B step 4.729 against 4.728 ms, 4.902 with 4; Llama-3.1-8B 5.256 against 5.179; with larger tiles
+# 4.717-4.816) and was removed (BENCHMARKS.md, 2026-12-06 session 19).
 # Programmatic dependent launch on Hopper and later (see the module docstring; gemv_bench turns it off to compare).
 PDL = True
 # int8 codes times bf16 activations with no int-to-float instruction (_row_products_words): the codes read as int32
@@ -702,11 +699,6 @@ A8_BLOCKS = {"int8": {"plain": (8, 2048, 8, 2), "norm": (8, 512, 4, 4), "gate_up
 # the same session, 7B steps: bf16 3.501 against 3.578 ms (Llama-3.1-8B at 32k 4.856 against 4.938), int8 2.054
 # against 1.994, int4 at the 16 x 2048 "plain" tile 1.526 against 1.512 (at 8 x 2048 1.537 against 1.549).
 X_AHEAD = {"float": ("plain", "norm", "gate_up"), "int8": (), "int4": ()}
-# The float loop's accumulators: 1 keeps a (BLOCK_N, BLOCK_K) fp32 tile, as many registers as the weight tile has
-# entries (the "norm" and "gate_up" launches of a 7B step take 168 and 128 registers a thread, 3-4 programs an SM,
-# compiled for sm_90); 8 sums each thread's 8 neighbouring products first (multiply-adds all the same), for 1/8 of
-# the accumulator registers. Not measured on a GPU yet.
-FLOAT_CHUNK = 1
 
 
 def _mode(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None) -> str:
@@ -730,7 +722,7 @@ def _operands(mode: str, x: torch.Tensor, weight: torch.Tensor, norm_weight: tor
     int4 = zeros is not None
     flags = dict(HAS_SCALES=scales is not None and not int4, WORDS=mode == "words", A8=mode == "a8", INT4=int4,
                  GROUP=x.shape[1] // scales.shape[1] if int4 else 32, ASM=not _INTERPRET,
-                 X_AHEAD=kind in X_AHEAD[_format(weight)], CHUNK=FLOAT_CHUNK if mode == "float" else 1)
+                 X_AHEAD=kind in X_AHEAD[_format(weight)])
     if mode == "float":
         return x, weight, norm_weight, flags
     quads = None if norm_weight is None else norm_weight.view(torch.int64)

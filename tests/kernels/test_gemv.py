@@ -306,26 +306,6 @@ def test_activations_loaded_ahead_give_the_same_products(monkeypatch, fmt):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_float_accumulators_match_reference(monkeypatch, dtype):
-    """gemv.FLOAT_CHUNK = 8: the float loop sums neighbouring products before accumulating them, a different order
-    of the same fp32 additions, so the reference tolerances hold. K = 300 ends in a partial tile; tiles of 64 and of
-    4 columns (fewer than a chunk: it shrinks to the tile); the RoPE product too."""
-    import blitzgen.kernels.gemv as gemv_module
-
-    monkeypatch.setattr(gemv_module, "FLOAT_CHUNK", 8)
-    for fusion in ["bias+residual", "norm", "gate_up"]:
-        x, w, kw = _fused(1, 37, 300, dtype, fusion, seed=70)
-        for blocks in (None, (16, 64, 4)) + (((4, 4, 1),) if fusion == "norm" else ()):
-            assert_matches(gemv(x, w, blocks=blocks, **kw), gemv_ref(x, w, **kw))
-    x, w, b, kw, cache = _rope_case(6, 2, 20, 150, dtype, True, position=5, seed=71)
-    ref_cache = cache.clone()
-    q, _ = gemv_rope_cache(x, w, b, **kw)
-    q_ref, _ = gemv_rope_cache_ref(x, w, b, **dict(kw, k_cache=ref_cache[0, 1, 1:2], v_cache=ref_cache[1, 1, 1:2]))
-    assert_matches(q, q_ref, ulps=2)  # bf16: the reference rounds the product before rotating it
-    assert_matches(cache, ref_cache, ulps=2)
-
-
 def test_activations_ahead_are_chosen_by_format_and_fusion(monkeypatch):
     import blitzgen.kernels.gemv as gemv_module
 
