@@ -61,8 +61,9 @@ sessions 8-9). It was removed: decode steps of several sequences keep Inductor's
 One program owns BLOCK_N output rows (with gate_up, the same rows of both halves) and reads them
 over all of K in tiles of BLOCK_K, multiplying into a (BLOCK_N, BLOCK_K) fp32 register tile that is
 summed across K once at the end; the next tile is loaded one step ahead (int4's group scales and
-zeros with it, and in bf16 / fp16 the activations too: X_AHEAD), and weight loads carry an
-evict-first hint (each byte is read once) where the activation row, read by every program, is kept.
+zeros with it, and in bf16 / fp16 and int8's plain and normed products the activations too: X_AHEAD), and
+weight loads carry an evict-first hint (each byte is read once) where the activation row, read by every program,
+is kept.
 No split-K: the epilogues (norm scale, gate, residual) need whole sums, and small BLOCK_N already
 gives every SM several programs at these shapes.
 
@@ -694,11 +695,13 @@ A8_BLOCKS = {"int8": {"plain": (8, 2048, 8, 2), "norm": (8, 512, 4, 4), "gate_up
 # issued them after the dp4a and the next weight tile's loads after them): a Llama-2-7B int4 step on an H200 1.550 ms
 # against 1.775 (BENCHMARKS.md, 2026-12-04 session 18). Issuing every next-tile load at the top of the loop
 # instead, before the current tile's arithmetic, measured 1.634 (int4) and 2.171 against 1.991 ms (int8).
-# Which fusions of each weight format also load the activations (x, and the norm weight) one tile ahead (all or
-# none so far; the kinds are BLOCKS' keys, the RoPE product is "norm"). Measured in
-# the same session, 7B steps: bf16 3.501 against 3.578 ms (Llama-3.1-8B at 32k 4.856 against 4.938), int8 2.054
-# against 1.994, int4 at the 16 x 2048 "plain" tile 1.526 against 1.512 (at 8 x 2048 1.537 against 1.549).
-X_AHEAD = {"float": ("plain", "norm", "gate_up"), "int8": (), "int4": ()}
+# Which fusions of each weight format also load the activations (x, and the norm weight) one tile ahead (the kinds
+# are BLOCKS' keys, the RoPE product is "norm"). Measured in the same session, all fusions or none, 7B steps: bf16
+# 3.501 against 3.578 ms (Llama-3.1-8B at 32k 4.856 against 4.938), int8 2.054 against 1.994, int4 at the 16 x 2048
+# "plain" tile 1.526 against 1.512 (at 8 x 2048 1.537 against 1.549). int8 by fusion (session 19): the plain and
+# norm products ahead, gate_up not (whose registers grew 96 -> 128 with it), 2.562 against 2.584 ms on an H100 and
+# 1.980 against 1.994 on an H200; plain alone 2.587 (H100), norm alone 1.975 (H200).
+X_AHEAD = {"float": ("plain", "norm", "gate_up"), "int8": ("plain", "norm"), "int4": ()}
 
 
 def _mode(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | None) -> str:
