@@ -63,8 +63,16 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
 - Loads are vectorised along D: the last dim must be contiguous and its stride is not passed;
   row strides that are multiples of 16 elements let Triton prove 16-byte alignment.
 - One split (large batches): the first kernel writes the output itself; no merge launch.
-The merge kernel (grid (H, B)) loads all of a head's splits at once, [BLOCK_SPLITS, D], hence
-the MAX_SPLITS cap.
+
+The merge. Its program for (head, sequence, chunk) loads all of the head's splits for one chunk of the
+head dim at once, [BLOCK_SPLITS, chunk] (hence the MAX_SPLITS cap), in one warp: the chunk is as wide as
+MERGE_VALUES = 2048 values (64 float32 a thread) allow, 32 columns for Llama-3-8B's 33 splits at batch 1 and
+the whole head up to 16 splits, so every sum over the splits stays inside a thread. %globaltimer stamps in
+every program (exp/attn_trace.py; BENCHMARKS.md, 2026-12-06 session 20, H100) showed the earlier merge, a
+4-warp program over a whole [64, 128] head, taking ~1.5 us from its wait to its store at batch 1, 8k keys,
+its reductions crossing warps through shared memory; the one-warp programs take ~0.5-0.8 us, a call 0.4-0.5 us
+less from 1k to 32k keys (8k: 15.62 against 16.04 us) and a Llama-3.1-8B step 0.3% less at 8k and 32k. With
+32-column programs the 7B's step (9 splits) was 0.2% slower than with its whole head in one warp: the rule.
 
 Launch overlap. On Hopper the merge is a programmatic dependent launch (PDL) of the first kernel:
 the first lets it launch as soon as its own programs start, and the merge's programs wait
@@ -103,6 +111,13 @@ What was measured and removed:
   atomic ticket, wait on a count of their kv group's stored rows, then merge in the kernel; session 14): at
   most 1.0 us a layer at 128 keys, nothing from 328 keys on. What a short call costs is the dependent chain
   from the last q/k/v row to wo's start (~6 us a layer even inside one kernel), not the launches.
+- the merge polling a per-(sequence, kv head) count of stored splits instead of waiting for the whole first
+  kernel (release / acquire atomics; the last merge program of a kv head resets it): 16.7 against 16.0 us at
+  8k, no earlier start, since every kv head's last split ends about when the grid does (session 20);
+- the merge letting the next kernel launch after its store at every length: no change (15.98 against
+  15.74-16.01 us at 8k; a step 5.459 against 5.463 ms); after its wait at every length: 15.9 against 15.7 us
+  and a Llama-3.1-8B step 2% slower at 8k and 32k (session 20);
+- K/V tiles loaded by TMA (host tensor descriptors): 15.86 against 15.74-16.01 us at 8k (session 20).
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
@@ -172,6 +187,10 @@ MERGE_SIGNAL_MAX_KEYS = 1536
 # The first kernel as a programmatic dependent of wqkv's fused GEMV kernel, which lets it launch after its stores
 # (kernels/gemv.py, _gemv_rope_kernel): +0.3-0.5% a 7B step (module docstring, "Launch overlap").
 FIRST_PDL = True
+# Values one merge program holds: BLOCK_SPLITS x chunk columns of the head dim, with the chunk as wide as fits (at
+# least 16, at most the head dim) and one warp (64 float32 a thread), so the sums over splits stay inside each thread
+# (module docstring, "The merge").
+MERGE_VALUES = 2048
 
 
 def decode_attention_ref(
@@ -327,11 +346,13 @@ if triton is not None:
         BLOCK_N: tl.constexpr,  # as in _decode_attention_kernel
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+        CHUNK: tl.constexpr,  # head-dim columns a program merges (a power of two, at most BLOCK_D; see MERGE_VALUES)
         PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
         SIGNAL: tl.constexpr,  # MERGE_SIGNAL: let the next kernel launch once past the wait (short sequences only)
     ):
         head = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
+        chunk = tl.program_id(2)  # this program's CHUNK columns of the head dim
         # The lengths were written before the first kernel launched (it is no dependent), so their read may overlap
         # the wait rather than follow it: 0.1-0.2 us a call on an H200 (BENCHMARKS.md, 2026-12-02 session 13).
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
@@ -347,19 +368,20 @@ if triton is not None:
         num_live = tl.cdiv(length - first, split_len)  # splits the first kernel wrote (<= NUM_SPLITS)
 
         offs_s = tl.arange(0, BLOCK_SPLITS)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_d = chunk * CHUNK + tl.arange(0, CHUNK)
         s_mask = offs_s < num_live
+        d_mask = offs_d < D
         row = (b * H + head) * NUM_SPLITS + offs_s  # [BLOCK_SPLITS]
         lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
         o = tl.load(
             part_out_ptr + row[:, None] * D + offs_d[None, :],
-            mask=s_mask[:, None] & (offs_d < D)[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
             other=0.0,
-        )  # [BLOCK_SPLITS, BLOCK_D]
+        )  # [BLOCK_SPLITS, CHUNK]
         w = tl.where(s_mask, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)  # where(): no NaN when no split is live
         total = tl.sum(w, axis=0)
-        out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
-        tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+        out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)  # [CHUNK]
+        tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def _check_inputs(q, k_cache, v_cache, lengths, sliding_window):
@@ -486,7 +508,8 @@ def _decode_attention_triton(
     )  # fmt: skip
     if num_splits > 1:
         block_splits = triton.next_power_of_2(num_splits)
-        launch(_decode_attention_merge_kernel)[(H, B)](
+        chunk = min(block_d, max(16, MERGE_VALUES // block_splits))
+        launch(_decode_attention_merge_kernel)[(H, B, triton.cdiv(D, chunk))](
             part_out, part_lse, lengths, out,
             out.stride(0), out.stride(1),
             S, window, split_min, MERGE_SIGNAL_MAX_KEYS,
@@ -496,9 +519,10 @@ def _decode_attention_triton(
             BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
             BLOCK_SPLITS=block_splits,
+            CHUNK=chunk,
             PDL=merge_pdl,
             SIGNAL=MERGE_SIGNAL,
-            num_warps=min(16, max(4, block_splits * block_d // 2048)),  # <= 64 float32 per thread
+            num_warps=1,  # block_splits * chunk <= MERGE_VALUES: 64 float32 a thread
             num_stages=1,
             **({"launch_pdl": True} if merge_pdl else {}),
         )  # fmt: skip
