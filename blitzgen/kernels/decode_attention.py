@@ -117,7 +117,10 @@ What was measured and removed:
 - the merge letting the next kernel launch after its store at every length: no change (15.98 against
   15.74-16.01 us at 8k; a step 5.459 against 5.463 ms); after its wait at every length: 15.9 against 15.7 us
   and a Llama-3.1-8B step 2% slower at 8k and 32k (session 20);
-- K/V tiles loaded by TMA (host tensor descriptors): 15.86 against 15.74-16.01 us at 8k (session 20).
+- K/V tiles loaded by TMA (host tensor descriptors): 15.86 against 15.74-16.01 us at 8k (session 20);
+- each split prefetching its last 2, 4 or 8 tiles into L2 at its start (prefetch.global.L2::evict_last, so that
+  the programs the DRAM queue serves last find their last tiles waiting), with or without the streaming loads
+  evict_first: 17.5-21.5 against 15.8 us at 8k, a Llama-3.1-8B step 1.2-2.2% slower (session 20).
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
