@@ -50,8 +50,10 @@ CASES = {
     "gqa4_bf16_d128": (3, 8, 2, 128, 70, [1, 50, 70], None, torch.bfloat16, dict(num_splits=3, **SMALL)),
     "gqa8_fp16_d64": (2, 8, 1, 64, 100, [100, 17], None, torch.float16, dict(num_splits=5, **SMALL)),
     "gqa3_fp32_d96": (2, 6, 2, 96, 50, [33, 50], None, torch.float32, dict(num_splits=2, **SMALL)),
-    # 80 = 32 + 32 + 16: the merge's last 32-column chunk is half masked
-    "gqa2_bf16_d80": (2, 4, 2, 80, 70, [70, 5], None, torch.bfloat16, dict(num_splits=3, **SMALL)),
+    # 40 splits (64 padded): the merge takes 32 columns a program, and 80 = 32 + 32 + 16 leaves the last half masked
+    "gqa2_bf16_d80_merge_chunks": (2, 4, 2, 80, 70, [70, 5], None, torch.bfloat16, dict(num_splits=40, **SMALL)),
+    # 100 splits (128 padded): 16 columns a merge program
+    "gqa4_fp32_d128_merge_chunks": (1, 8, 2, 128, 300, [300], None, torch.float32, dict(num_splits=100, **SMALL)),
     "window_bf16": (2, 4, 1, 64, 90, [90, 25], 20, torch.bfloat16, dict(num_splits=3, **SMALL)),
     "window_fp32_wider_than_live": (2, 4, 2, 32, 40, [7, 40], 30, torch.float32, dict(num_splits=2, **SMALL)),
     "one_split_fp32": (3, 4, 2, 64, 60, [1, 33, 60], None, torch.float32, dict(num_splits=1, **SMALL)),
