@@ -418,7 +418,7 @@ def check_targets(results, ceiling, batches, lives):
     for batch, live, goal in goals:
         got = pct(batch, live)
         if got is not None:
-            print(f"  batch {batch} live {live // K}k: {100 * got:.0f}% of ceiling, goal {100 * goal:.0f}%: "
+            print(f"  batch {batch} live {live // K}k: {100 * got:.1f}% of ceiling, goal {100 * goal:.0f}%: "
                   + ("pass" if got >= goal else "MISS"))
     for batch in batches:
         for live in lives:
