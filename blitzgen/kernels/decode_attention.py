@@ -345,11 +345,10 @@ if triton is not None:
         signal_max_keys,  # MERGE_SIGNAL_MAX_KEYS
         H: tl.constexpr,  # query heads
         D: tl.constexpr,  # head dim
-        BLOCK_D: tl.constexpr,  # D rounded up to a power of two
         BLOCK_N: tl.constexpr,  # as in _decode_attention_kernel
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
-        CHUNK: tl.constexpr,  # head-dim columns a program merges (a power of two, at most BLOCK_D; see MERGE_VALUES)
+        CHUNK: tl.constexpr,  # head-dim columns a program merges (a power of two, at most D rounded up to one; MERGE_VALUES)
         PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
         SIGNAL: tl.constexpr,  # MERGE_SIGNAL: let the next kernel launch once past the wait (short sequences only)
     ):
@@ -518,7 +517,6 @@ def _decode_attention_triton(
             S, window, split_min, MERGE_SIGNAL_MAX_KEYS,
             H=H,
             D=D,
-            BLOCK_D=block_d,
             BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
             BLOCK_SPLITS=block_splits,
