@@ -348,7 +348,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,  # as in _decode_attention_kernel
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
         BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
-        CHUNK: tl.constexpr,  # head-dim columns a program merges (a power of two, at most D rounded up to one; MERGE_VALUES)
+        CHUNK: tl.constexpr,  # head-dim columns a program merges (a power of two; see MERGE_VALUES)
         PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
         SIGNAL: tl.constexpr,  # MERGE_SIGNAL: let the next kernel launch once past the wait (short sequences only)
     ):
