@@ -54,10 +54,13 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
   fewer programs per SM and 128-key tiles were all slower or no better. 16-bit inputs take 2 warps
   (NUM_WARPS: measured on an H200, session 10), float32 8: its exact "ieee" products run on FMAs
   and need 255+ registers per thread at 4 warps.
-- NUM_SPLITS = ceil(PROGRAMS_PER_SM * SMs / (B * Hkv)), at most ceil(S / split_min) and
-  MAX_SPLITS: 33 at batch 1 and 5 at batch 8 for Llama-3-8B (8 kv heads) on 132 SMs, about two
-  programs per SM. Memory-bound work needs bytes in flight on every SM rather than exact waves,
-  and each split costs a 2 KiB partial written and read back.
+- NUM_SPLITS = floor(PROGRAMS_PER_SM * SMs / (B * Hkv)) (at least 1), at most ceil(S / split_min)
+  and MAX_SPLITS: 33 at batch 1 and 4 at batch 8 for Llama-3-8B (8 kv heads) on 132 SMs, so no SM
+  gets more than two programs. Memory-bound work needs bytes in flight on every SM rather than
+  exact waves, and each split costs a 2 KiB partial written and read back. Rounding up instead (5
+  splits, 320 programs at batch 8: some SMs run three) measured slower on an H100 (SPLITS_FIT,
+  BENCHMARKS.md 2026-12-06 session 21): batch 8, 8k 90.3 against 92.4 us alone, and a Llama-3.1-8B
+  batch-8 step at 8k context 8.971 against 9.007 ms.
 - split_min = 2 tiles (64 keys, 32 KiB of K + V at D = 128 in bf16), so the fixed cost of a
   split (loading q, writing its partial, the merge reading it) stays small.
 - Loads are vectorised along D: the last dim must be contiguous and its stride is not passed;
@@ -120,7 +123,14 @@ What was measured and removed:
 - K/V tiles loaded by TMA (host tensor descriptors): 15.86 against 15.74-16.01 us at 8k (session 20);
 - each split prefetching its last 2, 4 or 8 tiles into L2 at its start (prefetch.global.L2::evict_last, so that
   the programs the DRAM queue serves last find their last tiles waiting), with or without the streaming loads
-  evict_first: 17.5-21.5 against 15.8 us at 8k, a Llama-3.1-8B step 1.2-2.2% slower (session 20).
+  evict_first: 17.5-21.5 against 15.8 us at 8k, a Llama-3.1-8B step 1.2-2.2% slower (session 20);
+- at b1 8k, session 21 (BENCHMARKS.md): a rolling L2 prefetch 3-6 tiles ahead (17.0-18.7 against 15.85 us); tiles
+  dealt round-robin over the splits (no change); the first tile computed before the pipelined loop (16.7 against
+  15.7: one more dependent round trip in every program costs ~1 us); a probe tile, then an atomic rank and a range of
+  the rest by rank (17.2-18.2, worse the more the early ranks take); chunks claimed one by one from an atomic count,
+  the next in flight (18.0-23.8); one program an SM with 4-6 stages (17.5-19.2); NUM_SPLITS rounded down to a power
+  of two (no merge padding: 15.56 against 15.75 at 8k, but a tile more a program at live lengths that are not
+  multiples of 1024, and a Llama-3.1-8B step 0.3% slower at 32k).
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
@@ -194,6 +204,8 @@ FIRST_PDL = True
 # least 16, at most the head dim) and one warp (64 float32 a thread), so the sums over splits stay inside each thread
 # (module docstring, "The merge").
 MERGE_VALUES = 2048
+# NUM_SPLITS rounded down, so no SM gets more than PROGRAMS_PER_SM programs (module docstring, "H100 tuning").
+SPLITS_FIT = True
 
 
 def decode_attention_ref(
@@ -438,7 +450,8 @@ def _sm_count(device: torch.device) -> int:
 def plan_splits(batch: int, kv_heads: int, capacity: int, sm_count: int, split_min: int,
                 programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """NUM_SPLITS from static facts only (never the live lengths), so the grid is graph-safe."""
-    splits = -(-programs_per_sm * sm_count // (batch * kv_heads))
+    slots = programs_per_sm * sm_count
+    splits = slots // (batch * kv_heads) if SPLITS_FIT else -(-slots // (batch * kv_heads))
     return max(1, min(splits, -(-capacity // split_min), MAX_SPLITS))
 
 
