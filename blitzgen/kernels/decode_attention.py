@@ -54,13 +54,14 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
   fewer programs per SM and 128-key tiles were all slower or no better. 16-bit inputs take 2 warps
   (NUM_WARPS: measured on an H200, session 10), float32 8: its exact "ieee" products run on FMAs
   and need 255+ registers per thread at 4 warps.
-- NUM_SPLITS = floor(PROGRAMS_PER_SM * SMs / (B * Hkv)) (at least 1), at most ceil(S / split_min)
-  and MAX_SPLITS: 33 at batch 1 and 4 at batch 8 for Llama-3-8B (8 kv heads) on 132 SMs, so no SM
+- NUM_SPLITS = floor(PROGRAMS_PER_SM * SMs / (B * Hkv)), at most ceil(S / split_min) and
+  MAX_SPLITS: 33 at batch 1 and 4 at batch 8 for Llama-3-8B (8 kv heads) on 132 SMs, so no SM
   gets more than two programs. Memory-bound work needs bytes in flight on every SM rather than
   exact waves, and each split costs a 2 KiB partial written and read back. Rounding up instead (5
   splits, 320 programs at batch 8: some SMs run three) measured slower on an H100 (SPLITS_FIT,
   BENCHMARKS.md 2026-12-06 session 21): batch 8, 8k 90.3 against 92.4 us alone, and a Llama-3.1-8B
-  batch-8 step at 8k context 8.971 against 9.007 ms.
+  batch-8 step at 8k context 8.971 against 9.007 ms. Where the floor is 1 the ceiling stays (2 for
+  Llama-2-7B's 32 kv heads at batch 8): one split drops the merge, a different trade, not measured.
 - split_min = 2 tiles (64 keys, 32 KiB of K + V at D = 128 in bf16), so the fixed cost of a
   split (loading q, writing its partial, the merge reading it) stays small.
 - Loads are vectorised along D: the last dim must be contiguous and its stride is not passed;
@@ -450,8 +451,10 @@ def _sm_count(device: torch.device) -> int:
 def plan_splits(batch: int, kv_heads: int, capacity: int, sm_count: int, split_min: int,
                 programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """NUM_SPLITS from static facts only (never the live lengths), so the grid is graph-safe."""
-    slots = programs_per_sm * sm_count
-    splits = slots // (batch * kv_heads) if SPLITS_FIT else -(-slots // (batch * kv_heads))
+    slots, rows = programs_per_sm * sm_count, batch * kv_heads
+    splits = -(-slots // rows)
+    if SPLITS_FIT and slots // rows >= 2:  # not down to one split: that drops the merge, a trade not measured
+        splits = slots // rows
     return max(1, min(splits, -(-capacity // split_min), MAX_SPLITS))
 
 

@@ -189,10 +189,12 @@ def test_bad_inputs_are_one_line_errors():
 
 def test_plan_splits_is_static():
     """The split count comes from shapes and the SM count only (Llama-3-8B on an H100's 132 SMs), rounded down so
-    that no SM gets more than two programs: 264 / 8 = 33, 264 / 64 = 4.1 -> 4, 264 / 16 = 16.5 -> 16."""
+    that no SM gets more than two programs: 264 / 8 = 33, 264 / 64 = 4.1 -> 4, 264 / 16 = 16.5 -> 16; but not down to
+    one split while rounding up gives more (264 / 256 -> 2, Llama-2-7B's 32 kv heads at batch 8)."""
     assert da.plan_splits(batch=1, kv_heads=8, capacity=131072, sm_count=132, split_min=128) == 33
     assert da.plan_splits(batch=8, kv_heads=8, capacity=131072, sm_count=132, split_min=128) == 4
     assert da.plan_splits(batch=2, kv_heads=8, capacity=131072, sm_count=132, split_min=128) == 16
+    assert da.plan_splits(batch=8, kv_heads=32, capacity=4096, sm_count=132, split_min=128) == 2
     assert da.plan_splits(batch=64, kv_heads=8, capacity=131072, sm_count=132, split_min=128) == 1
     assert da.plan_splits(batch=1, kv_heads=8, capacity=256, sm_count=132, split_min=128) == 2
     assert da.plan_splits(batch=1, kv_heads=1, capacity=1 << 20, sm_count=132, split_min=128) == da.MAX_SPLITS
