@@ -69,9 +69,14 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
 - One split (large batches): the first kernel writes the output itself; no merge launch.
 
 The merge. Its program for (head, sequence, chunk) loads all of the head's splits for one chunk of the
-head dim at once, [BLOCK_SPLITS, chunk] (hence the MAX_SPLITS cap), in one warp: the chunk is as wide as
-MERGE_VALUES = 2048 values (64 float32 a thread) allow, 32 columns for Llama-3-8B's 33 splits at batch 1 and
-the whole head up to 16 splits, so every sum over the splits stays inside a thread. %globaltimer stamps in
+head dim at once (hence the MAX_SPLITS cap), in one warp: the chunk is as wide as MERGE_VALUES = 2048 values
+(64 float32 a thread) allow, 32 columns for Llama-3-8B's 33 splits at batch 1 and the whole head up to 16
+splits, so every sum over the splits stays inside a thread. The splits are read as two power-of-two blocks,
+[LO, chunk] and [HI, chunk] with LO the largest power of two <= NUM_SPLITS and HI the power of two >= the
+rest (33 = 32 + 1, 9 = 8 + 1), not as one block of NUM_SPLITS rounded up (64 rows for 33), whose padding rows
+cost their masked loads, exponentials and sums in every program. On an H100 with 33 splits at batch 1
+(BENCHMARKS.md, 2026-12-06 session 22): 1k keys 5.77 against 6.37 us, 8k 15.78 against 15.87, 8300 15.68
+against 15.88, 32200 48.61 against 48.81. %globaltimer stamps in
 every program (exp/attn_trace.py; BENCHMARKS.md, 2026-12-06 session 20, H100) showed the earlier merge, a
 4-warp program over a whole [64, 128] head, taking ~1.5 us from its wait to its store at batch 1, 8k keys,
 its reductions crossing warps through shared memory; the one-warp programs take ~0.5-0.8 us, a call 0.4-0.5 us
@@ -201,10 +206,13 @@ MERGE_SIGNAL_MAX_KEYS = 1536
 # The first kernel as a programmatic dependent of wqkv's fused GEMV kernel, which lets it launch after its stores
 # (kernels/gemv.py, _gemv_rope_kernel): +0.3-0.5% a 7B step (module docstring, "Launch overlap").
 FIRST_PDL = True
-# Values one merge program holds: BLOCK_SPLITS x chunk columns of the head dim, with the chunk as wide as fits (at
+# Values one merge program holds: (LO + HI) x chunk columns of the head dim, with the chunk as wide as fits (at
 # least 16, at most the head dim) and one warp (64 float32 a thread), so the sums over splits stay inside each thread
 # (module docstring, "The merge").
 MERGE_VALUES = 2048
+# The merge reads the splits as two power-of-two blocks, 33 = 32 + 1, not one padded block of 64 (module docstring,
+# "The merge").
+MERGE_TWO_BLOCKS = True
 # NUM_SPLITS rounded down, so no SM gets more than PROGRAMS_PER_SM programs (module docstring, "H100 tuning").
 SPLITS_FIT = True
 
@@ -360,7 +368,8 @@ if triton is not None:
         D: tl.constexpr,  # head dim
         BLOCK_N: tl.constexpr,  # as in _decode_attention_kernel
         NUM_SPLITS: tl.constexpr,  # as in _decode_attention_kernel
-        BLOCK_SPLITS: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+        LO: tl.constexpr,  # the largest power of two <= NUM_SPLITS: splits 0 .. LO - 1, one block
+        HI: tl.constexpr,  # the power of two >= NUM_SPLITS - LO (0 when LO == NUM_SPLITS): the splits after LO
         CHUNK: tl.constexpr,  # head-dim columns a program merges (a power of two; see MERGE_VALUES)
         PDL: tl.constexpr,  # launched as a programmatic dependent of the first kernel (MERGE_PDL)
         SIGNAL: tl.constexpr,  # MERGE_SIGNAL: let the next kernel launch once past the wait (short sequences only)
@@ -382,20 +391,32 @@ if triton is not None:
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         num_live = tl.cdiv(length - first, split_len)  # splits the first kernel wrote (<= NUM_SPLITS)
 
-        offs_s = tl.arange(0, BLOCK_SPLITS)
         offs_d = chunk * CHUNK + tl.arange(0, CHUNK)
-        s_mask = offs_s < num_live
         d_mask = offs_d < D
-        row = (b * H + head) * NUM_SPLITS + offs_s  # [BLOCK_SPLITS]
-        lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
-        o = tl.load(
-            part_out_ptr + row[:, None] * D + offs_d[None, :],
-            mask=s_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_SPLITS, CHUNK]
-        w = tl.where(s_mask, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)  # where(): no NaN when no split is live
-        total = tl.sum(w, axis=0)
-        out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)  # [CHUNK]
+        base = (b * H + head) * NUM_SPLITS
+        # The splits in two power-of-two blocks, [LO] and [HI] rows (33 = 32 + 1), rather than one block of
+        # NUM_SPLITS rounded up (64 rows for 33): see the module docstring, "The merge".
+        s_lo = tl.arange(0, LO)
+        m_lo = s_lo < num_live
+        lse_lo = tl.load(part_lse_ptr + base + s_lo, mask=m_lo, other=float("-inf"))
+        o_lo = tl.load(part_out_ptr + (base + s_lo)[:, None] * D + offs_d[None, :],
+                       mask=m_lo[:, None] & d_mask[None, :], other=0.0)  # [LO, CHUNK]
+        top = tl.max(lse_lo, axis=0)
+        if HI > 0:
+            s_hi = LO + tl.arange(0, HI)
+            m_hi = s_hi < num_live  # num_live <= NUM_SPLITS, so rows past the partials are never read
+            lse_hi = tl.load(part_lse_ptr + base + s_hi, mask=m_hi, other=float("-inf"))
+            o_hi = tl.load(part_out_ptr + (base + s_hi)[:, None] * D + offs_d[None, :],
+                           mask=m_hi[:, None] & d_mask[None, :], other=0.0)  # [HI, CHUNK]
+            top = tl.maximum(top, tl.max(lse_hi, axis=0))
+        w_lo = tl.where(m_lo, tl.exp2(lse_lo - top), 0.0)  # where(): no NaN when no split is live
+        total = tl.sum(w_lo, axis=0)
+        acc = tl.sum(w_lo[:, None] * o_lo, axis=0)  # [CHUNK]
+        if HI > 0:
+            w_hi = tl.where(m_hi, tl.exp2(lse_hi - top), 0.0)
+            total += tl.sum(w_hi, axis=0)
+            acc += tl.sum(w_hi[:, None] * o_hi, axis=0)
+        out = acc / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
@@ -456,6 +477,14 @@ def plan_splits(batch: int, kv_heads: int, capacity: int, sm_count: int, split_m
     if SPLITS_FIT and slots // rows >= 2:  # not down to one split: that drops the merge, a trade not measured
         splits = slots // rows
     return max(1, min(splits, -(-capacity // split_min), MAX_SPLITS))
+
+
+def _merge_blocks(num_splits: int) -> tuple[int, int]:
+    """(LO, HI) of the merge kernel: the largest power of two <= num_splits, and the power of two >= the rest."""
+    if not MERGE_TWO_BLOCKS:
+        return triton.next_power_of_2(num_splits), 0
+    lo = 1 << (num_splits.bit_length() - 1)
+    return lo, (triton.next_power_of_2(num_splits - lo) if num_splits > lo else 0)
 
 
 def _decode_attention_triton(
@@ -525,8 +554,8 @@ def _decode_attention_triton(
         **({"launch_pdl": True} if first_pdl else {}),
     )  # fmt: skip
     if num_splits > 1:
-        block_splits = triton.next_power_of_2(num_splits)
-        chunk = min(block_d, max(16, MERGE_VALUES // block_splits))
+        lo, hi = _merge_blocks(num_splits)
+        chunk = min(block_d, max(16, 1 << ((MERGE_VALUES // (lo + hi)).bit_length() - 1)))  # a power of two
         launch(_decode_attention_merge_kernel)[(H, B, triton.cdiv(D, chunk))](
             part_out, part_lse, lengths, out,
             out.stride(0), out.stride(1),
@@ -535,11 +564,12 @@ def _decode_attention_triton(
             D=D,
             BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
-            BLOCK_SPLITS=block_splits,
+            LO=lo,
+            HI=hi,
             CHUNK=chunk,
             PDL=merge_pdl,
             SIGNAL=MERGE_SIGNAL,
-            num_warps=1,  # block_splits * chunk <= MERGE_VALUES: 64 float32 a thread
+            num_warps=1,  # (lo + hi) * chunk <= MERGE_VALUES: 64 float32 a thread
             num_stages=1,
             **({"launch_pdl": True} if merge_pdl else {}),
         )  # fmt: skip

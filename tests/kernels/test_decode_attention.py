@@ -50,9 +50,9 @@ CASES = {
     "gqa4_bf16_d128": (3, 8, 2, 128, 70, [1, 50, 70], None, torch.bfloat16, dict(num_splits=3, **SMALL)),
     "gqa8_fp16_d64": (2, 8, 1, 64, 100, [100, 17], None, torch.float16, dict(num_splits=5, **SMALL)),
     "gqa3_fp32_d96": (2, 6, 2, 96, 50, [33, 50], None, torch.float32, dict(num_splits=2, **SMALL)),
-    # 40 splits (64 padded): the merge takes 32 columns a program, and 80 = 32 + 32 + 16 leaves the last half masked
+    # 40 splits (merged as 32 + 8 rows): 32 columns a merge program, and 80 = 32 + 32 + 16 leaves the last half masked
     "gqa2_bf16_d80_merge_chunks": (2, 4, 2, 80, 70, [70, 5], None, torch.bfloat16, dict(num_splits=40, **SMALL)),
-    # 100 splits (128 padded): 16 columns a merge program
+    # 100 splits (merged as 64 + 64 rows, the last 28 padding): 16 columns a merge program
     "gqa4_fp32_d128_merge_chunks": (1, 8, 2, 128, 300, [300], None, torch.float32, dict(num_splits=100, **SMALL)),
     "window_bf16": (2, 4, 1, 64, 90, [90, 25], 20, torch.bfloat16, dict(num_splits=3, **SMALL)),
     "window_fp32_wider_than_live": (2, 4, 2, 32, 40, [7, 40], 30, torch.float32, dict(num_splits=2, **SMALL)),
@@ -95,6 +95,20 @@ def test_one_grid_follows_growing_lengths():
     # A length past the capacity is clamped to it (never a read past the cache), as the reference reads it.
     lengths = torch.tensor([48 + 7, 3], device=DEVICE)
     check(da._decode_attention_triton(q, k, v, lengths, None, num_splits=3, **SMALL), q, k, v, lengths)
+
+
+@pytest.mark.parametrize("num_splits", [33, 9])
+def test_merge_reads_the_splits_past_the_power_of_two(num_splits):
+    """The merge reads the splits as [LO] + [HI] rows (33 = 32 + 1, 9 = 8 + 1). A dominant key in the last split
+    puts the largest lse in the HI block; a length with LO or fewer live splits leaves the HI block masked."""
+    B, H, Hkv, D = 3, 4, 1, 64
+    S = num_splits * 16  # split_len 16 at full length: every split live, the last one holding key S - 1
+    q, k, v = make_inputs(B, H, Hkv, D, S, torch.float32)
+    k[0, S - 1, 0] = 3 * q[0].sum(0)  # sequence 0: the last split's key outweighs all others
+    lengths = torch.tensor([S, S - 16, 17], device=DEVICE)  # all splits live; one fewer; two
+    out = da._decode_attention_triton(q, k, v, lengths, None, num_splits=num_splits, **SMALL)
+    check(out, q, k, v, lengths)
+    assert da._merge_blocks(num_splits) == (num_splits - 1, 1)
 
 
 def test_stale_cache_entries_never_leak():
