@@ -62,6 +62,17 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
   BENCHMARKS.md 2026-12-06 session 21): batch 8, 8k 90.3 against 92.4 us alone, and a Llama-3.1-8B
   batch-8 step at 8k context 8.971 against 9.007 ms. Where the floor is 1 the ceiling stays (2 for
   Llama-2-7B's 32 kv heads at batch 8): one split drops the merge, a different trade, not measured.
+- The order of the programs. The grid is (NUM_SPLITS, Hkv, B), split fastest, but past HEADS_FIRST_MIN_KEYS =
+  1536 live keys a program takes its (split, kv head) from its linear index kv head first, so the splits past the
+  live keys come last in launch order (at 8k keys with 33 splits only 32 are live: split_len rounds to 256). Split
+  fastest, those empty programs are spread through the grid; if SM j runs programs j and j + 132 (not verified),
+  four SMs get two of them and no work.
+  In one process on an H100 (BENCHMARKS.md, 2026-12-06 session 22): batch 1, 8k keys 15.32 against 15.68 us, 2k
+  7.15 against 7.39, 4k 9.77 against 10.02, 128k 179.2 against 178.7, batch 8 unchanged; a Llama-3.1-8B step at 2k
+  5.177 against 5.181 ms, 8k 5.428 against 5.436, 32k 6.440 against 6.436. Kv head first at every length cost
+  the step 5.2% at 1k keys (5.401 against 5.136 ms) and a Llama-2-7B step at 128 keys 2.9%, though the call alone
+  was only 0.26 us slower at 1k: where the waiting programs of the next kernels land (MERGE_SIGNAL) is the likely
+  cause, not measured. The order is chosen on the device from the length, so one captured graph serves both.
 - split_min = 2 tiles (64 keys, 32 KiB of K + V at D = 128 in bf16), so the fixed cost of a
   split (loading q, writing its partial, the merge reading it) stays small.
 - Loads are vectorised along D: the last dim must be contiguous and its stride is not passed;
@@ -136,7 +147,10 @@ What was measured and removed:
   the rest by rank (17.2-18.2, worse the more the early ranks take); chunks claimed one by one from an atomic count,
   the next in flight (18.0-23.8); one program an SM with 4-6 stages (17.5-19.2); NUM_SPLITS rounded down to a power
   of two (no merge padding: 15.56 against 15.75 at 8k, but a tile more a program at live lengths that are not
-  multiples of 1024, and a Llama-3.1-8B step 0.3% slower at 32k).
+  multiples of 1024, and a Llama-3.1-8B step 0.3% slower at 32k);
+- "balanced" splits, every split live with the floor or ceiling of tiles / NUM_SPLITS tiles (at 8k keys 33 splits of
+  7-8 tiles rather than 32 of 8 and an empty one): 15.56 against 15.66 us at 8k and 174.5 against 175.4 at 128k, but
+  5.94 against 5.83 at 1k, 15.70 against 15.58 at 8300, 48.04 against 47.88 at 32200 (session 22).
 
 Contract:
     q          (B, H, D)        bf16, fp16 or fp32; any strides with the last dim contiguous
@@ -213,6 +227,9 @@ MERGE_VALUES = 2048
 # The merge reads the splits as two power-of-two blocks, 33 = 32 + 1, not one padded block of 64 (module docstring,
 # "The merge").
 MERGE_TWO_BLOCKS = True
+# Past this many live keys the first kernel's programs take their (split, kv head) kv head first, so the splits past
+# the live keys (the 33rd at 8k keys with 33 splits) are the last programs launched (module docstring, "H100 tuning").
+HEADS_FIRST_MIN_KEYS = 1536
 # NUM_SPLITS rounded down, so no SM gets more than PROGRAMS_PER_SM programs (module docstring, "H100 tuning").
 SPLITS_FIT = True
 
@@ -267,6 +284,7 @@ if triton is not None:
         capacity,  # S: lengths are clamped to it, so a bad length never reads past the cache
         window,  # keys at positions >= length - window are live (S when there is no window)
         split_min,  # fewest keys per split, a multiple of BLOCK_N
+        heads_first_min_keys,  # HEADS_FIRST_MIN_KEYS
         qk_scale,  # log2(e) / sqrt(D): scores in base 2, so exp2 stands for exp
         H: tl.constexpr,  # query heads
         G: tl.constexpr,  # query heads per kv head
@@ -284,13 +302,20 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         if SIGNAL:  # the merge launches and waits on an SM while this kernel runs
             tl.extra.cuda.gdc_launch_dependents()
-        split = tl.program_id(0)
-        kv_head = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride_kb can pass 2**31 for large caches
+        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
+        # The grid is (NUM_SPLITS, Hkv, B). Past heads_first_min_keys live keys its programs are dealt out kv head
+        # first (HEADS_FIRST_MIN_KEYS: the module docstring, "H100 tuning").
+        if length > heads_first_min_keys:
+            pid = tl.program_id(1) * NUM_SPLITS + tl.program_id(0)
+            kv_head = pid % (H // G)
+            split = pid // (H // G)
+        else:
+            split = tl.program_id(0)
+            kv_head = tl.program_id(1)
 
         # This split's keys [start, end): the live range [first, length) cut into NUM_SPLITS
         # pieces of split_len keys (the merge kernel recomputes the same numbers).
-        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
         first = tl.maximum(length - window, 0)
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         start = first + split * split_len
@@ -537,7 +562,7 @@ def _decode_attention_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        S, window, split_min, math.log2(math.e) / math.sqrt(D),
+        S, window, split_min, HEADS_FIRST_MIN_KEYS, math.log2(math.e) / math.sqrt(D),
         H=H,
         G=H // Hkv,
         G_PAD=max(16, triton.next_power_of_2(H // Hkv)),
