@@ -304,9 +304,10 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride_kb can pass 2**31 for large caches
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), capacity)
+        first = tl.maximum(length - window, 0)
         # The grid is (NUM_SPLITS, Hkv, B). Past heads_first_min_keys live keys its programs are dealt out kv head
         # first (HEADS_FIRST_MIN_KEYS: the module docstring, "H100 tuning").
-        if length > heads_first_min_keys:
+        if length - first > heads_first_min_keys:
             pid = tl.program_id(1) * NUM_SPLITS + tl.program_id(0)
             kv_head = pid % (H // G)
             split = pid // (H // G)
@@ -316,7 +317,6 @@ if triton is not None:
 
         # This split's keys [start, end): the live range [first, length) cut into NUM_SPLITS
         # pieces of split_len keys (the merge kernel recomputes the same numbers).
-        first = tl.maximum(length - window, 0)
         split_len = tl.maximum(tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N, split_min)
         start = first + split * split_len
         end = tl.minimum(start + split_len, length)

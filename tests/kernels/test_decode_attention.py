@@ -111,13 +111,14 @@ def test_merge_reads_the_splits_past_the_power_of_two(num_splits):
     assert da._merge_blocks(num_splits) == (num_splits - 1, 1)
 
 
-@pytest.mark.parametrize("name", ["gqa4_bf16_d128", "mha_fp32_ragged", "window_bf16", "one_split_fp32"])
+@pytest.mark.parametrize("name", ["gqa4_bf16_d128", "mha_fp32_ragged", "window_fp32_wider_than_live", "one_split_fp32"])
 def test_programs_dealt_kv_head_first_past_the_threshold(name, monkeypatch):
     """Past HEADS_FIRST_MIN_KEYS live keys the first kernel maps its programs to (split, kv head) kv head first. With
-    the threshold at 30 these batches hold sequences on both sides of it in one launch (lengths 1 .. 100)."""
-    monkeypatch.setattr(da, "HEADS_FIRST_MIN_KEYS", 30)
+    the threshold at 15 these batches hold sequences on both sides of it in one launch."""
+    monkeypatch.setattr(da, "HEADS_FIRST_MIN_KEYS", 15)
     B, H, Hkv, D, S, lengths, window, dtype, launch = CASES[name]
-    assert min(lengths) <= 30 < max(lengths)
+    live = [min(n, window or n) for n in lengths]  # a sliding window's live keys
+    assert min(live) <= 15 < max(live)
     q, k, v = make_inputs(B, H, Hkv, D, S, dtype, seed=1)
     lengths = torch.tensor(lengths, device=DEVICE)
     check(da._decode_attention_triton(q, k, v, lengths, window, **launch), q, k, v, lengths, window)
