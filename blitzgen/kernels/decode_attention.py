@@ -72,7 +72,7 @@ H100 tuning (python -m blitzgen.attention_bench --sweep, BENCHMARKS.md 2026-11-2
   5.177 against 5.181 ms, 8k 5.428 against 5.436, 32k 6.440 against 6.436. Kv head first at every length cost
   the step 5.2% at 1k keys (5.401 against 5.136 ms) and a Llama-2-7B step at 128 keys 2.9%, though the call alone
   was only 0.26 us slower at 1k: where the waiting programs of the next kernels land (MERGE_SIGNAL) is the likely
-  cause, not measured. The order is chosen on the device from the length, so one captured graph serves both.
+  cause, not measured. The order is chosen on the device from the live keys, so one captured graph serves both.
 - split_min = 2 tiles (64 keys, 32 KiB of K + V at D = 128 in bf16), so the fixed cost of a
   split (loading q, writing its partial, the merge reading it) stays small.
 - Loads are vectorised along D: the last dim must be contiguous and its stride is not passed;
